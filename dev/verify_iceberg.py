@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Reads an Iceberg table with readers this project did not write, and prints JSON.
+
+* pyiceberg through the same SQL catalog (count, sums, distinct keys, duplicates);
+* ClickHouse's icebergLocal() through chdb, reading the table directory as a directory
+  reader does (it picks the highest-numbered metadata file, so a stray one shows up).
+
+Usage: verify_iceberg.py --catalog-uri sqlite:////abs/catalog.db --warehouse file:///abs/wh \
+         --table cold.t --key symbol,sequence_number --sum price [--sum quantity] [--rows]
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def pyiceberg_read(args):
+    from pyiceberg.catalog.sql import SqlCatalog
+    import pyarrow.compute as pc
+
+    uri = args.catalog_uri
+    if uri.startswith("sqlite://") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + uri[len("sqlite://"):]
+    uri = uri.split("?")[0]
+    catalog = SqlCatalog(args.catalog_name, uri=uri, warehouse=args.warehouse)
+    table = catalog.load_table(args.table)
+    arrow = table.scan().to_arrow()
+    out = {"count": arrow.num_rows, "location": table.location(), "properties": dict(table.properties)}
+    out["schema"] = {f.name: str(f.field_type) + ("" if f.required else "?") for f in table.schema().fields}
+    out["partition_spec"] = [f"{f.transform}({table.schema().find_column_name(f.source_id)})" for f in table.spec().fields]
+    out["snapshots"] = [dict(s.summary.additional_properties) | {"operation": str(s.summary.operation)} for s in table.snapshots()]
+    out["sums"] = {}
+    for col in args.sum:
+        s = pc.sum(arrow[col]).as_py() if arrow.num_rows else 0
+        out["sums"][col] = str(s) if s is not None else "0"
+    if args.key:
+        keys = args.key.split(",")
+        rows = list(zip(*[arrow[k].to_pylist() for k in keys])) if arrow.num_rows else []
+        out["distinct_keys"] = len(set(rows))
+        out["duplicates"] = len(rows) - len(set(rows))
+    if args.rows:
+        out["rows"] = [{k: str(v) for k, v in r.items()} for r in arrow.to_pylist()]
+    return out
+
+
+def clickhouse_read(args, location):
+    from chdb import session
+
+    path = location[len("file://"):] if location.startswith("file://") else location
+    os.chdir("/")  # icebergLocal() only reads below the working directory
+    s = session.Session()
+    sums = "".join(f", toString(sum({c}))" for c in args.sum)
+    keys = args.key.split(",") if args.key else []
+    distinct = f", uniqExact(({', '.join(keys)}))" if keys else ", 0"
+    q = f"SELECT count(){distinct}{sums} FROM icebergLocal('{path}')"
+    res = json.loads(s.query(q, "JSONCompact").bytes().decode())
+    row = res["data"][0]
+    out = {"count": int(row[0]), "distinct_keys": int(row[1]), "sums": {c: str(v) for c, v in zip(args.sum, row[2:])}}
+    desc = json.loads(s.query(f"DESCRIBE icebergLocal('{path}')", "JSON").bytes().decode())
+    out["types"] = {r["name"]: r["type"] for r in desc["data"]}
+    if args.rows:
+        cols = ", ".join(f"toString(`{name}`) AS `{name}`" for name in out["types"])
+        data = json.loads(s.query(f"SELECT {cols} FROM icebergLocal('{path}')", "JSON").bytes().decode())
+        out["rows"] = data["data"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--catalog-uri", required=True)
+    ap.add_argument("--catalog-name", default="offload")
+    ap.add_argument("--warehouse", required=True)
+    ap.add_argument("--table", required=True)
+    ap.add_argument("--key", default="")
+    ap.add_argument("--sum", action="append", default=[])
+    ap.add_argument("--rows", action="store_true")
+    ap.add_argument("--no-clickhouse", action="store_true")
+    args = ap.parse_args()
+    out = {"pyiceberg": pyiceberg_read(args)}
+    if not args.no_clickhouse:
+        out["clickhouse"] = clickhouse_read(args, out["pyiceberg"]["location"])
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+//! Configuration: one TOML file (or the embedded defaults), secrets from environment or files.
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default), and every
+//! error names the table and the field it is about.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::util::{parse_duration, validate_identifier};
+
+/// The configuration used when no `--config` is given: the K2 bronze tables of the
+/// guide, a ClickHouse on localhost and an embedded catalog and state store under
+/// `./offload-data`.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../deploy/config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    service: RawService,
+    clickhouse: RawClickHouse,
+    catalog: RawCatalog,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    tables: Vec<RawTable>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default = "d_interval")]
+    interval: String,
+    #[serde(default = "d_parallelism")]
+    parallelism: usize,
+    #[serde(default = "d_table_timeout")]
+    table_timeout: String,
+    #[serde(default = "d_retries")]
+    retries: u32,
+    #[serde(default = "d_retry_backoff")]
+    retry_backoff: String,
+    #[serde(default = "d_lease_ttl")]
+    lease_ttl: String,
+    #[serde(default = "d_listen")]
+    metrics_listen: String,
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn d_interval() -> String { "15m".into() }
+fn d_parallelism() -> usize { 4 }
+fn d_table_timeout() -> String { "10m".into() }
+fn d_retries() -> u32 { 2 }
+fn d_retry_backoff() -> String { "5s".into() }
+fn d_lease_ttl() -> String { "20m".into() }
+fn d_listen() -> String { "0.0.0.0:8000".into() }
+fn d_settle() -> String { "5m".into() }
+fn d_max_rows() -> u64 { 1_000_000 }
+fn d_layer() -> String { "bronze".into() }
+fn d_columns() -> Vec<String> { vec!["*".into()] }
+fn d_ch_user() -> String { "default".into() }
+fn d_catalog_name() -> String { "offload".into() }
+fn d_catalog_type() -> String { "sql".into() }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClickHouse {
+    url: String,
+    #[serde(default = "d_ch_user")]
+    user: String,
+    password_env: Option<String>,
+    password_file: Option<String>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    compression: Option<String>,
+    #[serde(default)]
+    query_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(rename = "type", default = "d_catalog_type")]
+    kind: String,
+    #[serde(default = "d_catalog_name")]
+    name: String,
+    uri: String,
+    warehouse: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<String>,
+    token_env: Option<String>,
+    credential_env: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+    /// Catalog/storage properties whose values come from environment variables
+    /// (e.g. `"s3.secret-access-key" = "AWS_SECRET_ACCESS_KEY"`).
+    #[serde(default)]
+    properties_env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    url: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    source: String,
+    target: String,
+    #[serde(default = "d_layer")]
+    layer: String,
+    cursor: String,
+    tiebreak: Option<String>,
+    #[serde(default = "d_settle")]
+    settle_delay: String,
+    #[serde(default = "d_max_rows")]
+    max_rows_per_commit: u64,
+    #[serde(default)]
+    partition: Vec<String>,
+    #[serde(default = "d_columns")]
+    columns: Vec<String>,
+}
+
+/// Where a secret comes from. The value itself is read only when needed and never logged.
+#[derive(Clone, Default)]
+pub enum Secret {
+    #[default]
+    None,
+    Env(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::None => write!(f, "none"),
+            Secret::Env(name) => write!(f, "env:{name}"),
+            Secret::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl Secret {
+    fn from_parts(env: Option<String>, file: Option<String>, base: &Path, field: &str) -> Result<Self, ConfigError> {
+        match (env, file) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+                "{field}: set either password_env or password_file, not both"
+            ))),
+            (Some(e), None) => Ok(Secret::Env(e)),
+            (None, Some(f)) => Ok(Secret::File(resolve_path(base, &f))),
+            (None, None) => Ok(Secret::None),
+        }
+    }
+
+    /// Reads the secret. An unset environment variable or unreadable file is an error
+    /// that names where the secret was expected, never its value.
+    pub fn read(&self, what: &str) -> Result<Option<String>, ConfigError> {
+        match self {
+            Secret::None => Ok(None),
+            Secret::Env(name) => std::env::var(name).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!("{what}: environment variable {name} is not set"))
+            }),
+            Secret::File(path) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| ConfigError::Invalid(format!("{what}: cannot read {}: {e}", path.display()))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub service: ServiceConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub catalog: CatalogConfig,
+    pub state: StateConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub interval: Duration,
+    pub parallelism: usize,
+    pub table_timeout: Duration,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub lease_ttl: Duration,
+    pub metrics_listen: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub user: String,
+    pub password: Secret,
+    pub ca_file: Option<PathBuf>,
+    /// Arrow IPC compression asked of ClickHouse: `lz4` (default, good over a network) or `none`.
+    pub compression: String,
+    pub query_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatalogKind {
+    Sql,
+    Rest,
+}
+
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    pub kind: CatalogKind,
+    pub name: String,
+    pub uri: String,
+    pub warehouse: Option<String>,
+    pub password: Secret,
+    pub token: Secret,
+    pub credential: Secret,
+    pub properties: BTreeMap<String, String>,
+    pub properties_env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub url: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableConfig {
+    pub source_db: String,
+    pub source_table: String,
+    pub target_namespace: String,
+    pub target_table: String,
+    pub layer: String,
+    pub cursor: String,
+    pub tiebreak: Option<String>,
+    pub settle_delay: Duration,
+    pub max_rows_per_commit: u64,
+    pub partition: Vec<PartitionField>,
+    /// `None` means all columns.
+    pub columns: Option<Vec<String>>,
+}
+
+impl TableConfig {
+    /// The name operators see in metrics, logs and the state store: the source table name
+    /// (e.g. `bronze_trades_binance`), as in the guide.
+    pub fn name(&self) -> &str {
+        &self.source_table
+    }
+    pub fn source(&self) -> String {
+        format!("{}.{}", self.source_db, self.source_table)
+    }
+    pub fn target(&self) -> String {
+        format!("{}.{}", self.target_namespace, self.target_table)
+    }
+}
+
+/// One field of a partition spec, e.g. `day(exchange_timestamp)` or `identity(symbol)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionField {
+    pub transform: String,
+    pub column: String,
+}
+
+impl PartitionField {
+    fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let (transform, column) = match t.find('(') {
+            Some(open) if t.ends_with(')') => {
+                let inner = &t[open + 1..t.len() - 1];
+                let name = t[..open].trim().to_ascii_lowercase();
+                // bucket[N] / truncate[N] are written bucket(16, col) in Spark SQL; accept that form.
+                if let Some((n, col)) = inner.split_once(',') {
+                    (format!("{name}[{}]", n.trim()), col.trim().to_string())
+                } else {
+                    (name, inner.trim().to_string())
+                }
+            }
+            None => ("identity".to_string(), t.to_string()),
+            _ => return Err(format!("invalid partition field {text:?}: expected e.g. day(exchange_timestamp)")),
+        };
+        let transform = match transform.as_str() {
+            "days" => "day".to_string(),
+            "months" => "month".to_string(),
+            "years" => "year".to_string(),
+            "hours" => "hour".to_string(),
+            _ => transform,
+        };
+        let known = ["identity", "year", "month", "day", "hour"];
+        if !known.contains(&transform.as_str())
+            && !transform.starts_with("bucket[")
+            && !transform.starts_with("truncate[")
+        {
+            return Err(format!(
+                "invalid partition field {text:?}: unknown transform {transform:?} (identity, year, month, day, hour, bucket(N, col), truncate(N, col))"
+            ));
+        }
+        Ok(PartitionField { transform, column })
+    }
+}
+
+fn resolve_path(base: &Path, p: &str) -> PathBuf {
+    let path = PathBuf::from(p);
+    if path.is_absolute() { path } else { base.join(path) }
+}
+
+/// Turns `sqlite:relative/path.db` into an absolute SQLite URL relative to `base`.
+fn resolve_sqlite_url(base: &Path, url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let abs = resolve_path(base, path);
+        let query = query.map(|q| q.to_string()).unwrap_or_else(|| "mode=rwc".into());
+        format!("sqlite://{}?{}", abs.display(), query)
+    } else {
+        url.to_string()
+    }
+}
+
+fn resolve_file_url(base: &Path, url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("file://{}", resolve_path(base, url).display())
+    }
+}
+
+impl Config {
+    /// Loads a config file; relative paths inside it are relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let base = std::fs::canonicalize(&base).unwrap_or(base);
+        Self::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// The embedded defaults; relative paths are relative to the working directory.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Self::parse(EMBEDDED_DEFAULTS, "<embedded defaults>", &cwd)
+    }
+
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let inv = |m: String| ConfigError::Invalid(m);
+        let dur = |field: &str, v: &str| parse_duration(v).map_err(|e| inv(format!("{field}: {e}")));
+
+        let s = raw.service;
+        if s.parallelism == 0 {
+            return Err(inv("service.parallelism must be at least 1".into()));
+        }
+        let service = ServiceConfig {
+            interval: dur("service.interval", &s.interval)?,
+            parallelism: s.parallelism,
+            table_timeout: dur("service.table_timeout", &s.table_timeout)?,
+            retries: s.retries,
+            retry_backoff: dur("service.retry_backoff", &s.retry_backoff)?,
+            lease_ttl: dur("service.lease_ttl", &s.lease_ttl)?,
+            metrics_listen: s.metrics_listen,
+        };
+        if service.interval < Duration::from_secs(1) {
+            return Err(inv("service.interval must be at least 1s".into()));
+        }
+
+        let ch = raw.clickhouse;
+        url::Url::parse(&ch.url).map_err(|e| inv(format!("clickhouse.url {:?}: {e}", ch.url)))?;
+        let compression = ch.compression.unwrap_or_else(|| "lz4".into());
+        if !["lz4", "zstd", "none"].contains(&compression.as_str()) {
+            return Err(inv(format!("clickhouse.compression {compression:?}: use lz4, zstd or none")));
+        }
+        let clickhouse = ClickHouseConfig {
+            password: Secret::from_parts(ch.password_env, ch.password_file, base, "clickhouse")?,
+            url: ch.url,
+            user: ch.user,
+            ca_file: ch.ca_file.map(|f| resolve_path(base, &f)),
+            compression,
+            query_timeout: dur("clickhouse.query_timeout", ch.query_timeout.as_deref().unwrap_or("10m"))?,
+        };
+
+        let c = raw.catalog;
+        let kind = match c.kind.as_str() {
+            "sql" => CatalogKind::Sql,
+            "rest" => CatalogKind::Rest,
+            other => return Err(inv(format!("catalog.type {other:?}: use \"sql\" or \"rest\""))),
+        };
+        if kind == CatalogKind::Sql && c.warehouse.is_none() {
+            return Err(inv("catalog.warehouse is required for the sql catalog".into()));
+        }
+        let catalog = CatalogConfig {
+            uri: if kind == CatalogKind::Sql { resolve_sqlite_url(base, &c.uri) } else { c.uri },
+            warehouse: c.warehouse.map(|w| resolve_file_url(base, &w)),
+            password: Secret::from_parts(c.password_env, c.password_file, base, "catalog")?,
+            token: c.token_env.map(Secret::Env).unwrap_or_default(),
+            credential: c.credential_env.map(Secret::Env).unwrap_or_default(),
+            kind,
+            name: c.name,
+            properties: c.properties,
+            properties_env: c.properties_env,
+        };
+
+        let state = StateConfig {
+            url: resolve_sqlite_url(base, raw.state.url.as_deref().unwrap_or("sqlite:offload-data/state.db")),
+            password: Secret::from_parts(raw.state.password_env, raw.state.password_file, base, "state")?,
+        };
+
+        let mut tables = Vec::new();
+        let mut targets = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, t) in raw.tables.into_iter().enumerate() {
+            let table = Self::table(i, t)?;
+            if !targets.insert(table.target()) {
+                return Err(inv(format!(
+                    "tables[{i}] ({}): target {} is already the target of another table; two sources cannot share one target",
+                    table.source(), table.target()
+                )));
+            }
+            if !names.insert(table.name().to_string()) {
+                return Err(inv(format!(
+                    "tables[{i}] ({}): another table has the same source table name {:?}; names must be unique",
+                    table.source(), table.name()
+                )));
+            }
+            tables.push(table);
+        }
+        if tables.is_empty() {
+            return Err(inv("no [[tables]] configured".into()));
+        }
+        Ok(Config { service, clickhouse, catalog, state, tables })
+    }
+
+    fn table(i: usize, t: RawTable) -> Result<TableConfig, ConfigError> {
+        let ctx = format!("tables[{i}] ({})", t.source);
+        let inv = |m: String| ConfigError::Invalid(format!("{ctx}: {m}"));
+        let (db, table) = t
+            .source
+            .split_once('.')
+            .ok_or_else(|| inv(format!("source {:?} must be \"database.table\"", t.source)))?;
+        let (ns, target) = t
+            .target
+            .split_once('.')
+            .ok_or_else(|| inv(format!("target {:?} must be \"namespace.table\"", t.target)))?;
+        validate_identifier("source database", db).map_err(inv)?;
+        validate_identifier("source table", table).map_err(inv)?;
+        validate_identifier("target namespace", ns).map_err(inv)?;
+        validate_identifier("target table", target).map_err(inv)?;
+        validate_identifier("cursor", &t.cursor).map_err(inv)?;
+        validate_identifier("layer", &t.layer).map_err(inv)?;
+        if let Some(tb) = &t.tiebreak {
+            validate_identifier("tiebreak", tb).map_err(inv)?;
+        }
+        if t.max_rows_per_commit == 0 {
+            return Err(inv("max_rows_per_commit must be at least 1".into()));
+        }
+        let columns = if t.columns.len() == 1 && t.columns[0] == "*" {
+            None
+        } else {
+            for c in &t.columns {
+                validate_identifier("column", c).map_err(inv)?;
+            }
+            for needed in std::iter::once(&t.cursor).chain(t.tiebreak.iter()) {
+                if !t.columns.contains(needed) {
+                    return Err(inv(format!("columns must include the cursor/tiebreak column {needed:?}")));
+                }
+            }
+            Some(t.columns.clone())
+        };
+        let partition = t
+            .partition
+            .iter()
+            .map(|p| {
+                let f = PartitionField::parse(p).map_err(inv)?;
+                validate_identifier("partition column", &f.column).map_err(inv)?;
+                Ok(f)
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(TableConfig {
+            source_db: db.into(),
+            source_table: table.into(),
+            target_namespace: ns.into(),
+            target_table: target.into(),
+            layer: t.layer,
+            cursor: t.cursor,
+            tiebreak: t.tiebreak,
+            settle_delay: parse_duration(&t.settle_delay).map_err(|e| inv(format!("settle_delay: {e}")))?,
+            max_rows_per_commit: t.max_rows_per_commit,
+            partition,
+            columns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[clickhouse]
+url = "http://127.0.0.1:8123"
+[catalog]
+uri = "sqlite:cat.db"
+warehouse = "wh"
+[[tables]]
+source = "k2.bronze_trades_binance"
+target = "cold.bronze_trades_binance"
+cursor = "exchange_timestamp"
+tiebreak = "sequence_number"
+partition = ["day(exchange_timestamp)"]
+"#;
+
+    #[test]
+    fn embedded_defaults_parse() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.tables.len(), 2);
+        assert_eq!(c.service.interval, Duration::from_secs(900));
+        assert_eq!(c.service.table_timeout, Duration::from_secs(600));
+        assert_eq!(c.tables[0].settle_delay, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let c = Config::parse(MINIMAL, "t.toml", Path::new("/etc/offload")).unwrap();
+        assert_eq!(c.catalog.uri, "sqlite:///etc/offload/cat.db?mode=rwc");
+        assert_eq!(c.catalog.warehouse.as_deref(), Some("file:///etc/offload/wh"));
+        assert_eq!(c.tables[0].partition[0], PartitionField { transform: "day".into(), column: "exchange_timestamp".into() });
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let text = MINIMAL.replace("tiebreak =", "tie_break =");
+        let err = Config::parse(&text, "t.toml", Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("tie_break"), "{err}");
+    }
+
+    #[test]
+    fn two_tables_one_target_is_refused() {
+        let text = format!("{MINIMAL}\n[[tables]]\nsource = \"k2.other\"\ntarget = \"cold.bronze_trades_binance\"\ncursor = \"ts\"\n");
+        let err = Config::parse(&text, "t.toml", Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("cold.bronze_trades_binance") && err.contains("tables[1]"), "{err}");
+    }
+
+    #[test]
+    fn injection_in_identifiers_is_refused() {
+        let text = MINIMAL.replace("cursor = \"exchange_timestamp\"", "cursor = \"ts) OR 1=1 --\"");
+        let err = Config::parse(&text, "t.toml", Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("cursor") && err.contains("tables[0]"), "{err}");
+    }
+}

@@ -1,0 +1,26 @@
+//! iceberg-offload: moves rows from ClickHouse hot-tier tables into Apache Iceberg
+//! cold-tier tables, exactly once.
+//!
+//! Layout (one place per part of the architecture):
+//! - [`config`]: the TOML file and the embedded defaults;
+//! - [`source`]: ClickHouse over HTTP, streamed as Arrow;
+//! - [`sink`]: Iceberg catalog, table management and Parquet writing;
+//! - [`commit`]: the exactly-once commit protocol (invariants I1–I9 of `exactly-once.md`);
+//! - [`offload`]: the offload of one table, window by window;
+//! - [`scheduler`]: cycles, parallelism, timeouts, retries, signals;
+//! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
+//! - [`metrics`] and [`events`]: every number and log line of one event from one place;
+//! - [`server`]: the HTTP endpoint.
+
+pub mod commit;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod offload;
+pub mod scheduler;
+pub mod server;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod util;

@@ -1,0 +1,336 @@
+//! `iceberg-offload`: the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use iceberg_offload::commit::TableView;
+use iceberg_offload::config::Config;
+use iceberg_offload::metrics::Metrics;
+use iceberg_offload::offload::Services;
+use iceberg_offload::scheduler::{CycleStatus, Scheduler, TableResult};
+use iceberg_offload::server::{self, ServerState};
+use iceberg_offload::sink::{catalog, table as target};
+use iceberg_offload::source::ClickHouse;
+use iceberg_offload::source::query::SourceTable;
+use iceberg_offload::state::StateStore;
+
+/// Exit codes of `once` (and of the other commands on error).
+mod exit {
+    pub const OK: u8 = 0;
+    /// Configuration, connection or usage error before any table ran.
+    pub const ERROR: u8 = 1;
+    /// Some tables succeeded, some failed.
+    pub const PARTIAL: u8 = 2;
+    /// Every table that ran failed.
+    pub const FAILED: u8 = 3;
+    /// Every table was skipped: another writer holds their leases.
+    pub const LEASE_HELD: u8 = 4;
+}
+
+#[derive(Parser)]
+#[command(name = "iceberg-offload", version, about = "Moves rows from ClickHouse hot-tier tables into Apache Iceberg cold-tier tables, exactly once")]
+struct Cli {
+    /// Configuration file (TOML). Without it, the embedded defaults are used.
+    #[arg(long, short, global = true, env = "ICEBERG_OFFLOAD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"], env = "ICEBERG_OFFLOAD_LOG_FORMAT")]
+    log_format: String,
+    /// Also append logs to this file.
+    #[arg(long, global = true, env = "ICEBERG_OFFLOAD_LOG_FILE")]
+    log_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The scheduler daemon: one cycle at start, then at each interval boundary (UTC).
+    Run,
+    /// One cycle. Exit 0 success, 2 partial, 3 failed, 4 all tables leased by another writer.
+    Once,
+    /// Checks the configuration and that ClickHouse, the catalog and the state store are reachable.
+    Validate,
+    /// Watermarks.
+    Watermark {
+        #[command(subcommand)]
+        command: WatermarkCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WatermarkCommand {
+    /// Per table: Iceberg watermark, state-store mirror, rows behind, last run.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _guard = init_logging(&cli.log_format, cli.log_file.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+fn init_logging(format: &str, file: Option<&std::path::Path>) -> Option<()> {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
+    let filter = EnvFilter::try_from_env("ICEBERG_OFFLOAD_LOG").unwrap_or_else(|_| EnvFilter::new("info,iceberg=warn,sqlx=warn,opendal=warn"));
+    let file = file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match (format, file) {
+        ("json", Some(f)) => builder.json().with_writer(std::io::stderr.and(Arc::new(f))).init(),
+        ("json", None) => builder.json().with_writer(std::io::stderr).init(),
+        (_, Some(f)) => builder.with_writer(std::io::stderr.and(Arc::new(f))).init(),
+        (_, None) => builder.with_writer(std::io::stderr).init(),
+    }
+    Some(())
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded()?,
+    })
+}
+
+async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Services> {
+    let ch = ClickHouse::new(&cfg.clickhouse)?;
+    let catalog = catalog::build(&cfg.catalog).await?;
+    let state = match StateStore::open(&cfg.state).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            // I3: Iceberg is the truth; the mirror is optional for correctness.
+            tracing::warn!("state store unavailable, running without lease and mirror: {e:#}");
+            None
+        }
+    };
+    Ok(Services { ch, catalog, state, metrics })
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let cfg = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Once => {
+            let metrics = Arc::new(Metrics::new());
+            let svc = services(&cfg, metrics.clone()).await?;
+            let version = svc.ch.check_version().await?;
+            tracing::info!("ClickHouse {version} at {}", svc.ch.url());
+            for t in &cfg.tables {
+                metrics.init_table(t.name(), &t.layer);
+            }
+            let scheduler = Arc::new(Scheduler::new(cfg, svc));
+            spawn_signal_handler(scheduler.clone());
+            let report = scheduler.run_cycle().await;
+            print_report(&report);
+            let all_skipped = report.tables.iter().all(|(_, r)| matches!(r, TableResult::Skipped(_)));
+            Ok(if all_skipped {
+                exit::LEASE_HELD
+            } else {
+                match report.status {
+                    CycleStatus::Success => exit::OK,
+                    CycleStatus::Partial => exit::PARTIAL,
+                    CycleStatus::Failed => exit::FAILED,
+                }
+            })
+        }
+        Command::Run => {
+            let metrics = Arc::new(Metrics::new());
+            let svc = services(&cfg, metrics.clone()).await?;
+            let ready = Arc::new(AtomicBool::new(false));
+            match svc.ch.check_version().await {
+                Ok(v) => {
+                    tracing::info!("ClickHouse {v} at {}", svc.ch.url());
+                    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e @ iceberg_offload::error::OffloadError::UnsupportedServer(_)) => return Err(e.into()),
+                Err(e) => tracing::warn!("ClickHouse not reachable at start (cycles will retry): {e}"),
+            }
+            for t in &cfg.tables {
+                metrics.init_table(t.name(), &t.layer);
+            }
+            metrics.tables_configured.set(cfg.tables.len() as f64);
+            let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let schedule = (cfg.service.interval.as_secs_f64() / 60.0).to_string();
+            let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
+            metrics.info.with_label_values(&[env!("CARGO_PKG_VERSION"), &schedule, &tables, &start]).set(1.0);
+            let listen = cfg.service.metrics_listen.clone();
+            let stale_after = (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
+            let scheduler = Arc::new(Scheduler::new(cfg, svc));
+            let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
+            let server = tokio::spawn(async move { server::serve(&listen, state).await });
+            spawn_signal_handler(scheduler.clone());
+            tokio::select! {
+                _ = scheduler.run_forever() => {}
+                r = server => { r??; }
+            }
+            tracing::info!("scheduler stopped");
+            Ok(exit::OK)
+        }
+        Command::Validate => validate(&cfg).await,
+        Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
+    }
+}
+
+fn spawn_signal_handler(scheduler: Arc<Scheduler>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("shutdown requested: in-flight windows are abandoned before their commit (a commit in progress completes)");
+        scheduler.shutdown.cancel();
+    });
+}
+
+fn print_report(report: &iceberg_offload::scheduler::CycleReport) {
+    println!("cycle {} {} in {:.2}s", report.cycle_id, report.status.as_str(), report.duration.as_secs_f64());
+    for (name, r) in &report.tables {
+        match r {
+            TableResult::Done(o) => println!(
+                "  {name}: ok, {} rows in {} windows, watermark {}",
+                o.rows,
+                o.windows,
+                o.watermark.as_deref().unwrap_or("none")
+            ),
+            TableResult::Failed(e) => println!("  {name}: FAILED [{}] {e}", e.class()),
+            TableResult::Skipped(reason) => println!("  {name}: skipped ({reason})"),
+        }
+    }
+}
+
+async fn validate(cfg: &Config) -> anyhow::Result<u8> {
+    let mut ok = true;
+    println!("config: ok ({} tables)", cfg.tables.len());
+    let ch = ClickHouse::new(&cfg.clickhouse)?;
+    match ch.check_version().await {
+        Ok(v) => println!("clickhouse: ok, version {v} at {}", ch.url()),
+        Err(e) => {
+            ok = false;
+            println!("clickhouse: FAILED: {e}");
+        }
+    }
+    let catalog = match catalog::build(&cfg.catalog).await {
+        Ok(c) => match c.list_namespaces(None).await {
+            Ok(ns) => {
+                println!("catalog: ok, {} namespaces", ns.len());
+                Some(c)
+            }
+            Err(e) => {
+                ok = false;
+                println!("catalog: FAILED: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            ok = false;
+            println!("catalog: FAILED: {e:#}");
+            None
+        }
+    };
+    match StateStore::open(&cfg.state).await {
+        Ok(s) => println!("state store: ok ({})", s.url()),
+        Err(e) => {
+            ok = false;
+            println!("state store: FAILED: {e:#}");
+        }
+    }
+    for t in &cfg.tables {
+        let described = SourceTable::describe(&ch, t).await;
+        let line = match described.and_then(|s| s.projection().map(|p| (s, p))) {
+            Ok((_, projection)) => match &catalog {
+                Some(c) => match c.load_table(&target::ident(t)).await {
+                    Ok(table) => match target::check_compatible(&table, t, &projection) {
+                        Ok(()) => format!("ok, {} columns, target {} exists and fits", projection.len(), t.target()),
+                        Err(e) => {
+                            ok = false;
+                            format!("FAILED: {e}")
+                        }
+                    },
+                    Err(_) => format!("ok, {} columns, target {} will be created", projection.len(), t.target()),
+                },
+                None => format!("ok, {} columns", projection.len()),
+            },
+            Err(e) => {
+                ok = false;
+                format!("FAILED: {e}")
+            }
+        };
+        println!("table {}: {line}", t.source());
+    }
+    Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
+    let ch = ClickHouse::new(&cfg.clickhouse)?;
+    let catalog = catalog::build(&cfg.catalog).await?;
+    let state = StateStore::open(&cfg.state).await.ok();
+    let mirror = match &state {
+        Some(s) => s.watermarks().await.unwrap_or_default(),
+        None => vec![],
+    };
+    let mut out = vec![];
+    for t in &cfg.tables {
+        let view = match catalog.load_table(&target::ident(t)).await {
+            Ok(table) => Some(TableView::of(table).context("reading the Iceberg watermark")?),
+            Err(_) => None,
+        };
+        let wm = view.as_ref().and_then(|v| v.watermark.clone());
+        let behind = match SourceTable::describe(&ch, t).await {
+            Ok(s) => s.rows_after(&ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})")),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let m = mirror.iter().find(|r| r.table_name == t.name());
+        out.push(serde_json::json!({
+            "table": t.name(),
+            "target": t.target(),
+            "iceberg_watermark": wm.as_ref().map(|w| w.display()),
+            "iceberg_snapshot_id": view.as_ref().and_then(|v| v.snapshot_id()),
+            "mirror_watermark": m.map(|r| r.last_offload_timestamp.clone()),
+            "mirror_status": m.map(|r| r.status.clone()),
+            "last_successful_run": m.and_then(|r| r.last_successful_run.clone()),
+            "failure_count": m.map(|r| r.failure_count),
+            "last_error": m.and_then(|r| r.last_error_message.clone()),
+            "rows_behind": behind,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for r in &out {
+            println!("{}", r["table"].as_str().unwrap_or_default());
+            for key in ["target", "iceberg_watermark", "iceberg_snapshot_id", "mirror_watermark", "mirror_status", "last_successful_run", "failure_count", "last_error", "rows_behind"] {
+                let v = &r[key];
+                let text = match v {
+                    serde_json::Value::Null => "-".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                println!("  {key:<22} {text}");
+            }
+        }
+    }
+    Ok(exit::OK)
+}

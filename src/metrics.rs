@@ -1,0 +1,239 @@
+//! The metrics of the guide, with its exact names, types, labels and buckets.
+//!
+//! Values are set only through [`crate::events`], so each event updates its metrics and
+//! its log line in one place.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
+use prometheus::{Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::error::ErrorClass;
+
+pub const DURATION_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+pub const CYCLE_BUCKETS: &[f64] = &[5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0];
+pub const CYCLE_STATUSES: [&str; 3] = ["success", "partial", "failed"];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub rows_total: IntCounterVec,
+    pub cycles_total: IntCounterVec,
+    pub errors_total: IntCounterVec,
+    pub lag_minutes: GaugeVec,
+    pub watermark_timestamp_seconds: GaugeVec,
+    pub tables_configured: Gauge,
+    pub last_success_timestamp: Gauge,
+    pub last_failure_timestamp: Gauge,
+    pub duration_seconds: HistogramVec,
+    pub cycle_duration_seconds: Histogram,
+    pub rows_per_second: RowsPerSecond,
+    pub info: GaugeVec,
+    pub watermark_data_timestamp_seconds: GaugeVec,
+    pub commits_total: IntCounterVec,
+    /// Unix time of each table's last successful offload, for the lag computed at scrape.
+    last_table_success: Mutex<HashMap<String, f64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = Gauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let rows_total = counter("offload_rows_total", "Rows offloaded to Iceberg (committed)", &["table", "layer"]);
+        let cycles_total = counter("offload_cycles_total", "Offload cycles by final status", &["status"]);
+        for s in CYCLE_STATUSES {
+            cycles_total.with_label_values(&[s]);
+        }
+        let errors_total = counter("offload_errors_total", "Offload errors by table and type", &["table", "error_type"]);
+        let commits_total = counter("offload_commit_attempts_total", "Iceberg commit attempts by result", &["table", "result"]);
+        let duration_seconds = HistogramVec::new(
+            HistogramOpts::new("offload_duration_seconds", "Duration of one table's offload").buckets(DURATION_BUCKETS.to_vec()),
+            &["table", "layer"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(duration_seconds.clone())).expect("unique metric");
+        let cycle_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new("offload_cycle_duration_seconds", "Duration of one offload cycle").buckets(CYCLE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(cycle_duration_seconds.clone())).expect("unique metric");
+        let rows_per_second = RowsPerSecond::new();
+        registry.register(Box::new(rows_per_second.clone())).expect("unique metric");
+        Self {
+            rows_total,
+            cycles_total,
+            errors_total,
+            lag_minutes: gauge_vec("offload_lag_minutes", "Minutes since the table's last successful offload", &["table"]),
+            watermark_timestamp_seconds: gauge_vec(
+                "watermark_timestamp_seconds",
+                "Unix time of the table's last successful watermark update",
+                &["table"],
+            ),
+            watermark_data_timestamp_seconds: gauge_vec(
+                "offload_watermark_data_timestamp_seconds",
+                "The watermark itself: data time (cursor) up to which the table is offloaded",
+                &["table"],
+            ),
+            tables_configured: gauge("offload_tables_configured", "Tables configured for offload"),
+            last_success_timestamp: gauge("offload_last_success_timestamp", "Unix time of the last successful cycle"),
+            last_failure_timestamp: gauge("offload_last_failure_timestamp", "Unix time of the last failed cycle"),
+            duration_seconds,
+            cycle_duration_seconds,
+            rows_per_second,
+            info: gauge_vec("offload_info", "Offload pipeline information", &["version", "schedule_minutes", "tables", "start_time"]),
+            commits_total,
+            last_table_success: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
+    /// Creates every per-table series at zero, so alerts and dashboards see them from start.
+    pub fn init_table(&self, table: &str, layer: &str) {
+        self.rows_total.with_label_values(&[table, layer]);
+        for class in ErrorClass::ALL {
+            self.errors_total.with_label_values(&[table, class.as_str()]);
+        }
+    }
+
+    pub fn table_succeeded(&self, table: &str, unix: f64) {
+        self.last_table_success.lock().expect("lock").insert(table.to_string(), unix);
+        self.watermark_timestamp_seconds.with_label_values(&[table]).set(unix);
+    }
+
+    /// The text exposition, with lag recomputed now (so it grows between cycles).
+    pub fn render(&self) -> String {
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        for (table, t) in self.last_table_success.lock().expect("lock").iter() {
+            self.lag_minutes.with_label_values(&[table]).set(((now - t) / 60.0).max(0.0));
+        }
+        let mut buf = vec![];
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("utf8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `offload_rows_per_second{table}`: a Summary with exact quantiles 0.5, 0.9, 0.99 over the
+/// last [`RowsPerSecond::WINDOW`] observations of each table (the `prometheus` crate has no
+/// Summary type).
+#[derive(Clone)]
+pub struct RowsPerSecond {
+    desc: Desc,
+    inner: std::sync::Arc<Mutex<HashMap<String, (VecDeque<f64>, f64, u64)>>>,
+}
+
+impl RowsPerSecond {
+    pub const WINDOW: usize = 500;
+    const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+    fn new() -> Self {
+        let desc = Desc::new(
+            "offload_rows_per_second".into(),
+            "Offload throughput of one table run (rows per second)".into(),
+            vec!["table".into()],
+            HashMap::new(),
+        )
+        .expect("valid desc");
+        Self { desc, inner: Default::default() }
+    }
+
+    pub fn observe(&self, table: &str, value: f64) {
+        let mut map = self.inner.lock().expect("lock");
+        let entry = map.entry(table.to_string()).or_default();
+        entry.0.push_back(value);
+        if entry.0.len() > Self::WINDOW {
+            entry.0.pop_front();
+        }
+        entry.1 += value;
+        entry.2 += 1;
+    }
+}
+
+impl Collector for RowsPerSecond {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let map = self.inner.lock().expect("lock");
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::SUMMARY);
+        for (table, (window, sum, count)) in map.iter() {
+            let mut sorted: Vec<f64> = window.iter().copied().collect();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let mut summary = Summary::default();
+            summary.set_sample_sum(*sum);
+            summary.set_sample_count(*count);
+            let quantiles = Self::QUANTILES
+                .iter()
+                .map(|q| {
+                    let mut quantile = Quantile::default();
+                    quantile.set_quantile(*q);
+                    let idx = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+                    quantile.set_value(sorted[idx]);
+                    quantile
+                })
+                .collect();
+            summary.set_quantile(quantiles);
+            let mut label = LabelPair::default();
+            label.set_name("table".into());
+            label.set_value(table.clone());
+            let mut metric = Metric::default();
+            metric.set_label(vec![label]);
+            metric.set_summary(summary);
+            family.mut_metric().push(metric);
+        }
+        if family.get_metric().is_empty() {
+            return vec![];
+        }
+        vec![family]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_quantiles_are_exact() {
+        let m = Metrics::new();
+        for v in 1..=100 {
+            m.rows_per_second.observe("t", v as f64);
+        }
+        let text = m.render();
+        assert!(text.contains("offload_rows_per_second{table=\"t\",quantile=\"0.5\"} 50"), "{text}");
+        assert!(text.contains("offload_rows_per_second{table=\"t\",quantile=\"0.9\"} 90"), "{text}");
+        assert!(text.contains("offload_rows_per_second{table=\"t\",quantile=\"0.99\"} 99"), "{text}");
+        assert!(text.contains("offload_rows_per_second_count{table=\"t\"} 100"), "{text}");
+    }
+
+    #[test]
+    fn cycle_statuses_exist_from_start() {
+        let text = Metrics::new().render();
+        for s in CYCLE_STATUSES {
+            assert!(text.contains(&format!("offload_cycles_total{{status=\"{s}\"}} 0")), "{text}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The offload of one table: window after window until caught up, each window read from
+//! ClickHouse as a stream, written as Parquet, and committed through [`crate::commit`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use iceberg::Catalog;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::{self, Attempt, TableView};
+use crate::config::TableConfig;
+use crate::error::{OffloadError, Result};
+use crate::events;
+use crate::metrics::Metrics;
+use crate::sink::{table as target, writer::WindowWriter};
+use crate::source::ClickHouse;
+use crate::source::query::SourceTable;
+use crate::state::StateStore;
+use crate::util::now_epoch_ns;
+
+/// The services one table's offload uses.
+#[derive(Clone)]
+pub struct Services {
+    pub ch: ClickHouse,
+    pub catalog: Arc<dyn Catalog>,
+    pub state: Option<StateStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TableOutcome {
+    pub rows: u64,
+    pub windows: usize,
+    pub snapshot_id: Option<i64>,
+    pub watermark: Option<String>,
+    pub last_window: Option<(Option<String>, String)>,
+}
+
+/// How many batches may wait between the ClickHouse reader and the Parquet writer:
+/// enough to overlap reading with writing, few enough to keep memory flat.
+const PIPELINE_DEPTH: usize = 4;
+
+/// Offloads every settled row of one table, in bounded windows.
+/// `cancel` fires on timeout or shutdown; no commit starts after it fired.
+pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &CancellationToken) -> Result<TableOutcome> {
+    let source = SourceTable::describe(&svc.ch, cfg).await?;
+    let projection = source.projection()?;
+    let ident = target::ident(cfg);
+    target::ensure(&svc.catalog, cfg, &projection).await?;
+    let mut outcome = TableOutcome::default();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(OffloadError::Cancelled);
+        }
+        // I3: every window starts from the watermark in Iceberg.
+        let view = TableView::load(&svc.catalog, &ident).await?;
+        target::check_compatible(&view.table, cfg, &projection)
+            .map_err(|message| OffloadError::Schema { table: cfg.source(), message })?;
+        if outcome.windows == 0 {
+            commit::sweep_stray_metadata(&view.table).await;
+            if let Ok(Some(late)) = commit::late_rows(&source, &svc.ch, &view).await {
+                if late > 0 {
+                    events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
+                }
+            }
+        }
+        // I1: the window is fixed here, before anything is read.
+        let Some(window) = commit::plan_window(&source, &svc.ch, view.watermark.as_ref(), now_epoch_ns()).await? else {
+            if outcome.windows == 0 {
+                outcome.watermark = view.watermark.as_ref().map(|w| w.display());
+                outcome.snapshot_id = view.snapshot_id();
+            }
+            break;
+        };
+        let started = Instant::now();
+        let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: cfg.source() };
+        let (sql, params) = source.select(&projection, window.lo.as_ref(), &window.hi);
+        let mut writer = WindowWriter::new(&view.table, &attempt.run_id).await?;
+        let read = read_into(svc, &sql, &params, &mut writer, cancel).await;
+        let rows = writer.rows;
+        let files = writer.close().await?;
+        if let Err(e) = read {
+            // I8: an attempt that will not commit removes what it wrote.
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            commit::delete_files(&view.table, &paths).await;
+            return Err(e);
+        }
+        if rows != window.planned_rows {
+            tracing::warn!(
+                table = cfg.name(),
+                planned = window.planned_rows,
+                read = rows,
+                "the window changed between planning and reading (rows inserted below the settle limit?)"
+            );
+        }
+        if cancel.is_cancelled() {
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            commit::delete_files(&view.table, &paths).await;
+            return Err(OffloadError::Cancelled);
+        }
+        let file_count = files.len();
+        let committed = match commit::commit_window(&svc.catalog, &view, files, &window, rows, &attempt).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let OffloadError::CommitConflict { message, .. } = &e {
+                    events::CommitRefused { table: cfg.name(), reason: message }.emit(&svc.metrics);
+                }
+                return Err(e);
+            }
+        };
+        let watermark = window.hi.display();
+        events::WindowCommitted {
+            table: cfg.name(),
+            layer: &cfg.layer,
+            rows,
+            files: file_count,
+            snapshot_id: committed.snapshot_id,
+            watermark: &watermark,
+            watermark_data_seconds: window.hi.cursor_ns as f64 / 1e9,
+            duration: started.elapsed(),
+            resolved_after_error: committed.resolved_after_error,
+        }
+        .emit(&svc.metrics);
+        outcome.rows += rows;
+        outcome.windows += 1;
+        outcome.snapshot_id = Some(committed.snapshot_id);
+        outcome.watermark = Some(watermark);
+        outcome.last_window = Some((window.lo.as_ref().map(|p| p.display()), window.hi.display()));
+        // I7: the mirror follows the truth; its failure costs nothing but a log line.
+        if let Some(state) = &svc.state {
+            let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
+            if let Err(e) = state
+                .record_success(cfg.name(), &wm, window.hi.tiebreak.as_deref(), rows as i64, started.elapsed().as_secs_f64(), Some(committed.snapshot_id), "running")
+                .await
+            {
+                tracing::warn!(table = cfg.name(), "state store not updated after commit (Iceberg stays authoritative): {e}");
+            }
+        }
+        if !window.bounded {
+            break;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Streams the window from ClickHouse into the writer. Reading runs in its own task so
+/// that decoding overlaps with Parquet encoding; the channel bounds what is in flight.
+async fn read_into(
+    svc: &Services,
+    sql: &str,
+    params: &[(String, String)],
+    writer: &mut WindowWriter,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let stream = svc.ch.query_arrow(sql, params).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+    let reader = tokio::spawn(async move {
+        let mut stream = Box::pin(stream);
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let result = async {
+        loop {
+            let item = tokio::select! {
+                _ = cancel.cancelled() => return Err(OffloadError::Cancelled),
+                item = rx.recv() => item,
+            };
+            match item {
+                None => return Ok(()),
+                Some(batch) => writer.write(batch?).await?,
+            }
+        }
+    }
+    .await;
+    reader.abort();
+    result
+}
+

@@ -1,0 +1,354 @@
+//! The scheduler: cycles aligned to wall-clock boundaries (UTC), tables in parallel up to
+//! a limit, a per-table timeout that really cancels, retries with backoff for transient
+//! errors, a lease per table, and a shutdown that never leaves half a commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, TableConfig};
+use crate::error::OffloadError;
+use crate::events;
+use crate::offload::{Services, TableOutcome, offload_table};
+use crate::state::RunRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CycleStatus {
+    Success,
+    Partial,
+    Failed,
+}
+
+impl CycleStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum TableResult {
+    Done(TableOutcome),
+    Failed(OffloadError),
+    /// Another writer holds the table's lease: not a failure of this process.
+    Skipped(String),
+}
+
+#[derive(Debug)]
+pub struct CycleReport {
+    pub cycle_id: String,
+    pub status: CycleStatus,
+    pub duration: Duration,
+    pub tables: Vec<(String, TableResult)>,
+}
+
+impl CycleReport {
+    pub fn rows(&self) -> u64 {
+        self.tables.iter().map(|(_, r)| if let TableResult::Done(o) = r { o.rows } else { 0 }).sum()
+    }
+}
+
+pub struct Scheduler {
+    pub config: Config,
+    pub services: Services,
+    /// Identifies this process as a lease holder.
+    pub holder: String,
+    pub shutdown: CancellationToken,
+    /// Unix seconds of the last loop tick, for liveness (`/healthz`).
+    pub heartbeat: Arc<AtomicI64>,
+}
+
+impl Scheduler {
+    pub fn new(config: Config, services: Services) -> Self {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+        Self {
+            holder: format!("{}:{}:{}", if host.is_empty() { "host" } else { &host }, std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]),
+            config,
+            services,
+            shutdown: CancellationToken::new(),
+            heartbeat: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp())),
+        }
+    }
+
+    fn beat(&self) {
+        self.heartbeat.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// One cycle over every configured table.
+    pub async fn run_cycle(&self) -> CycleReport {
+        self.beat();
+        let cycle_id = uuid::Uuid::now_v7().to_string();
+        let started = Instant::now();
+        events::CycleStarted { cycle_id: &cycle_id, tables: self.config.tables.len() }.emit(&self.services.metrics);
+        let limit = Arc::new(Semaphore::new(self.config.service.parallelism));
+        let jobs = self.config.tables.iter().map(|t| {
+            let limit = limit.clone();
+            let cycle_id = cycle_id.clone();
+            async move {
+                let _permit = limit.acquire().await.expect("semaphore open");
+                (t.name().to_string(), self.run_table(t, &cycle_id).await)
+            }
+        });
+        let tables = join_all(jobs).await;
+        let failed = tables.iter().filter(|(_, r)| matches!(r, TableResult::Failed(_))).count();
+        let skipped = tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_))).count();
+        let succeeded = tables.len() - failed - skipped;
+        let status = if failed == 0 {
+            CycleStatus::Success
+        } else if succeeded > 0 {
+            CycleStatus::Partial
+        } else {
+            CycleStatus::Failed
+        };
+        let report = CycleReport { cycle_id, status, duration: started.elapsed(), tables };
+        events::CycleCompleted {
+            cycle_id: &report.cycle_id,
+            status: status.as_str(),
+            duration: report.duration,
+            succeeded,
+            failed,
+            skipped,
+            rows: report.rows(),
+        }
+        .emit(&self.services.metrics);
+        self.beat();
+        report
+    }
+
+    /// One table within a cycle: lease, retries, timeout, state mirror.
+    async fn run_table(&self, t: &TableConfig, cycle_id: &str) -> TableResult {
+        let svc = &self.services;
+        let svc_cfg = &self.config.service;
+        let started = Instant::now();
+        // I6: one writer per table. Correctness never depends on it (I4 does), so a state
+        // store that cannot be reached does not stop the offload.
+        let mut lease = None;
+        if let Some(state) = &svc.state {
+            if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
+                tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
+            } else {
+                match state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await {
+                    Ok(l) => lease = Some(l),
+                    Err(e @ OffloadError::LeaseHeld { .. }) => {
+                        let reason = e.to_string();
+                        events::TableSkipped { table: t.name(), reason: &reason }.emit(&svc.metrics);
+                        return TableResult::Skipped(reason);
+                    }
+                    Err(e) => tracing::warn!(table = t.name(), "cannot take the lease (state store): {e}; continuing, commits stay fenced"),
+                }
+                let _ = state.mark_running(t.name()).await;
+            }
+        }
+        let renew = lease.clone().map(|l| {
+            let state = svc.state.clone().expect("lease implies state");
+            let ttl = svc_cfg.lease_ttl;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match state.renew_lease(&l, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(table = %l.table_name, "lease lost; commits stay fenced (I4)");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(table = %l.table_name, "lease renewal failed: {e}"),
+                    }
+                }
+            })
+        });
+
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let attempt_started = Instant::now();
+            let cancel = self.shutdown.child_token();
+            let timer = {
+                let cancel = cancel.clone();
+                let timeout = svc_cfg.table_timeout;
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    cancel.cancel();
+                })
+            };
+            let run = offload_table(svc, t, &cancel).await;
+            let timed_out = timer.is_finished();
+            timer.abort();
+            let run = match run {
+                Err(OffloadError::Cancelled) if timed_out => Err(OffloadError::Timeout(svc_cfg.table_timeout)),
+                other => other,
+            };
+            self.record_run(cycle_id, t, &run, attempt_started.elapsed()).await;
+            match run {
+                Ok(outcome) => break Ok(outcome),
+                Err(e) => {
+                    let retry = e.is_transient() && attempt <= svc_cfg.retries && !self.shutdown.is_cancelled();
+                    let message = e.to_string();
+                    events::TableFailed {
+                        table: t.name(),
+                        class: e.class(),
+                        kind: e.kind(),
+                        message: &message,
+                        attempt,
+                        will_retry: retry,
+                        duration: attempt_started.elapsed(),
+                    }
+                    .emit(&svc.metrics);
+                    if !retry {
+                        break Err(e);
+                    }
+                    let backoff = svc_cfg.retry_backoff * 2u32.pow(attempt - 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.cancelled() => break Err(e),
+                    }
+                }
+            }
+        };
+        if let Some(r) = renew {
+            r.abort();
+        }
+        let duration = started.elapsed();
+        let result = match result {
+            Ok(outcome) => {
+                events::TableOffloaded {
+                    table: t.name(),
+                    layer: &t.layer,
+                    rows: outcome.rows,
+                    windows: outcome.windows,
+                    duration,
+                    snapshot_id: outcome.snapshot_id,
+                    watermark: outcome.watermark.clone(),
+                }
+                .emit(&svc.metrics);
+                if let Some(state) = &svc.state {
+                    let r = if outcome.windows == 0 {
+                        state.record_no_data(t.name(), duration.as_secs_f64()).await
+                    } else {
+                        mark_success(state, t.name(), duration.as_secs_f64(), outcome.rows as i64).await
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(table = t.name(), "state store not updated (Iceberg stays authoritative): {e}");
+                    }
+                }
+                TableResult::Done(outcome)
+            }
+            Err(e) => {
+                if let Some(state) = &svc.state {
+                    let _ = state.record_failure(t.name(), &e.to_string(), duration.as_secs_f64()).await;
+                }
+                TableResult::Failed(e)
+            }
+        };
+        if let (Some(state), Some(l)) = (&svc.state, &lease) {
+            let _ = state.release_lease(l).await;
+        }
+        result
+    }
+
+    async fn record_run(&self, cycle_id: &str, t: &TableConfig, run: &Result<TableOutcome, OffloadError>, took: Duration) {
+        let Some(state) = &self.services.state else { return };
+        let mut r = RunRecord {
+            run_id: uuid::Uuid::now_v7().to_string(),
+            cycle_id: cycle_id.into(),
+            table_name: t.name().into(),
+            target_table: t.target(),
+            duration_seconds: took.as_secs_f64(),
+            ..Default::default()
+        };
+        match run {
+            Ok(o) => {
+                r.status = if o.windows == 0 { "no_data".into() } else { "success".into() };
+                r.rows = o.rows as i64;
+                r.snapshot_id = o.snapshot_id;
+                if let Some((lo, hi)) = &o.last_window {
+                    r.window_lo = lo.clone();
+                    r.window_hi = Some(hi.clone());
+                }
+            }
+            Err(e) => {
+                r.status = "failed".into();
+                r.error_type = Some(e.class().as_str().into());
+                r.error_kind = Some(e.kind().into());
+                r.error_message = Some(e.to_string());
+            }
+        }
+        if let Err(e) = state.record_run(&r).await {
+            tracing::warn!(table = t.name(), "run history not recorded: {e}");
+        }
+    }
+
+    /// The daemon: one cycle at start, then one at each interval boundary (UTC).
+    /// A cycle that overruns skips the boundaries it missed, so cycles never overlap.
+    pub async fn run_forever(&self) {
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            self.run_cycle().await;
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let next = next_boundary(chrono::Utc::now(), self.config.service.interval);
+            tracing::info!("next cycle at {}", next.to_rfc3339());
+            loop {
+                let now = chrono::Utc::now();
+                if now >= next {
+                    break;
+                }
+                self.beat();
+                let wait = (next - now).to_std().unwrap_or_default().min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn mark_success(state: &crate::state::StateStore, table: &str, secs: f64, _rows: i64) -> crate::error::Result<()> {
+    // The watermark columns were written after each commit (I7); this closes the run.
+    let rows = state.watermarks().await?;
+    if let Some(row) = rows.into_iter().find(|r| r.table_name == table) {
+        state
+            .record_success(
+                table,
+                &row.last_offload_timestamp,
+                row.last_offload_max_sequence.as_deref(),
+                row.last_offload_row_count,
+                secs,
+                row.last_snapshot_id,
+                "success",
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The next multiple of `interval` since the Unix epoch, strictly after `now`.
+pub fn next_boundary(now: chrono::DateTime<chrono::Utc>, interval: Duration) -> chrono::DateTime<chrono::Utc> {
+    let step = interval.as_millis().max(1) as i64;
+    let ms = now.timestamp_millis();
+    let next = (ms.div_euclid(step) + 1) * step;
+    chrono::DateTime::from_timestamp_millis(next).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_align_to_quarter_hours() {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-23T10:07:30Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(next_boundary(t, Duration::from_secs(900)).to_rfc3339(), "2026-11-23T10:15:00+00:00");
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-23T10:15:00Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(next_boundary(t, Duration::from_secs(900)).to_rfc3339(), "2026-11-23T10:30:00+00:00");
+    }
+}

@@ -1,0 +1,225 @@
+//! The SQL of one source table. Identifiers come from the validated configuration and
+//! `system.columns` and are quoted; every value (window bounds, names) is a query parameter.
+
+use crate::commit::Position;
+use crate::config::TableConfig;
+use crate::error::{OffloadError, Result};
+use crate::source::types::ChType;
+use crate::source::ClickHouse;
+use crate::util::quote_ident;
+use iceberg::spec::Type;
+
+/// A source column as ClickHouse describes it.
+#[derive(Debug, Clone)]
+pub struct SourceColumn {
+    pub name: String,
+    pub ch_type: String,
+    pub parsed: ChType,
+}
+
+/// What one configured table reads, resolved against `system.columns`.
+#[derive(Debug, Clone)]
+pub struct SourceTable {
+    pub table: TableConfig,
+    pub columns: Vec<SourceColumn>,
+    /// ClickHouse type name of the tiebreak column, for its query parameter.
+    pub tiebreak_type: Option<String>,
+    /// The TTL expression of the table, if it has one (for operators: data leaves the hot tier).
+    pub ttl: Option<String>,
+}
+
+/// The select list with its Iceberg types: (column name, SELECT expression, Iceberg type, nullable).
+pub type Projection = Vec<(String, String, Type, bool)>;
+
+impl SourceTable {
+    /// Reads the table's columns and checks that the configuration fits them.
+    pub async fn describe(ch: &ClickHouse, table: &TableConfig) -> Result<Self> {
+        let rows = ch
+            .query_rows(
+                "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {tbl:String} ORDER BY position",
+                &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
+            )
+            .await?;
+        let schema_err = |message: String| OffloadError::Schema { table: table.source(), message };
+        if rows.is_empty() {
+            return Err(schema_err(format!(
+                "source table {} does not exist in ClickHouse (no columns in system.columns); check tables[].source",
+                table.source()
+            )));
+        }
+        let all: Vec<SourceColumn> = rows
+            .into_iter()
+            .filter(|r| r.len() >= 2)
+            .map(|r| SourceColumn { parsed: ChType::parse(&r[1]), name: r[0].clone(), ch_type: r[1].clone() })
+            .collect();
+        let find = |name: &str, field: &str| {
+            all.iter().find(|c| c.name == name).ok_or_else(|| {
+                schema_err(format!(
+                    "{field} column {name:?} does not exist in {}; its columns are: {}",
+                    table.source(),
+                    all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })
+        };
+        let columns = match &table.columns {
+            None => all.clone(),
+            Some(list) => list.iter().map(|n| find(n, "columns").cloned()).collect::<Result<Vec<_>>>()?,
+        };
+        let cursor = find(&table.cursor, "cursor")?;
+        if !cursor.parsed.is_time() {
+            return Err(schema_err(format!(
+                "cursor column {:?} has type {}; the cursor must be a Date, DateTime or DateTime64 column \
+                 (the settle delay is measured on it)",
+                cursor.name, cursor.ch_type
+            )));
+        }
+        let tiebreak_type = match &table.tiebreak {
+            None => None,
+            Some(tb) => {
+                let col = find(tb, "tiebreak")?;
+                if !col.parsed.is_tiebreak() || col.parsed.unwrap().1 {
+                    return Err(schema_err(format!(
+                        "tiebreak column {:?} has type {}; it must be a non-Nullable integer, decimal, String or UUID",
+                        col.name, col.ch_type
+                    )));
+                }
+                Some(strip_wrappers(&col.ch_type))
+            }
+        };
+        for f in &table.partition {
+            if !columns.iter().any(|c| c.name == f.column) {
+                return Err(schema_err(format!(
+                    "partition field {}({}) names a column that is not offloaded", f.transform, f.column
+                )));
+            }
+        }
+        let ttl = ch
+            .query_rows(
+                "SELECT extract(create_table_query, 'TTL (.*?)(?:SETTINGS|$)') FROM system.tables WHERE database = {db:String} AND name = {tbl:String}",
+                &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.into_iter().next())
+            .and_then(|r| r.into_iter().next())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        Ok(SourceTable { table: table.clone(), columns, tiebreak_type, ttl })
+    }
+
+    /// The SELECT list and Iceberg type of every offloaded column.
+    pub fn projection(&self) -> Result<Projection> {
+        let mut ids = 10_000;
+        self.columns
+            .iter()
+            .map(|c| {
+                let (expr, ty) = c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids).map_err(|e| OffloadError::Schema {
+                    table: self.table.source(),
+                    message: format!(
+                        "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
+                        c.name, c.ch_type
+                    ),
+                })?;
+                Ok((c.name.clone(), expr, ty, c.parsed.unwrap().1))
+            })
+            .collect()
+    }
+
+    fn from(&self) -> String {
+        format!("{}.{}", quote_ident(&self.table.source_db), quote_ident(&self.table.source_table))
+    }
+
+    fn cursor_ns(&self) -> String {
+        format!("toUnixTimestamp64Nano(toDateTime64({}, 9, 'UTC'))", quote_ident(&self.table.cursor))
+    }
+
+    /// `position > lo AND position <= hi` on (cursor, tiebreak), with its parameters.
+    pub fn window_predicate(&self, lo: Option<&Position>, hi: &Position) -> (String, Vec<(String, String)>) {
+        let c = quote_ident(&self.table.cursor);
+        let mut params = vec![];
+        let mut terms = vec![];
+        let tb = self.table.tiebreak.as_deref().map(quote_ident);
+        let tb_type = self.tiebreak_type.clone().unwrap_or_else(|| "String".into());
+        if let Some(lo) = lo {
+            params.push(("lo_c".into(), lo.cursor_ns.to_string()));
+            let at = "fromUnixTimestamp64Nano({lo_c:Int64}, 'UTC')";
+            match (&tb, &lo.tiebreak) {
+                (Some(tb), Some(t)) => {
+                    params.push(("lo_t".into(), t.clone()));
+                    terms.push(format!("({c} > {at} OR ({c} = {at} AND {tb} > {{lo_t:{tb_type}}}))"));
+                }
+                _ => terms.push(format!("{c} > {at}")),
+            }
+        }
+        params.push(("hi_c".into(), hi.cursor_ns.to_string()));
+        let at = "fromUnixTimestamp64Nano({hi_c:Int64}, 'UTC')";
+        match (&tb, &hi.tiebreak) {
+            (Some(tb), Some(t)) => {
+                params.push(("hi_t".into(), t.clone()));
+                terms.push(format!("({c} < {at} OR ({c} = {at} AND {tb} <= {{hi_t:{tb_type}}}))"));
+            }
+            _ => terms.push(format!("{c} <= {at}")),
+        }
+        (terms.join(" AND "), params)
+    }
+
+    /// Rows in the window and the position of its last row (`None` when empty).
+    pub async fn count(&self, ch: &ClickHouse, lo: Option<&Position>, hi: &Position) -> Result<u64> {
+        let (pred, params) = self.window_predicate(lo, hi);
+        let sql = format!("SELECT count() FROM {} WHERE {pred}", self.from());
+        let text = ch.query_text(&sql, &params).await?;
+        text.trim().parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected count {text:?}")))
+    }
+
+    /// The position of the `n`-th row (1-based) after `lo`, in (cursor, tiebreak) order:
+    /// where a window bounded to `n` rows ends.
+    pub async fn nth_position(&self, ch: &ClickHouse, lo: Option<&Position>, hi: &Position, n: u64) -> Result<Position> {
+        let (pred, mut params) = self.window_predicate(lo, hi);
+        let (tb_expr, order) = match &self.table.tiebreak {
+            Some(tb) => (format!("toString({})", quote_ident(tb)), format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb))),
+            None => ("''".to_string(), quote_ident(&self.table.cursor)),
+        };
+        params.push(("offset".into(), (n - 1).to_string()));
+        let sql = format!(
+            "SELECT {}, {tb_expr} FROM {} WHERE {pred} ORDER BY {order} LIMIT 1 OFFSET {{offset:UInt64}}",
+            self.cursor_ns(),
+            self.from()
+        );
+        let rows = ch.query_rows(&sql, &params).await?;
+        let row = rows.into_iter().next().ok_or_else(|| {
+            OffloadError::ClickHouseStream(format!("{}: the window shrank while it was planned", self.table.source()))
+        })?;
+        let cursor_ns = row[0].parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected cursor value {:?}", row[0])))?;
+        Ok(Position { cursor_ns, tiebreak: self.table.tiebreak.as_ref().map(|_| row.get(1).cloned().unwrap_or_default()) })
+    }
+
+    /// Rows with a NULL cursor: never eligible, reported so they are not silently lost.
+    pub async fn null_cursor_rows(&self, ch: &ClickHouse) -> Result<u64> {
+        let sql = format!("SELECT count() FROM {} WHERE {} IS NULL", self.from(), quote_ident(&self.table.cursor));
+        Ok(ch.query_text(&sql, &[]).await?.trim().parse().unwrap_or(0))
+    }
+
+    /// Rows after `lo` (all of them, settled or not): how far behind the table is.
+    pub async fn rows_after(&self, ch: &ClickHouse, lo: Option<&Position>) -> Result<u64> {
+        // 2262-01-01, the last instant DateTime64(9) can hold.
+        let hi = Position { cursor_ns: 9_214_646_400_000_000_000, tiebreak: None };
+        self.count(ch, lo, &hi).await
+    }
+
+    /// The SELECT that reads one window.
+    pub fn select(&self, projection: &Projection, lo: Option<&Position>, hi: &Position) -> (String, Vec<(String, String)>) {
+        let list = projection.iter().map(|(name, expr, _, _)| format!("{expr} AS {}", quote_ident(name))).collect::<Vec<_>>().join(", ");
+        let (pred, params) = self.window_predicate(lo, hi);
+        (format!("SELECT {list} FROM {} WHERE {pred}", self.from()), params)
+    }
+}
+
+fn strip_wrappers(t: &str) -> String {
+    let mut s = t.trim();
+    for w in ["LowCardinality(", "Nullable("] {
+        if let Some(inner) = s.strip_prefix(w) {
+            s = inner.strip_suffix(')').unwrap_or(inner);
+        }
+    }
+    s.to_string()
+}

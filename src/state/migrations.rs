@@ -1,0 +1,121 @@
+//! Versioned schema migrations of the state store. Append new versions; never edit old ones.
+
+use sqlx::AnyPool;
+use sqlx::Row;
+
+use super::Dialect;
+
+/// (version, SQLite statements, PostgreSQL statements)
+const MIGRATIONS: &[(i64, &[&str], &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE IF NOT EXISTS offload_watermarks (
+            table_name TEXT PRIMARY KEY,
+            last_offload_timestamp TEXT NOT NULL,
+            last_offload_max_sequence TEXT,
+            last_offload_row_count BIGINT DEFAULT 0,
+            status TEXT NOT NULL DEFAULT 'initialized',
+            last_successful_run TEXT,
+            last_run_duration_seconds INTEGER,
+            failure_count INTEGER DEFAULT 0,
+            last_error_message TEXT,
+            created_at TEXT,
+            updated_at TEXT,
+            target_table TEXT,
+            last_snapshot_id BIGINT)",
+        "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
+        "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
+        "CREATE TABLE IF NOT EXISTS offload_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            cycle_id TEXT NOT NULL,
+            table_name TEXT NOT NULL,
+            target_table TEXT NOT NULL,
+            window_lo TEXT,
+            window_hi TEXT,
+            rows_written BIGINT NOT NULL DEFAULT 0,
+            snapshot_id BIGINT,
+            duration_seconds DOUBLE PRECISION,
+            status TEXT NOT NULL,
+            error_type TEXT,
+            error_kind TEXT,
+            error_message TEXT,
+            finished_at TEXT)",
+        "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
+        "CREATE TABLE IF NOT EXISTS offload_leases (
+            table_name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            token BIGINT NOT NULL)",
+    ],
+    &[
+        "CREATE TABLE IF NOT EXISTS offload_watermarks (
+            table_name TEXT PRIMARY KEY,
+            last_offload_timestamp TIMESTAMPTZ NOT NULL,
+            last_offload_max_sequence TEXT,
+            last_offload_row_count BIGINT DEFAULT 0,
+            status TEXT NOT NULL DEFAULT 'initialized',
+            last_successful_run TIMESTAMPTZ,
+            last_run_duration_seconds INTEGER,
+            failure_count INTEGER DEFAULT 0,
+            last_error_message TEXT,
+            created_at TIMESTAMPTZ DEFAULT NOW(),
+            updated_at TIMESTAMPTZ DEFAULT NOW(),
+            target_table TEXT,
+            last_snapshot_id BIGINT)",
+        "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
+        "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
+        "CREATE TABLE IF NOT EXISTS offload_runs (
+            id BIGSERIAL PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            cycle_id TEXT NOT NULL,
+            table_name TEXT NOT NULL,
+            target_table TEXT NOT NULL,
+            window_lo TEXT,
+            window_hi TEXT,
+            rows_written BIGINT NOT NULL DEFAULT 0,
+            snapshot_id BIGINT,
+            duration_seconds DOUBLE PRECISION,
+            status TEXT NOT NULL,
+            error_type TEXT,
+            error_kind TEXT,
+            error_message TEXT,
+            finished_at TIMESTAMPTZ)",
+        "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
+        "CREATE TABLE IF NOT EXISTS offload_leases (
+            table_name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            token BIGINT NOT NULL)",
+    ],
+)];
+
+pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS offload_schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        .execute(pool)
+        .await?;
+    let applied: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM offload_schema_migrations")
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?;
+    for (version, sqlite, postgres) in MIGRATIONS {
+        if *version <= applied {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        for stmt in if dialect == Dialect::Sqlite { *sqlite } else { *postgres } {
+            sqlx::query(stmt).execute(&mut *tx).await?;
+        }
+        let insert = sqlx::query("INSERT INTO offload_schema_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(*version)
+            .bind(chrono::Utc::now().to_rfc3339())
+            .execute(&mut *tx)
+            .await;
+        match insert {
+            Ok(_) => tx.commit().await?,
+            // Another process applied the same version concurrently.
+            Err(_) => tx.rollback().await?,
+        }
+    }
+    Ok(())
+}

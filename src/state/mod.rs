@@ -1,0 +1,323 @@
+//! The state store: the operators' view of the offload (`offload_watermarks`, as in the
+//! guide), an append-only history of runs (`offload_runs`), and the single-writer lease
+//! per table (`offload_leases`).
+//!
+//! It is a mirror, never the truth (I3): the watermark that decides what is read next
+//! comes from Iceberg. Losing this database loses history, not correctness. SQLite by
+//! default, PostgreSQL when the URL says `postgres://`; migrations are versioned.
+
+mod migrations;
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::config::StateConfig;
+use crate::error::{OffloadError, Result};
+use crate::sink::catalog::{ensure_sqlite_parent, redact_url, with_password};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    url: String,
+}
+
+/// One row of `offload_watermarks`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WatermarkRow {
+    pub table_name: String,
+    pub target_table: Option<String>,
+    pub last_offload_timestamp: String,
+    pub last_offload_max_sequence: Option<String>,
+    pub last_offload_row_count: i64,
+    pub status: String,
+    pub last_successful_run: Option<String>,
+    pub last_run_duration_seconds: Option<i64>,
+    pub failure_count: i64,
+    pub last_error_message: Option<String>,
+    pub last_snapshot_id: Option<i64>,
+    pub updated_at: Option<String>,
+}
+
+/// One attempt of one table, for `offload_runs`.
+#[derive(Debug, Clone, Default)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub cycle_id: String,
+    pub table_name: String,
+    pub target_table: String,
+    pub window_lo: Option<String>,
+    pub window_hi: Option<String>,
+    pub rows: i64,
+    pub snapshot_id: Option<i64>,
+    pub duration_seconds: f64,
+    pub status: String,
+    pub error_type: Option<String>,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub table_name: String,
+    pub holder: String,
+    pub token: i64,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl StateStore {
+    pub async fn open(cfg: &StateConfig) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let mut url = cfg.url.clone();
+        if let Some(pw) = cfg.password.read("state password")? {
+            url = with_password(&url, &pw)?;
+        }
+        let dialect = if url.starts_with("sqlite:") {
+            ensure_sqlite_parent(&url)?;
+            Dialect::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Dialect::Postgres
+        } else {
+            anyhow::bail!("state.url {}: use sqlite:PATH or postgres://…", redact_url(&url));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if dialect == Dialect::Sqlite { 1 } else { 4 })
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the state store {}: {e}", redact_url(&url)))?;
+        let store = Self { pool, dialect, url: redact_url(&url) };
+        if dialect == Dialect::Sqlite {
+            // Readers (status, watermark show) must not block the scheduler's writes.
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&store.pool).await.ok();
+            sqlx::query("PRAGMA busy_timeout=10000").execute(&store.pool).await.ok();
+        }
+        migrations::run(&store.pool, dialect).await.map_err(|e| anyhow::anyhow!("state store {}: migration failed: {e}", store.url))?;
+        Ok(store)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `CAST($n AS TIMESTAMPTZ)` on PostgreSQL, `$n` (text) on SQLite.
+    fn ts(&self, n: usize) -> String {
+        match self.dialect {
+            Dialect::Sqlite => format!("${n}"),
+            Dialect::Postgres => format!("CAST(${n} AS TIMESTAMPTZ)"),
+        }
+    }
+
+    fn now(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            Dialect::Postgres => "NOW()",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Creates the table's row if missing (status `initialized`, as the original seeded).
+    pub async fn ensure_table(&self, table: &str, target: &str) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO offload_watermarks (table_name, target_table, last_offload_timestamp, status, created_at, updated_at) \
+             VALUES ($1, $2, {}, 'initialized', {now}, {now}) ON CONFLICT (table_name) DO NOTHING",
+            self.ts(3),
+            now = self.now()
+        );
+        sqlx::query(&sql).bind(table).bind(target).bind("1970-01-01T00:00:00Z").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn mark_running(&self, table: &str) -> Result<()> {
+        let sql = format!("UPDATE offload_watermarks SET status = 'running', updated_at = {} WHERE table_name = $1", self.now());
+        sqlx::query(&sql).bind(table).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// I7: mirrors a committed (or reconciled) watermark.
+    pub async fn record_success(
+        &self,
+        table: &str,
+        watermark_rfc3339: &str,
+        max_sequence: Option<&str>,
+        rows: i64,
+        duration_seconds: f64,
+        snapshot_id: Option<i64>,
+        status: &str,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
+             last_offload_row_count = $3, status = $4, last_successful_run = {now}, last_run_duration_seconds = $5, \
+             failure_count = 0, last_error_message = NULL, last_snapshot_id = $6, updated_at = {now} WHERE table_name = $7",
+            self.ts(1),
+            now = self.now()
+        );
+        sqlx::query(&sql)
+            .bind(watermark_rfc3339)
+            .bind(max_sequence.map(str::to_string))
+            .bind(rows)
+            .bind(status)
+            .bind(duration_seconds.ceil() as i64)
+            .bind(snapshot_id)
+            .bind(table)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A cycle that found nothing to offload: healthy, the watermark unchanged.
+    pub async fn record_no_data(&self, table: &str, duration_seconds: f64) -> Result<()> {
+        let sql = format!(
+            "UPDATE offload_watermarks SET status = 'success', last_offload_row_count = 0, last_successful_run = {now}, \
+             last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} WHERE table_name = $2",
+            now = self.now()
+        );
+        sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn record_failure(&self, table: &str, message: &str, duration_seconds: f64) -> Result<()> {
+        let message: String = message.chars().take(1000).collect();
+        let sql = format!(
+            "UPDATE offload_watermarks SET status = 'failed', failure_count = failure_count + 1, last_error_message = $1, \
+             last_run_duration_seconds = $2, updated_at = {} WHERE table_name = $3",
+            self.now()
+        );
+        sqlx::query(&sql).bind(message).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn record_run(&self, r: &RunRecord) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO offload_runs (run_id, cycle_id, table_name, target_table, window_lo, window_hi, rows_written, snapshot_id, \
+             duration_seconds, status, error_type, error_kind, error_message, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {})",
+            self.now()
+        );
+        sqlx::query(&sql)
+            .bind(&r.run_id)
+            .bind(&r.cycle_id)
+            .bind(&r.table_name)
+            .bind(&r.target_table)
+            .bind(r.window_lo.clone())
+            .bind(r.window_hi.clone())
+            .bind(r.rows)
+            .bind(r.snapshot_id)
+            .bind(r.duration_seconds)
+            .bind(&r.status)
+            .bind(r.error_type.clone())
+            .bind(r.error_kind.clone())
+            .bind(r.error_message.as_ref().map(|m| m.chars().take(2000).collect::<String>()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn watermarks(&self) -> Result<Vec<WatermarkRow>> {
+        let rows = sqlx::query(
+            "SELECT table_name, target_table, CAST(last_offload_timestamp AS TEXT), last_offload_max_sequence, \
+             last_offload_row_count, status, CAST(last_successful_run AS TEXT), last_run_duration_seconds, failure_count, \
+             last_error_message, last_snapshot_id, CAST(updated_at AS TEXT) FROM offload_watermarks ORDER BY table_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(watermark_row).collect()
+    }
+
+    pub async fn run_count(&self, table: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM offload_runs WHERE table_name = $1").bind(table).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// I6: takes the table's lease unless another live holder has it.
+    pub async fn acquire_lease(&self, table: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+        let now = now_ms();
+        let res = sqlx::query(
+            "INSERT INTO offload_leases (table_name, holder, expires_at_ms, token) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (table_name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms, \
+             token = offload_leases.token + 1 \
+             WHERE offload_leases.expires_at_ms < $4 OR offload_leases.holder = excluded.holder",
+        )
+        .bind(table)
+        .bind(holder)
+        .bind(now + ttl.as_millis() as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT holder, expires_at_ms, token FROM offload_leases WHERE table_name = $1")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?;
+        let current: String = row.try_get(0)?;
+        let expires: i64 = row.try_get(1)?;
+        let token: i64 = row.try_get(2)?;
+        if res.rows_affected() == 1 && current == holder {
+            Ok(Lease { table_name: table.into(), holder: holder.into(), token })
+        } else {
+            let until = chrono::DateTime::from_timestamp_millis(expires).map(|t| t.to_rfc3339()).unwrap_or_default();
+            Err(OffloadError::LeaseHeld { table: table.into(), holder: current, until })
+        }
+    }
+
+    /// Extends a held lease; false if it was lost (expired and taken by another holder).
+    pub async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
+        let res = sqlx::query("UPDATE offload_leases SET expires_at_ms = $1 WHERE table_name = $2 AND holder = $3 AND token = $4")
+            .bind(now_ms() + ttl.as_millis() as i64)
+            .bind(&lease.table_name)
+            .bind(&lease.holder)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        sqlx::query("DELETE FROM offload_leases WHERE table_name = $1 AND holder = $2 AND token = $3")
+            .bind(&lease.table_name)
+            .bind(&lease.holder)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn lease_holders(&self) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query("SELECT table_name, holder, expires_at_ms FROM offload_leases WHERE expires_at_ms >= $1")
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
+    }
+}
+
+fn watermark_row(r: &AnyRow) -> Result<WatermarkRow> {
+    Ok(WatermarkRow {
+        table_name: r.try_get(0)?,
+        target_table: r.try_get(1)?,
+        last_offload_timestamp: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+        last_offload_max_sequence: r.try_get(3)?,
+        last_offload_row_count: r.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
+        status: r.try_get(5)?,
+        last_successful_run: r.try_get(6)?,
+        last_run_duration_seconds: r.try_get(7)?,
+        failure_count: r.try_get::<Option<i64>, _>(8)?.unwrap_or(0),
+        last_error_message: r.try_get(9)?,
+        last_snapshot_id: r.try_get(10)?,
+        updated_at: r.try_get(11)?,
+    })
+}
