@@ -95,9 +95,11 @@ fn main() -> ExitCode {
 fn init_logging(format: &str, file: Option<&std::path::Path>) -> Option<()> {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::fmt::writer::MakeWriterExt;
-    let filter = EnvFilter::try_from_env("ICEBERG_OFFLOAD_LOG").unwrap_or_else(|_| EnvFilter::new("info,iceberg=warn,sqlx=warn,opendal=warn"));
+    let filter = EnvFilter::try_from_env("ICEBERG_OFFLOAD_LOG").unwrap_or_else(|_| EnvFilter::new("info,iceberg=warn,sqlx=warn,opendal=warn,iceberg_offload=info"));
     let file = file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    use std::io::IsTerminal;
+    let ansi = file.is_none() && std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
     match (format, file) {
         ("json", Some(f)) => builder.json().with_writer(std::io::stderr.and(Arc::new(f))).init(),
         ("json", None) => builder.json().with_writer(std::io::stderr).init(),
@@ -134,8 +136,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Once => {
             let metrics = Arc::new(Metrics::new());
             let svc = services(&cfg, metrics.clone()).await?;
-            let version = svc.ch.check_version().await?;
-            tracing::info!("ClickHouse {version} at {}", svc.ch.url());
+            check_clickhouse(&svc).await?;
             for t in &cfg.tables {
                 metrics.init_table(t.name(), &t.layer);
             }
@@ -157,15 +158,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Run => {
             let metrics = Arc::new(Metrics::new());
             let svc = services(&cfg, metrics.clone()).await?;
-            let ready = Arc::new(AtomicBool::new(false));
-            match svc.ch.check_version().await {
-                Ok(v) => {
-                    tracing::info!("ClickHouse {v} at {}", svc.ch.url());
-                    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e @ iceberg_offload::error::OffloadError::UnsupportedServer(_)) => return Err(e.into()),
-                Err(e) => tracing::warn!("ClickHouse not reachable at start (cycles will retry): {e}"),
-            }
+            let ready = Arc::new(AtomicBool::new(check_clickhouse(&svc).await?));
             for t in &cfg.tables {
                 metrics.init_table(t.name(), &t.layer);
             }
@@ -189,6 +182,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Validate => validate(&cfg).await,
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
+    }
+}
+
+/// Refuses a ClickHouse too old to serve us; any other problem is left to the cycle,
+/// where it is classified, counted and retried like every other failure.
+async fn check_clickhouse(svc: &Services) -> anyhow::Result<bool> {
+    match svc.ch.check_version().await {
+        Ok(v) => {
+            tracing::info!("ClickHouse {v} at {}", svc.ch.url());
+            Ok(true)
+        }
+        Err(e @ iceberg_offload::error::OffloadError::UnsupportedServer(_)) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!("ClickHouse check failed at start: {e}");
+            Ok(false)
+        }
     }
 }
 

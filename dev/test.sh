@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit and integration tests, then the end-to-end tests that run
+# the real binary against the real ClickHouse engine (chdb behind our HTTP gateway), and
+# check what lands in Iceberg with pyiceberg and ClickHouse icebergLocal().
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+source "$here/env.sh"
+"$here/setup.sh"
+cd "$root"
+echo "== cargo build" >&2
+cargo build --locked 2>&1 | tail -n 3 >&2
+echo "== cargo test" >&2
+cargo test --locked 2>&1 | tee "$ICEBERG_OFFLOAD_CACHE/cargo-test.log" | grep -E "^(test result|running|test .*FAILED|failures)" || true
+if grep -qE "^test result: FAILED|error(\[E[0-9]+\])?:" "$ICEBERG_OFFLOAD_CACHE/cargo-test.log"; then
+  tail -n 60 "$ICEBERG_OFFLOAD_CACHE/cargo-test.log"
+  exit 1
+fi
+echo "== pytest (end to end)" >&2
+python -m pytest -q -p no:cacheprovider tests "$@"

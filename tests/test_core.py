@@ -1,0 +1,159 @@
+"""End-to-end tests of the core engine (issue 2), on the real ClickHouse engine, read back
+by pyiceberg and ClickHouse icebergLocal()."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+from harness import (PASSWORD, assert_equal_to_source, binary, bronze_table, create_bronze, insert_bronze,
+                     now_ms, run, verify, write_config)
+
+
+def test_k2_bronze_two_tables_end_to_end(gateway, db, tmp_path):
+    """The K2 bronze schema offloads for binance and kraken; both readers equal the source up to W,
+    and rows still inside the settle delay stay behind."""
+    for t in ("bronze_trades_binance", "bronze_trades_kraken"):
+        create_bronze(gateway, db, t)
+        insert_bronze(gateway, db, t, 120_000, now_ms() - 3 * 86_400_000, step_ms=2_000)
+        insert_bronze(gateway, db, t, 500, now_ms() - 60_000, step_ms=10, seq_start=10_000_000)  # not yet settled
+    cfg = write_config(tmp_path / "c.toml", gateway,
+                       [bronze_table(db, "bronze_trades_binance"), bronze_table(db, "bronze_trades_kraken")], tmp_path)
+    p = run(cfg, "once", check=True)
+    assert "CYCLE COMPLETED" in p.stderr and "status=success" in p.stderr
+    for t in ("bronze_trades_binance", "bronze_trades_kraken"):
+        got, src = assert_equal_to_source(gateway, tmp_path, db, t)
+        py = got["pyiceberg"]
+        assert src["count"] == 120_000, "the 500 unsettled rows must wait for the next cycle"
+        assert py["partition_spec"] == ["day(exchange_timestamp)"]
+        assert py["schema"]["exchange_timestamp"] == "timestamptz"
+        assert py["schema"]["price"] == "decimal(18, 8)"
+        assert py["schema"]["sequence_number"] == "decimal(20, 0)"
+        snap = py["snapshots"][-1]
+        assert snap["offload.rows"] == "120000" and snap["offload.run-id"]
+        assert snap["offload.watermark.position"] == py["properties"]["offload.watermark.position"]
+        assert got["clickhouse"]["types"]["price"] == "Nullable(Decimal(18, 8))" or "Decimal(18, 8)" in got["clickhouse"]["types"]["price"]
+
+
+def test_cycles_with_inserts_land_every_row_exactly_once(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="1s")], tmp_path)
+    seq = 0
+    for cycle in range(4):
+        # Rows that arrive between cycles, all newer than the previous watermark.
+        insert_bronze(gateway, db, "trades", 5_000, now_ms() - 1_000 - 5_000 * 0, step_ms=0.1, seq_start=seq)
+        seq += 5_000
+        time.sleep(1.2)
+        run(cfg, "once", check=True)
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    assert src["count"] == 20_000
+    assert len([s for s in got["pyiceberg"]["snapshots"] if s.get("offload.run-id")]) == 4
+    # A cycle with nothing new commits nothing.
+    run(cfg, "once", check=True)
+    assert len(verify(tmp_path, "cold.trades", clickhouse=False)["pyiceberg"]["snapshots"]) == 4
+
+
+def test_backfill_from_empty_is_bounded_in_commits_and_memory(gateway, db, tmp_path):
+    create_bronze(gateway, db, "big")
+    insert_bronze(gateway, db, "big", 2_000_000, now_ms() - 5 * 86_400_000, step_ms=200)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "big", max_rows_per_commit=300_000)], tmp_path)
+    env = dict(os.environ, TEST_CH_PASSWORD=PASSWORD)
+    started = time.time()
+    proc = subprocess.Popen([binary(), "--config", str(cfg), "once"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.time() - started
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-3000:]
+    peak_mb = usage.ru_maxrss / 1024
+    print(f"backfill: 2,000,000 rows in {elapsed:.1f}s ({2_000_000 / elapsed:,.0f} rows/s), peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 256, f"peak RSS {peak_mb:.0f} MB"
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "big")
+    assert src["count"] == 2_000_000
+    commits = [s for s in got["pyiceberg"]["snapshots"] if s.get("offload.run-id")]
+    assert len(commits) == 7, f"{len(commits)} commits"
+    assert max(int(s["offload.rows"]) for s in commits) <= 300_000
+
+
+def test_deleting_the_state_db_resumes_from_the_iceberg_watermark(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 50_000, now_ms() - 7_200_000, step_ms=50)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="2s")], tmp_path)
+    run(cfg, "once", check=True)
+    for f in tmp_path.glob("state.db*"):
+        f.unlink()
+    insert_bronze(gateway, db, "trades", 30_000, now_ms() - 1_000, step_ms=0.01, seq_start=1_000_000)
+    time.sleep(2.5)
+    p = run(cfg, "once", check=True)
+    assert "30000 rows" in p.stdout, p.stdout
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    assert src["count"] == 80_000
+
+
+def test_watermark_show_reports_iceberg_and_mirror(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 1_000, now_ms() - 3_600_000, step_ms=1000)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades")], tmp_path)
+    run(cfg, "once", check=True)
+    insert_bronze(gateway, db, "trades", 70, now_ms() - 1_000, step_ms=1, seq_start=5_000)
+    p = run(cfg, "watermark", "show", "--json", check=True)
+    rows = json.loads(p.stdout)
+    assert rows[0]["table"] == "trades"
+    assert rows[0]["iceberg_watermark"] and rows[0]["iceberg_watermark"].startswith(rows[0]["mirror_watermark"][:16].replace(" ", "T"))
+    assert rows[0]["rows_behind"] == "70"
+    assert rows[0]["mirror_status"] == "success"
+
+
+def test_bad_config_unknown_table_and_column_fail_clearly_and_commit_nothing(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 100, now_ms() - 3_600_000)
+    # Malformed TOML and an unknown key name their place.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[clickhouse\nurl = 1\n")
+    p = run(bad, "once")
+    assert p.returncode == 1 and "bad.toml" in p.stderr
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_dalay="5m")], tmp_path)
+    p = run(cfg, "once")
+    assert p.returncode == 1 and "settle_dalay" in p.stderr, p.stderr
+    # Unknown table and unknown column: the table fails, naming what is wrong; nothing committed.
+    cfg = write_config(tmp_path / "c.toml", gateway, [
+        bronze_table(db, "nope"),
+        bronze_table(db, "trades", cursor="exchange_ts"),
+    ], tmp_path)
+    p = run(cfg, "once")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert f"{db}.nope does not exist" in p.stdout
+    assert "cursor column \"exchange_ts\" does not exist" in p.stdout
+    assert not (tmp_path / "warehouse" / "cold").exists() or not any((tmp_path / "warehouse" / "cold").iterdir())
+
+
+def test_secrets_never_reach_output(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 100, now_ms() - 3_600_000)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades")], tmp_path)
+    p = run(cfg, "once", env={"TEST_CH_PASSWORD": PASSWORD + "-wrong"})
+    assert p.returncode == 3
+    assert "Authentication failed" in p.stdout + p.stderr
+    assert "process_error" in p.stdout
+    assert PASSWORD not in p.stdout + p.stderr + cfg.read_text()
+
+
+def test_validate_reports_each_dependency(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades")], tmp_path)
+    p = run(cfg, "validate")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "clickhouse: ok, version 26." in p.stdout
+    assert "catalog: ok" in p.stdout and "state store: ok" in p.stdout
+    assert f"table {db}.trades: ok, 10 columns" in p.stdout
+
+
+def test_late_rows_are_counted_not_hidden(gateway, db, tmp_path):
+    """I9: a row arriving below the watermark after its window committed is reported."""
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 1_000, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades")], tmp_path)
+    run(cfg, "once", check=True)
+    insert_bronze(gateway, db, "trades", 7, now_ms() - 3_600_000, step_ms=100, seq_start=500_000)
+    p = run(cfg, "once", check=True)
+    assert "7 rows at or below the watermark" in p.stderr, p.stderr
+    assert verify(tmp_path, "cold.trades", clickhouse=False)["pyiceberg"]["count"] == 1_000
