@@ -1,0 +1,162 @@
+//! I4 (fenced commit) and I8 (nothing stray), on a real SQLite catalog, checked with
+//! pyiceberg (an independent reader) when the test tooling is installed (dev/setup.sh).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use iceberg::spec::{PrimitiveType, Type};
+
+use iceberg_offload::commit::{self, Attempt, Position, TableView, Window};
+use iceberg_offload::config::{CatalogConfig, CatalogKind, PartitionField, TableConfig};
+use iceberg_offload::error::OffloadError;
+use iceberg_offload::sink::{catalog, table as target, writer::WindowWriter};
+
+fn table_config() -> TableConfig {
+    TableConfig {
+        source_db: "k2".into(),
+        source_table: "fence".into(),
+        target_namespace: "cold".into(),
+        target_table: "fence".into(),
+        layer: "bronze".into(),
+        cursor: "ts".into(),
+        tiebreak: None,
+        settle_delay: Duration::from_secs(0),
+        max_rows_per_commit: 1000,
+        partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
+        columns: None,
+    }
+}
+
+fn batch(ids: std::ops::Range<i64>) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new("id", DataType::Int64, false),
+    ]));
+    let ts = TimestampMicrosecondArray::from(ids.clone().map(|i| 1_700_000_000_000_000 + i * 1_000_000).collect::<Vec<_>>())
+        .with_timezone("UTC");
+    RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap()
+}
+
+async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec<iceberg::spec::DataFile> {
+    let mut w = WindowWriter::new(&view.table, prefix).await.unwrap();
+    w.write(batch(ids)).await.unwrap();
+    w.close().await.unwrap()
+}
+
+fn window(hi_s: i64) -> Window {
+    Window { lo: None, hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None }, planned_rows: 0, bounded: false }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CatalogConfig {
+        kind: CatalogKind::Sql,
+        name: "offload".into(),
+        uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
+        warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
+        password: Default::default(),
+        token: Default::default(),
+        credential: Default::default(),
+        properties: Default::default(),
+        properties_env: Default::default(),
+    };
+    let cat = catalog::build(&cfg).await.unwrap();
+    let tcfg = table_config();
+    let projection = vec![
+        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
+        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
+    ];
+    target::ensure(&cat, &tcfg, &projection).await.unwrap();
+    let ident = target::ident(&tcfg);
+
+    // Two writers read the same view (I3)...
+    let stale = TableView::load(&cat, &ident).await.unwrap();
+    let fresh = TableView::load(&cat, &ident).await.unwrap();
+    // ...the first commits its window...
+    let files_a = write(&fresh, "writer-a", 0..10).await;
+    let a = Attempt { run_id: "run-a".into(), source: "k2.fence".into() };
+    commit::commit_window(&cat, &fresh, files_a, &window(1_700_000_100), 10, &a).await.unwrap();
+    // ...and the second, still holding the old view, must be refused (I4), not rebased.
+    let files_b = write(&stale, "writer-b", 0..10).await;
+    let paths_b: Vec<String> = files_b.iter().map(|f| f.file_path().to_string()).collect();
+    let b = Attempt { run_id: "run-b".into(), source: "k2.fence".into() };
+    let err = commit::commit_window(&cat, &stale, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
+    assert!(matches!(err, OffloadError::CommitConflict { .. }), "expected a conflict, got {err}");
+
+    let after = TableView::load(&cat, &ident).await.unwrap();
+    assert_eq!(after.table.metadata().snapshots().count(), 1, "only writer A's snapshot exists");
+    assert!(commit::find_snapshot_of_run(&after.table, "run-b").is_none());
+    assert_eq!(after.watermark, Some(window(1_700_000_100).hi));
+    // I8: the refused attempt's data files are gone.
+    for p in &paths_b {
+        assert!(!after.table.file_io().exists(p).await.unwrap(), "{p} was left behind");
+    }
+
+    // An independent reader sees A's ten rows, once.
+    let venv = std::env::var("ICEBERG_OFFLOAD_VENV").expect("run through dev/test.sh (ICEBERG_OFFLOAD_VENV)");
+    let out = std::process::Command::new(format!("{venv}/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/dev/verify_iceberg.py"))
+        .args(["--catalog-uri", &format!("sqlite:///{}/catalog.db", dir.path().display())])
+        .args(["--warehouse", &format!("file://{}/warehouse", dir.path().display())])
+        .args(["--table", "cold.fence", "--key", "id", "--sum", "id"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for reader in ["pyiceberg", "clickhouse"] {
+        assert_eq!(v[reader]["count"], 10, "{reader}: {v}");
+        assert_eq!(v[reader]["distinct_keys"], 10, "{reader}: {v}");
+        assert_eq!(v[reader]["sums"]["id"].as_str().unwrap(), "45", "{reader}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_metadata_files_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CatalogConfig {
+        kind: CatalogKind::Sql,
+        name: "offload".into(),
+        uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
+        warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
+        password: Default::default(),
+        token: Default::default(),
+        credential: Default::default(),
+        properties: Default::default(),
+        properties_env: Default::default(),
+    };
+    let cat = catalog::build(&cfg).await.unwrap();
+    let tcfg = table_config();
+    let projection = vec![
+        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
+        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
+    ];
+    target::ensure(&cat, &tcfg, &projection).await.unwrap();
+    let ident = target::ident(&tcfg);
+    let view = TableView::load(&cat, &ident).await.unwrap();
+    let files = write(&view, "w", 0..5).await;
+    let a = Attempt { run_id: "run-1".into(), source: "k2.fence".into() };
+    let committed = commit::commit_window(&cat, &view, files, &window(1_700_000_100), 5, &a).await.unwrap();
+    let current = committed.table.metadata_location().unwrap().trim_start_matches("file://").to_string();
+    let meta_dir = std::path::Path::new(&current).parent().unwrap().to_path_buf();
+    let current_version: u64 = std::path::Path::new(&current).file_name().unwrap().to_str().unwrap()[..5].parse().unwrap();
+
+    // A loser of a compare-and-swap (same version as current), a writer that died an hour
+    // ago (next version, old), and a commit that may be in flight (next version, fresh).
+    let lost = meta_dir.join(format!("{current_version:05}-lost.metadata.json"));
+    let dead = meta_dir.join(format!("{:05}-dead.metadata.json", current_version + 1));
+    let in_flight = meta_dir.join(format!("{:05}-inflight.metadata.json", current_version + 1));
+    for p in [&lost, &dead, &in_flight] {
+        std::fs::copy(&current, p).unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&dead).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let removed = commit::sweep_stray_metadata(&committed.table).await;
+    assert_eq!(removed, 2);
+    assert!(!lost.exists() && !dead.exists());
+    assert!(in_flight.exists(), "a fresh next-version file may belong to a live commit");
+    assert!(std::path::Path::new(&current).exists());
+}
