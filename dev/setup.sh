@@ -16,3 +16,15 @@ if [ "$want" != "$have" ]; then
   "$ICEBERG_OFFLOAD_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
   echo "$want" > "$ICEBERG_OFFLOAD_VENV/.requirements.sha256"
 fi
+
+# Debian packages the tests run for real: ClickHouse 18.16 (the only one Debian ships: the
+# service must refuse it clearly) and PostgreSQL 15 (state store and SQL catalog).
+missing=()
+[ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server)
+[ -d /usr/lib/postgresql/15/bin ] || missing+=(postgresql-15)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,67 @@
+"""PostgreSQL as the state store and as the SQL catalog, on the machine's real server."""
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from harness import PYTHON, ROOT, assert_equal_to_source, bronze_table, create_bronze, insert_bronze, now_ms, run, write_config
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    pwfile = tmp_path_factory.mktemp("pg") / "password"
+    base = subprocess.run([str(ROOT / "dev" / "postgres.sh"), str(pwfile)], check=True, capture_output=True, text=True).stdout.strip()
+    return base, pwfile.read_text().strip()
+
+
+def psql(password, db, sql):
+    env = dict(os.environ, PGPASSWORD=password)
+    return subprocess.run(["psql", "-h", "127.0.0.1", "-U", "offload_test", "-d", db, "-tA", "-F", "\t", "-c", sql],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+
+def test_postgres_state_store_and_catalog(gateway, db, tmp_path, postgres):
+    base, password = postgres
+    name = "offload_" + uuid.uuid4().hex[:10]
+    psql(password, "postgres", f"CREATE DATABASE {name}")
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 40_000, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="2s")], tmp_path,
+                       catalog_uri=f"{base}/{name}", state_url=f"{base}/{name}")
+    text = cfg.read_text()
+    text = text.replace('[state]\n', '[state]\npassword_env = "TEST_PG_PASSWORD"\n')
+    text = text.replace('[catalog]\n', '[catalog]\npassword_env = "TEST_PG_PASSWORD"\n')
+    cfg.write_text(text)
+    env = {"TEST_PG_PASSWORD": password}
+    p = run(cfg, "once", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert password not in p.stdout + p.stderr
+
+    # The operators' table, with the guide's columns and types.
+    row = psql(password, name, "SELECT table_name, status, last_offload_row_count, failure_count, "
+               "pg_typeof(last_offload_timestamp), last_successful_run IS NOT NULL FROM offload_watermarks")
+    assert row.split("\t") == ["trades", "success", "40000", "0", "timestamp with time zone", "t"], row
+    assert psql(password, name, "SELECT count(*), max(rows_written) FROM offload_runs WHERE status = 'success'") == "1\t40000"
+
+    # pyiceberg through the same PostgreSQL catalog sees what ClickHouse has.
+    out = subprocess.run([PYTHON, str(ROOT / "dev" / "verify_iceberg.py"),
+                          "--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
+                          "--warehouse", f"file://{tmp_path / 'warehouse'}", "--table", "cold.trades",
+                          "--key", "symbol,sequence_number", "--sum", "price"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["pyiceberg"]["count"] == 40_000 == got["clickhouse"]["count"]
+    assert got["pyiceberg"]["duplicates"] == 0
+
+    # A state store that cannot be reached must not stop the offload (Iceberg is the truth).
+    insert_bronze(gateway, db, "trades", 10, now_ms() - 1_000, step_ms=10, seq_start=900_000)
+    time.sleep(2.5)
+    text = cfg.read_text().replace('[state]\npassword_env = "TEST_PG_PASSWORD"\n', '[state]\npassword_env = "TEST_PG_WRONG"\n')
+    cfg.write_text(text)
+    p = run(cfg, "once", env={"TEST_PG_PASSWORD": password, "TEST_PG_WRONG": "wrong-" + password[:4]})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "state store unavailable" in p.stderr
+    assert "10 rows" in p.stdout
