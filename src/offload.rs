@@ -44,29 +44,30 @@ const PIPELINE_DEPTH: usize = 4;
 /// Offloads every settled row of one table, in bounded windows.
 /// `cancel` fires on timeout or shutdown; no commit starts after it fired.
 pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &CancellationToken) -> Result<TableOutcome> {
-    let source = SourceTable::describe(&svc.ch, cfg).await?;
+    let source = until_cancelled(cancel, SourceTable::describe(&svc.ch, cfg)).await?;
     let projection = source.projection()?;
     let ident = target::ident(cfg);
-    target::ensure(&svc.catalog, cfg, &projection).await?;
+    until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
     let mut outcome = TableOutcome::default();
     loop {
         if cancel.is_cancelled() {
             return Err(OffloadError::Cancelled);
         }
         // I3: every window starts from the watermark in Iceberg.
-        let view = TableView::load(&svc.catalog, &ident).await?;
+        let view = until_cancelled(cancel, TableView::load(&svc.catalog, &ident)).await?;
         target::check_compatible(&view.table, cfg, &projection)
             .map_err(|message| OffloadError::Schema { table: cfg.source(), message })?;
         if outcome.windows == 0 {
             commit::sweep_stray_metadata(&view.table).await;
-            if let Ok(Some(late)) = commit::late_rows(&source, &svc.ch, &view).await {
+            if let Ok(Some(late)) = until_cancelled(cancel, commit::late_rows(&source, &svc.ch, &view)).await {
                 if late > 0 {
                     events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
                 }
             }
         }
         // I1: the window is fixed here, before anything is read.
-        let Some(window) = commit::plan_window(&source, &svc.ch, view.watermark.as_ref(), now_epoch_ns()).await? else {
+        let planned = commit::plan_window(&source, &svc.ch, view.watermark.as_ref(), now_epoch_ns());
+        let Some(window) = until_cancelled(cancel, planned).await? else {
             if outcome.windows == 0 {
                 outcome.watermark = view.watermark.as_ref().map(|w| w.display());
                 outcome.snapshot_id = view.snapshot_id();
@@ -153,7 +154,7 @@ async fn read_into(
     writer: &mut WindowWriter,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let stream = svc.ch.query_arrow(sql, params).await?;
+    let stream = until_cancelled(cancel, svc.ch.query_arrow(sql, params)).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let reader = tokio::spawn(async move {
         let mut stream = Box::pin(stream);
@@ -181,3 +182,13 @@ async fn read_into(
     result
 }
 
+
+/// Runs a step that may be abandoned: the per-table timeout or a shutdown cancels it.
+/// The commit is never run through this: once started, it completes (I5 resolves it).
+async fn until_cancelled<T>(cancel: &CancellationToken, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(OffloadError::Cancelled),
+        r = step => r,
+    }
+}
