@@ -70,9 +70,10 @@ impl OffloadError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Timeout(_) | Self::Cancelled => ErrorClass::Timeout,
-            Self::ClickHouseUnreachable { .. } | Self::CatalogUnreachable(_) | Self::StateUnreachable(_) => {
-                ErrorClass::Connection
-            }
+            Self::ClickHouseUnreachable { .. }
+            | Self::ClickHouseStream(_)
+            | Self::CatalogUnreachable(_)
+            | Self::StateUnreachable(_) => ErrorClass::Connection,
             Self::Iceberg(e) if is_connection_error(e) => ErrorClass::Connection,
             Self::Crash(_) => ErrorClass::Crash,
             _ => ErrorClass::ProcessError,

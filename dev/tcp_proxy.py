@@ -1,0 +1,91 @@
+"""A TCP proxy for fault tests: sits between the service and ClickHouse and can refuse
+connections, hang requests that match a pattern, or cut responses mid-stream."""
+import socket
+import threading
+
+
+class FaultProxy:
+    """Modes: "pass", "refuse" (close at once), "hang" (requests containing `pattern` are never
+    forwarded), "cut" (responses to requests containing `pattern` are cut after `cut_after` bytes)."""
+
+    def __init__(self, upstream_port, host="127.0.0.1"):
+        self.upstream = (host, upstream_port)
+        self.mode = "pass"
+        self.pattern = b"ArrowStream"
+        self.cut_after = 4096
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.matched = 0
+        self._open = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.mode == "refuse":
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            state = {"hang": False, "cut": False, "sent": 0}
+            self._open += [client, server]
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    def _up(self, client, server, state):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if self.pattern in data and self.mode in ("hang", "cut"):
+                    self.matched += 1
+                    if self.mode == "hang":
+                        state["hang"] = True
+                        continue  # swallowed: the server never sees it
+                    state["cut"] = True
+                if not state["hang"]:
+                    server.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, server, client, state):
+        try:
+            while True:
+                data = server.recv(65536)
+                if not data:
+                    break
+                if state["cut"]:
+                    room = self.cut_after - state["sent"]
+                    if room <= 0:
+                        break
+                    data = data[:room]
+                state["sent"] += len(data)
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self.sock.close()
+        for s in self._open:
+            try:
+                s.close()
+            except OSError:
+                pass
