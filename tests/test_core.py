@@ -157,3 +157,44 @@ def test_late_rows_are_counted_not_hidden(gateway, db, tmp_path):
     p = run(cfg, "once", check=True)
     assert "7 rows at or below the watermark" in p.stderr, p.stderr
     assert verify(tmp_path, "cold.trades", clickhouse=False)["pyiceberg"]["count"] == 1_000
+
+
+def test_schema_drift_between_cycles(gateway, db, tmp_path):
+    """A new source column is added to Iceberg (older rows read NULL); a changed type or a
+    dropped required column stops the table with an error naming the column, committing nothing."""
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 1_000, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="1s")], tmp_path)
+    run(cfg, "once", check=True)
+    gateway.sql(f"ALTER TABLE {db}.trades ADD COLUMN venue LowCardinality(Nullable(String))")
+    gateway.sql(f"INSERT INTO {db}.trades (exchange_timestamp, sequence_number, symbol, price, quantity, quote_volume, "
+                f"event_time, kafka_offset, kafka_partition, venue) VALUES "
+                f"(fromUnixTimestamp64Milli({now_ms() - 500}), 99, 'BTCUSDT', 1, 1, 1, now64(3), 0, 0, 'binance-spot')")
+    time.sleep(1.5)
+    p = run(cfg, "once", check=True)
+    assert "added optional column venue" in p.stderr
+    got = verify(tmp_path, "cold.trades", key="sequence_number", sums=(), rows=True, clickhouse=False)["pyiceberg"]
+    assert got["schema"]["venue"] == "string?"
+    venues = sorted(r["venue"] for r in got["rows"])
+    assert venues == ["None"] * 1_000 + ["binance-spot"]
+
+    gateway.sql(f"ALTER TABLE {db}.trades MODIFY COLUMN quantity Float64")
+    p = run(cfg, "once")
+    assert p.returncode == 3 and 'column "quantity"' in p.stdout and "double" in p.stdout, p.stdout
+    gateway.sql(f"ALTER TABLE {db}.trades MODIFY COLUMN quantity Decimal(18, 8)")
+    gateway.sql(f"ALTER TABLE {db}.trades DROP COLUMN kafka_offset")
+    p = run(cfg, "once")
+    assert p.returncode == 3 and '"kafka_offset"' in p.stdout, p.stdout
+    snapshots = verify(tmp_path, "cold.trades", clickhouse=False)["pyiceberg"]["snapshots"]
+    assert len([s for s in snapshots if s.get("offload.run-id")]) == 2
+
+
+def test_incompatible_existing_target_is_refused(gateway, db, tmp_path):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 100, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades")], tmp_path)
+    run(cfg, "once", check=True)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", partition=["month(exchange_timestamp)"])], tmp_path)
+    p = run(cfg, "once")
+    assert p.returncode == 3
+    assert "partitioned by [day(exchange_timestamp)] but the configuration says [month(exchange_timestamp)]" in p.stdout, p.stdout

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use iceberg::spec::{NestedField, PartitionSpec, Schema, Transform, Type, UnboundPartitionSpec};
 use iceberg::table::Table;
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
 
 use crate::config::{PartitionField, TableConfig};
@@ -42,7 +43,7 @@ pub async fn ensure(catalog: &Arc<dyn Catalog>, cfg: &TableConfig, projection: &
     let id = ident(cfg);
     let schema_err = |message: String| OffloadError::Schema { table: cfg.source(), message };
     if catalog.table_exists(&id).await? {
-        let table = catalog.load_table(&id).await?;
+        let table = add_new_source_columns(catalog, catalog.load_table(&id).await?, cfg, projection).await?;
         check_compatible(&table, cfg, projection).map_err(schema_err)?;
         return Ok(table);
     }
@@ -88,6 +89,36 @@ pub async fn ensure(catalog: &Arc<dyn Catalog>, cfg: &TableConfig, projection: &
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Schema evolution: a column that appeared in the source is added to the Iceberg table as
+/// an optional column (older rows read it as NULL), in a commit of its own.
+async fn add_new_source_columns(catalog: &Arc<dyn Catalog>, table: Table, cfg: &TableConfig, projection: &Projection) -> Result<Table> {
+    let schema = table.metadata().current_schema().clone();
+    let missing: Vec<_> = projection.iter().filter(|(name, ..)| schema.field_by_name(name).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(table);
+    }
+    let mut action = Transaction::new(&table).update_schema();
+    for (name, _, ty, _) in &missing {
+        if !matches!(ty, Type::Primitive(_)) {
+            return Err(OffloadError::Schema {
+                table: cfg.source(),
+                message: format!(
+                    "column {name:?} is new in the source and has a nested type ({ty}); add it to the Iceberg table {} \
+                     yourself or leave it out with tables[].columns",
+                    cfg.target()
+                ),
+            });
+        }
+        action = action.add_column(AddColumn::optional(name, ty.clone()));
+    }
+    let tx = action.apply(Transaction::new(&table))?;
+    let table = tx.commit(catalog.as_ref()).await?;
+    for (name, _, ty, _) in &missing {
+        tracing::info!(table = cfg.name(), column = %name, "schema evolution: added optional column {name} ({ty}) to {}", cfg.target());
+    }
+    Ok(table)
 }
 
 fn partition_field_name(f: &PartitionField, t: &Transform) -> String {
