@@ -180,7 +180,12 @@ pub async fn commit_window(
         .apply(tx)?;
     // File names are unique per attempt, so the duplicate check (which reads every
     // manifest of the table) is unnecessary.
-    let tx = tx.fast_append().with_check_duplicate(false).add_data_files(files).set_snapshot_properties(summary).apply(tx)?;
+    let tx = tx
+        .fast_append()
+        .with_check_duplicate(false)
+        .add_data_files(files)
+        .set_snapshot_properties(summary)
+        .apply(tx)?;
     let pinned: Arc<dyn Catalog> = Arc::new(PinnedCatalog { inner: catalog.clone(), pinned: view.table.clone() });
     let commit_error = match tx.commit(pinned.as_ref()).await {
         Ok(table) => {
@@ -242,9 +247,11 @@ pub async fn delete_files(table: &Table, paths: &[String]) {
 /// the same way).
 pub async fn sweep_stray_metadata(table: &Table) -> usize {
     let Some(current) = table.metadata_location() else { return 0 };
-    let Some(dir) = current.strip_prefix("file://").or_else(|| current.strip_prefix("file:")).and_then(|p| {
-        std::path::Path::new(p).parent().map(|d| d.to_path_buf())
-    }) else {
+    let Some(dir) = current
+        .strip_prefix("file://")
+        .or_else(|| current.strip_prefix("file:"))
+        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+    else {
         return 0;
     };
     let keep: std::collections::HashSet<String> = table
@@ -274,7 +281,9 @@ pub async fn sweep_stray_metadata(table: &Table) -> usize {
                     removed += 1;
                     tracing::info!(table = %table.identifier(), file = %name, "removed stray metadata file (lost or abandoned commit)");
                 }
-                Err(e) => tracing::warn!(table = %table.identifier(), file = %name, "could not remove stray metadata file: {e}"),
+                Err(e) => {
+                    tracing::warn!(table = %table.identifier(), file = %name, "could not remove stray metadata file: {e}")
+                }
             }
         }
     }
@@ -294,7 +303,8 @@ fn version_of(name: &str) -> Option<u64> {
 pub async fn late_rows(source: &SourceTable, ch: &ClickHouse, view: &TableView) -> Result<Option<i64>> {
     let Some(w) = &view.watermark else { return Ok(None) };
     let Some(snapshot) = view.table.metadata().current_snapshot() else { return Ok(None) };
-    let Some(total) = snapshot.summary().additional_properties.get("total-records").and_then(|v| v.parse::<i64>().ok()) else {
+    let Some(total) = snapshot.summary().additional_properties.get("total-records").and_then(|v| v.parse::<i64>().ok())
+    else {
         return Ok(None);
     };
     let in_source = source.count(ch, None, w).await? as i64;
@@ -319,7 +329,11 @@ impl Catalog for PinnedCatalog {
     async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
         self.inner.list_namespaces(parent).await
     }
-    async fn create_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<Namespace> {
+    async fn create_namespace(
+        &self,
+        ns: &NamespaceIdent,
+        props: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
         self.inner.create_namespace(ns, props).await
     }
     async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
@@ -341,11 +355,7 @@ impl Catalog for PinnedCatalog {
         self.inner.create_table(ns, creation).await
     }
     async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
-        if table == self.pinned.identifier() {
-            Ok(self.pinned.clone())
-        } else {
-            self.inner.load_table(table).await
-        }
+        if table == self.pinned.identifier() { Ok(self.pinned.clone()) } else { self.inner.load_table(table).await }
     }
     async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
         self.inner.drop_table(table).await

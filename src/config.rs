@@ -64,20 +64,48 @@ impl Default for RawService {
     }
 }
 
-fn d_interval() -> String { "15m".into() }
-fn d_parallelism() -> usize { 4 }
-fn d_table_timeout() -> String { "10m".into() }
-fn d_retries() -> u32 { 2 }
-fn d_retry_backoff() -> String { "5s".into() }
-fn d_lease_ttl() -> String { "20m".into() }
-fn d_listen() -> String { "0.0.0.0:8000".into() }
-fn d_settle() -> String { "5m".into() }
-fn d_max_rows() -> u64 { 1_000_000 }
-fn d_layer() -> String { "bronze".into() }
-fn d_columns() -> Vec<String> { vec!["*".into()] }
-fn d_ch_user() -> String { "default".into() }
-fn d_catalog_name() -> String { "offload".into() }
-fn d_catalog_type() -> String { "sql".into() }
+fn d_interval() -> String {
+    "15m".into()
+}
+fn d_parallelism() -> usize {
+    4
+}
+fn d_table_timeout() -> String {
+    "10m".into()
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_retry_backoff() -> String {
+    "5s".into()
+}
+fn d_lease_ttl() -> String {
+    "20m".into()
+}
+fn d_listen() -> String {
+    "0.0.0.0:8000".into()
+}
+fn d_settle() -> String {
+    "5m".into()
+}
+fn d_max_rows() -> u64 {
+    1_000_000
+}
+fn d_layer() -> String {
+    "bronze".into()
+}
+fn d_columns() -> Vec<String> {
+    vec!["*".into()]
+}
+fn d_ch_user() -> String {
+    "default".into()
+}
+fn d_catalog_name() -> String {
+    "offload".into()
+}
+fn d_catalog_type() -> String {
+    "sql".into()
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,9 +192,9 @@ impl std::fmt::Debug for Secret {
 impl Secret {
     fn from_parts(env: Option<String>, file: Option<String>, base: &Path, field: &str) -> Result<Self, ConfigError> {
         match (env, file) {
-            (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
-                "{field}: set either password_env or password_file, not both"
-            ))),
+            (Some(_), Some(_)) => {
+                Err(ConfigError::Invalid(format!("{field}: set either password_env or password_file, not both")))
+            }
             (Some(e), None) => Ok(Secret::Env(e)),
             (None, Some(f)) => Ok(Secret::File(resolve_path(base, &f))),
             (None, None) => Ok(Secret::None),
@@ -178,9 +206,9 @@ impl Secret {
     pub fn read(&self, what: &str) -> Result<Option<String>, ConfigError> {
         match self {
             Secret::None => Ok(None),
-            Secret::Env(name) => std::env::var(name).map(Some).map_err(|_| {
-                ConfigError::Invalid(format!("{what}: environment variable {name} is not set"))
-            }),
+            Secret::Env(name) => std::env::var(name)
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid(format!("{what}: environment variable {name} is not set"))),
             Secret::File(path) => std::fs::read_to_string(path)
                 .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
                 .map_err(|e| ConfigError::Invalid(format!("{what}: cannot read {}: {e}", path.display()))),
@@ -339,18 +367,14 @@ fn resolve_sqlite_url(base: &Path, url: &str) -> String {
 }
 
 fn resolve_file_url(base: &Path, url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("file://{}", resolve_path(base, url).display())
-    }
+    if url.contains("://") { url.to_string() } else { format!("file://{}", resolve_path(base, url).display()) }
 }
 
 impl Config {
     /// Loads a config file; relative paths inside it are relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let base = std::fs::canonicalize(&base).unwrap_or(base);
         Self::parse(&text, &path.display().to_string(), &base)
@@ -436,13 +460,15 @@ impl Config {
             if !targets.insert(table.target()) {
                 return Err(inv(format!(
                     "tables[{i}] ({}): target {} is already the target of another table; two sources cannot share one target",
-                    table.source(), table.target()
+                    table.source(),
+                    table.target()
                 )));
             }
             if !names.insert(table.name().to_string()) {
                 return Err(inv(format!(
                     "tables[{i}] ({}): another table has the same source table name {:?}; names must be unique",
-                    table.source(), table.name()
+                    table.source(),
+                    table.name()
                 )));
             }
             tables.push(table);
@@ -456,10 +482,8 @@ impl Config {
     fn table(i: usize, t: RawTable) -> Result<TableConfig, ConfigError> {
         let ctx = format!("tables[{i}] ({})", t.source);
         let inv = |m: String| ConfigError::Invalid(format!("{ctx}: {m}"));
-        let (db, table) = t
-            .source
-            .split_once('.')
-            .ok_or_else(|| inv(format!("source {:?} must be \"database.table\"", t.source)))?;
+        let (db, table) =
+            t.source.split_once('.').ok_or_else(|| inv(format!("source {:?} must be \"database.table\"", t.source)))?;
         let (ns, target) = t
             .target
             .split_once('.')
@@ -546,7 +570,10 @@ partition = ["day(exchange_timestamp)"]
         let c = Config::parse(MINIMAL, "t.toml", Path::new("/etc/offload")).unwrap();
         assert_eq!(c.catalog.uri, "sqlite:///etc/offload/cat.db?mode=rwc");
         assert_eq!(c.catalog.warehouse.as_deref(), Some("file:///etc/offload/wh"));
-        assert_eq!(c.tables[0].partition[0], PartitionField { transform: "day".into(), column: "exchange_timestamp".into() });
+        assert_eq!(
+            c.tables[0].partition[0],
+            PartitionField { transform: "day".into(), column: "exchange_timestamp".into() }
+        );
     }
 
     #[test]
@@ -558,7 +585,9 @@ partition = ["day(exchange_timestamp)"]
 
     #[test]
     fn two_tables_one_target_is_refused() {
-        let text = format!("{MINIMAL}\n[[tables]]\nsource = \"k2.other\"\ntarget = \"cold.bronze_trades_binance\"\ncursor = \"ts\"\n");
+        let text = format!(
+            "{MINIMAL}\n[[tables]]\nsource = \"k2.other\"\ntarget = \"cold.bronze_trades_binance\"\ncursor = \"ts\"\n"
+        );
         let err = Config::parse(&text, "t.toml", Path::new("/")).unwrap_err().to_string();
         assert!(err.contains("cold.bronze_trades_binance") && err.contains("tables[1]"), "{err}");
     }

@@ -17,8 +17,14 @@ pub struct CycleStarted<'a> {
 }
 
 impl CycleStarted<'_> {
-    pub fn emit(&self, _m: &Metrics) {
-        tracing::info!(cycle_id = self.cycle_id, tables = self.tables, "CYCLE STARTED: offloading {} tables", self.tables);
+    pub fn emit(&self, m: &Metrics) {
+        m.cycle_started(unix_now());
+        tracing::info!(
+            cycle_id = self.cycle_id,
+            tables = self.tables,
+            "CYCLE STARTED: offloading {} tables",
+            self.tables
+        );
     }
 }
 
@@ -37,6 +43,7 @@ impl CycleCompleted<'_> {
         let secs = self.duration.as_secs_f64();
         m.cycles_total.with_label_values(&[self.status]).inc();
         m.cycle_duration_seconds.observe(secs);
+        m.cycle_finished(secs);
         match self.status {
             "success" => m.last_success_timestamp.set(unix_now()),
             _ => m.last_failure_timestamp.set(unix_now()),
@@ -50,7 +57,12 @@ impl CycleCompleted<'_> {
             skipped = self.skipped,
             rows = self.rows,
             "CYCLE COMPLETED: status={} tables ok={} failed={} skipped={} rows={} duration={:.2}s",
-            self.status, self.succeeded, self.failed, self.skipped, self.rows, secs
+            self.status,
+            self.succeeded,
+            self.failed,
+            self.skipped,
+            self.rows,
+            secs
         );
     }
 }
@@ -60,6 +72,7 @@ pub struct WindowCommitted<'a> {
     pub layer: &'a str,
     pub rows: u64,
     pub files: usize,
+    pub bytes: u64,
     pub snapshot_id: i64,
     pub watermark: &'a str,
     pub watermark_data_seconds: f64,
@@ -70,7 +83,10 @@ pub struct WindowCommitted<'a> {
 impl WindowCommitted<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.rows_total.with_label_values(&[self.table, self.layer]).inc_by(self.rows);
-        m.commits_total.with_label_values(&[self.table, "committed"]).inc();
+        let result = if self.resolved_after_error { "unknown_resolved" } else { "committed" };
+        m.commits_total.with_label_values(&[self.table, result]).inc();
+        m.bytes_written_total.with_label_values(&[self.table]).inc_by(self.bytes);
+        m.files_written_total.with_label_values(&[self.table]).inc_by(self.files as u64);
         m.table_succeeded(self.table, unix_now());
         m.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(self.watermark_data_seconds);
         let secs = self.duration.as_secs_f64();
@@ -83,20 +99,27 @@ impl WindowCommitted<'_> {
             duration_seconds = secs,
             resolved_after_error = self.resolved_after_error,
             "committed window: {} rows in {} files, snapshot {}, watermark {} ({:.2}s)",
-            self.rows, self.files, self.snapshot_id, self.watermark, secs
+            self.rows,
+            self.files,
+            self.snapshot_id,
+            self.watermark,
+            secs
         );
     }
 }
 
-pub struct CommitRefused<'a> {
+pub struct CommitFailed<'a> {
     pub table: &'a str,
+    /// True when the table changed under us (I4 fenced the commit).
+    pub conflict: bool,
     pub reason: &'a str,
 }
 
-impl CommitRefused<'_> {
+impl CommitFailed<'_> {
     pub fn emit(&self, m: &Metrics) {
-        m.commits_total.with_label_values(&[self.table, "conflict"]).inc();
-        tracing::warn!(table = self.table, "commit refused: {}", self.reason);
+        let result = if self.conflict { "conflict" } else { "error" };
+        m.commits_total.with_label_values(&[self.table, result]).inc();
+        tracing::warn!(table = self.table, result, "commit not made: {}", self.reason);
     }
 }
 
@@ -108,6 +131,10 @@ pub struct TableOffloaded<'a> {
     pub duration: Duration,
     pub snapshot_id: Option<i64>,
     pub watermark: Option<String>,
+    pub rows_behind: Option<u64>,
+    pub ttl_headroom_seconds: Option<f64>,
+    pub late_rows: Option<i64>,
+    pub watermark_ns: Option<i64>,
 }
 
 impl TableOffloaded<'_> {
@@ -115,11 +142,24 @@ impl TableOffloaded<'_> {
         let secs = self.duration.as_secs_f64();
         let rate = if secs > 0.0 { self.rows as f64 / secs } else { 0.0 };
         m.duration_seconds.with_label_values(&[self.table, self.layer]).observe(secs);
+        m.runs_total.with_label_values(&[self.table, if self.windows > 0 { "success" } else { "noop" }]).inc();
+        m.consecutive_failures.with_label_values(&[self.table]).set(0.0);
         if self.rows > 0 {
             m.rows_per_second.observe(self.table, rate);
-        } else {
-            // A quiet table is healthy: it is as fresh as this check.
-            m.table_succeeded(self.table, unix_now());
+        }
+        // Offloaded up to the watermark as of now, quiet or not.
+        m.table_succeeded(self.table, unix_now());
+        if let Some(n) = self.rows_behind {
+            m.rows_behind.with_label_values(&[self.table]).set(n as f64);
+        }
+        if let Some(h) = self.ttl_headroom_seconds {
+            m.ttl_headroom_seconds.with_label_values(&[self.table]).set(h);
+        }
+        if let Some(ns) = self.watermark_ns {
+            m.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(ns as f64 / 1e9);
+        }
+        if let Some(n) = self.late_rows {
+            m.late_rows.with_label_values(&[self.table]).set(n as f64);
         }
         tracing::info!(
             table = self.table,
@@ -130,7 +170,11 @@ impl TableOffloaded<'_> {
             snapshot_id = self.snapshot_id,
             watermark = self.watermark.as_deref(),
             "✓ Offloaded {}: {} rows in {} windows, {:.2}s, {:.0} rows/s{}",
-            self.table, self.rows, self.windows, secs, rate,
+            self.table,
+            self.rows,
+            self.windows,
+            secs,
+            rate,
             self.snapshot_id.map(|s| format!(", snapshot {s}")).unwrap_or_default()
         );
     }
@@ -149,6 +193,10 @@ pub struct TableFailed<'a> {
 impl TableFailed<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.errors_total.with_label_values(&[self.table, self.class.as_str()]).inc();
+        m.consecutive_failures.with_label_values(&[self.table]).inc();
+        if !self.will_retry {
+            m.runs_total.with_label_values(&[self.table, "failure"]).inc();
+        }
         tracing::error!(
             table = self.table,
             error_type = self.class.as_str(),
@@ -157,7 +205,9 @@ impl TableFailed<'_> {
             will_retry = self.will_retry,
             duration_seconds = self.duration.as_secs_f64(),
             "✗ Offload failed: {} [{}] {}{}",
-            self.table, self.class, self.message,
+            self.table,
+            self.class,
+            self.message,
             if self.will_retry { " (will retry)" } else { "" }
         );
     }
@@ -169,7 +219,8 @@ pub struct TableSkipped<'a> {
 }
 
 impl TableSkipped<'_> {
-    pub fn emit(&self, _m: &Metrics) {
+    pub fn emit(&self, m: &Metrics) {
+        m.runs_total.with_label_values(&[self.table, "skipped"]).inc();
         tracing::warn!(table = self.table, "skipped {}: {}", self.table, self.reason);
     }
 }
@@ -186,7 +237,8 @@ impl LateRows<'_> {
             late_rows = self.rows,
             "{} rows at or below the watermark of {} are in ClickHouse but not in Iceberg: they arrived after their window \
              committed (later than settle_delay allows); increase settle_delay",
-            self.rows, self.table
+            self.rows,
+            self.table
         );
     }
 }

@@ -33,7 +33,11 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "iceberg-offload", version, about = "Moves rows from ClickHouse hot-tier tables into Apache Iceberg cold-tier tables, exactly once")]
+#[command(
+    name = "iceberg-offload",
+    version,
+    about = "Moves rows from ClickHouse hot-tier tables into Apache Iceberg cold-tier tables, exactly once"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, the embedded defaults are used.
     #[arg(long, short, global = true, env = "ICEBERG_OFFLOAD_CONFIG")]
@@ -95,7 +99,8 @@ fn main() -> ExitCode {
 fn init_logging(format: &str, file: Option<&std::path::Path>) -> Option<()> {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::fmt::writer::MakeWriterExt;
-    let filter = EnvFilter::try_from_env("ICEBERG_OFFLOAD_LOG").unwrap_or_else(|_| EnvFilter::new("info,iceberg=warn,sqlx=warn,opendal=warn,iceberg_offload=info"));
+    let filter = EnvFilter::try_from_env("ICEBERG_OFFLOAD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,iceberg=warn,sqlx=warn,opendal=warn,iceberg_offload=info"));
     let file = file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
     use std::io::IsTerminal;
     let ansi = file.is_none() && std::io::stderr().is_terminal();
@@ -162,14 +167,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             for t in &cfg.tables {
                 metrics.init_table(t.name(), &t.layer);
             }
-            metrics.tables_configured.set(cfg.tables.len() as f64);
-            let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let schedule = (cfg.service.interval.as_secs_f64() / 60.0).to_string();
+            let schedule = cfg.service.interval.as_secs_f64() / 60.0;
             let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
-            metrics.info.with_label_values(&[env!("CARGO_PKG_VERSION"), &schedule, &tables, &start]).set(1.0);
             let listen = cfg.service.metrics_listen.clone();
-            let stale_after = (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
-            let scheduler = Arc::new(Scheduler::new(cfg, svc));
+            let stale_after =
+                (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
+            let scheduler = Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()));
+            metrics.init_service(scheduler.config.tables.len(), schedule, &tables, scheduler.heartbeat.clone());
             let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
             let server = tokio::spawn(async move { server::serve(&listen, state).await });
             spawn_signal_handler(scheduler.clone());
@@ -204,12 +208,16 @@ async fn check_clickhouse(svc: &Services) -> anyhow::Result<bool> {
 fn spawn_signal_handler(scheduler: Arc<Scheduler>) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::warn!("shutdown requested: in-flight windows are abandoned before their commit (a commit in progress completes)");
+        tracing::warn!(
+            "shutdown requested: in-flight windows are abandoned before their commit (a commit in progress completes)"
+        );
         scheduler.shutdown.cancel();
     });
 }
@@ -308,7 +316,9 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
         };
         let wm = view.as_ref().and_then(|v| v.watermark.clone());
         let behind = match SourceTable::describe(&ch, t).await {
-            Ok(s) => s.rows_after(&ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})")),
+            Ok(s) => {
+                s.rows_after(&ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
+            }
             Err(e) => format!("unknown ({e})"),
         };
         let m = mirror.iter().find(|r| r.table_name == t.name());
@@ -330,7 +340,17 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
     } else {
         for r in &out {
             println!("{}", r["table"].as_str().unwrap_or_default());
-            for key in ["target", "iceberg_watermark", "iceberg_snapshot_id", "mirror_watermark", "mirror_status", "last_successful_run", "failure_count", "last_error", "rows_behind"] {
+            for key in [
+                "target",
+                "iceberg_watermark",
+                "iceberg_snapshot_id",
+                "mirror_watermark",
+                "mirror_status",
+                "last_successful_run",
+                "failure_count",
+                "last_error",
+                "rows_behind",
+            ] {
                 let v = &r[key];
                 let text = match v {
                     serde_json::Value::Null => "-".to_string(),

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
-use prometheus::{Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 use crate::error::ErrorClass;
 
@@ -32,9 +34,29 @@ pub struct Metrics {
     pub info: GaugeVec,
     pub watermark_data_timestamp_seconds: GaugeVec,
     pub commits_total: IntCounterVec,
+    pub runs_total: IntCounterVec,
+    pub lag_seconds: GaugeVec,
+    pub table_last_success_timestamp_seconds: GaugeVec,
+    pub rows_behind: GaugeVec,
+    pub ttl_headroom_seconds: GaugeVec,
+    pub late_rows: GaugeVec,
+    pub consecutive_failures: GaugeVec,
+    pub bytes_written_total: IntCounterVec,
+    pub files_written_total: IntCounterVec,
+    pub build_info: GaugeVec,
+    pub scheduler_last_tick_timestamp_seconds: Gauge,
+    pub cycle_last_duration_seconds: Gauge,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
     last_table_success: Mutex<HashMap<String, f64>>,
+    /// Start of the running cycle (Unix seconds) and the duration of the last finished one.
+    cycle_clock: Mutex<(Option<f64>, f64)>,
+    heartbeat: Mutex<Option<std::sync::Arc<std::sync::atomic::AtomicI64>>>,
 }
+
+/// Results of `offload_commit_attempts_total`.
+pub const COMMIT_RESULTS: [&str; 4] = ["committed", "conflict", "unknown_resolved", "error"];
+/// Outcomes of `offload_runs_total`.
+pub const RUN_OUTCOMES: [&str; 4] = ["success", "noop", "failure", "skipped"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -59,16 +81,28 @@ impl Metrics {
         for s in CYCLE_STATUSES {
             cycles_total.with_label_values(&[s]);
         }
-        let errors_total = counter("offload_errors_total", "Offload errors by table and type", &["table", "error_type"]);
-        let commits_total = counter("offload_commit_attempts_total", "Iceberg commit attempts by result", &["table", "result"]);
+        let errors_total =
+            counter("offload_errors_total", "Offload errors by table and type", &["table", "error_type"]);
+        let commits_total =
+            counter("offload_commit_attempts_total", "Iceberg commit attempts by result", &["table", "result"]);
+        let runs_total = counter(
+            "offload_runs_total",
+            "Table runs by outcome (noop: nothing new to offload)",
+            &["table", "outcome"],
+        );
+        let bytes_written_total =
+            counter("offload_bytes_written_total", "Bytes of Parquet data files committed", &["table"]);
+        let files_written_total = counter("offload_files_written_total", "Parquet data files committed", &["table"]);
         let duration_seconds = HistogramVec::new(
-            HistogramOpts::new("offload_duration_seconds", "Duration of one table's offload").buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new("offload_duration_seconds", "Duration of one table's offload")
+                .buckets(DURATION_BUCKETS.to_vec()),
             &["table", "layer"],
         )
         .expect("valid metric");
         registry.register(Box::new(duration_seconds.clone())).expect("unique metric");
         let cycle_duration_seconds = Histogram::with_opts(
-            HistogramOpts::new("offload_cycle_duration_seconds", "Duration of one offload cycle").buckets(CYCLE_BUCKETS.to_vec()),
+            HistogramOpts::new("offload_cycle_duration_seconds", "Duration of one offload cycle")
+                .buckets(CYCLE_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         registry.register(Box::new(cycle_duration_seconds.clone())).expect("unique metric");
@@ -78,7 +112,11 @@ impl Metrics {
             rows_total,
             cycles_total,
             errors_total,
-            lag_minutes: gauge_vec("offload_lag_minutes", "Minutes since the table's last successful offload", &["table"]),
+            lag_minutes: gauge_vec(
+                "offload_lag_minutes",
+                "Minutes since the table's last successful offload",
+                &["table"],
+            ),
             watermark_timestamp_seconds: gauge_vec(
                 "watermark_timestamp_seconds",
                 "Unix time of the table's last successful watermark update",
@@ -95,9 +133,57 @@ impl Metrics {
             duration_seconds,
             cycle_duration_seconds,
             rows_per_second,
-            info: gauge_vec("offload_info", "Offload pipeline information", &["version", "schedule_minutes", "tables", "start_time"]),
+            info: gauge_vec(
+                "offload_info",
+                "Offload pipeline information",
+                &["version", "schedule_minutes", "tables", "start_time"],
+            ),
             commits_total,
+            runs_total,
+            bytes_written_total,
+            files_written_total,
+            lag_seconds: gauge_vec(
+                "offload_lag_seconds",
+                "Seconds since the table's last successful offload",
+                &["table"],
+            ),
+            table_last_success_timestamp_seconds: gauge_vec(
+                "offload_table_last_success_timestamp_seconds",
+                "Unix time of the table's last successful run (a quiet table succeeds too)",
+                &["table"],
+            ),
+            rows_behind: gauge_vec(
+                "offload_rows_behind",
+                "Source rows after the watermark at the table's last run (settled or not)",
+                &["table"],
+            ),
+            ttl_headroom_seconds: gauge_vec(
+                "offload_ttl_headroom_seconds",
+                "Seconds until the source TTL may delete the oldest row not yet offloaded (+Inf when none is waiting)",
+                &["table"],
+            ),
+            late_rows: gauge_vec(
+                "offload_late_rows",
+                "Source rows at or below the watermark that are not in Iceberg (arrived after their window committed)",
+                &["table"],
+            ),
+            consecutive_failures: gauge_vec(
+                "offload_consecutive_failures",
+                "Failed attempts of the table since its last success (retries included)",
+                &["table"],
+            ),
+            build_info: gauge_vec("offload_build_info", "Build information", &["version", "iceberg_rust"]),
+            scheduler_last_tick_timestamp_seconds: gauge(
+                "offload_scheduler_last_tick_timestamp_seconds",
+                "Unix time of the scheduler loop's last tick",
+            ),
+            cycle_last_duration_seconds: gauge(
+                "offload_cycle_last_duration_seconds",
+                "Duration of the running cycle so far, or of the last cycle when none is running",
+            ),
             last_table_success: Mutex::new(HashMap::new()),
+            cycle_clock: Mutex::new((None, 0.0)),
+            heartbeat: Mutex::new(None),
             registry,
         }
     }
@@ -108,18 +194,63 @@ impl Metrics {
         for class in ErrorClass::ALL {
             self.errors_total.with_label_values(&[table, class.as_str()]);
         }
+        for r in COMMIT_RESULTS {
+            self.commits_total.with_label_values(&[table, r]);
+        }
+        for o in RUN_OUTCOMES {
+            self.runs_total.with_label_values(&[table, o]);
+        }
+        self.bytes_written_total.with_label_values(&[table]);
+        self.files_written_total.with_label_values(&[table]);
+        self.consecutive_failures.with_label_values(&[table]).set(0.0);
+        self.late_rows.with_label_values(&[table]).set(0.0);
     }
 
+    /// Static series of a running service.
+    pub fn init_service(
+        &self,
+        tables: usize,
+        schedule_minutes: f64,
+        table_names: &str,
+        heartbeat: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) {
+        let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        self.tables_configured.set(tables as f64);
+        self.info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &schedule_minutes.to_string(), table_names, &start])
+            .set(1.0);
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), "0.10"]).set(1.0);
+        *self.heartbeat.lock().expect("lock") = Some(heartbeat);
+    }
+
+    /// The table is known to be offloaded up to its watermark as of `unix` (a quiet table
+    /// with nothing new counts: its lag is zero, not growing).
     pub fn table_succeeded(&self, table: &str, unix: f64) {
         self.last_table_success.lock().expect("lock").insert(table.to_string(), unix);
         self.watermark_timestamp_seconds.with_label_values(&[table]).set(unix);
+        self.table_last_success_timestamp_seconds.with_label_values(&[table]).set(unix);
+    }
+
+    pub fn cycle_started(&self, unix: f64) {
+        self.cycle_clock.lock().expect("lock").0 = Some(unix);
+    }
+
+    pub fn cycle_finished(&self, seconds: f64) {
+        *self.cycle_clock.lock().expect("lock") = (None, seconds);
     }
 
     /// The text exposition, with lag recomputed now (so it grows between cycles).
     pub fn render(&self) -> String {
         let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
         for (table, t) in self.last_table_success.lock().expect("lock").iter() {
-            self.lag_minutes.with_label_values(&[table]).set(((now - t) / 60.0).max(0.0));
+            let lag = (now - t).max(0.0);
+            self.lag_minutes.with_label_values(&[table]).set(lag / 60.0);
+            self.lag_seconds.with_label_values(&[table]).set(lag);
+        }
+        let (running, last) = *self.cycle_clock.lock().expect("lock");
+        self.cycle_last_duration_seconds.set(running.map(|start| now - start).unwrap_or(last));
+        if let Some(hb) = self.heartbeat.lock().expect("lock").as_ref() {
+            self.scheduler_last_tick_timestamp_seconds.set(hb.load(std::sync::atomic::Ordering::Relaxed) as f64);
         }
         let mut buf = vec![];
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");

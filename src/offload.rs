@@ -35,6 +35,11 @@ pub struct TableOutcome {
     pub snapshot_id: Option<i64>,
     pub watermark: Option<String>,
     pub last_window: Option<(Option<String>, String)>,
+    pub rows_behind: Option<u64>,
+    pub ttl_headroom_seconds: Option<f64>,
+    pub late_rows: Option<i64>,
+    /// The watermark's cursor, ns since the epoch.
+    pub watermark_ns: Option<i64>,
 }
 
 /// How many batches may wait between the ClickHouse reader and the Parquet writer:
@@ -63,6 +68,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
                 if late > 0 {
                     events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
                 }
+                outcome.late_rows = Some(late.max(0));
             }
         }
         // I1: the window is fixed here, before anything is read.
@@ -72,6 +78,13 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
                 outcome.watermark = view.watermark.as_ref().map(|w| w.display());
                 outcome.snapshot_id = view.snapshot_id();
             }
+            // Where the table stands: rows still waiting, and how long until the source TTL
+            // could delete the oldest of them. Best effort: these only feed metrics.
+            let wm = view.watermark.as_ref();
+            outcome.watermark_ns = wm.map(|w| w.cursor_ns);
+            outcome.rows_behind = until_cancelled(cancel, source.rows_after(&svc.ch, wm)).await.ok();
+            outcome.ttl_headroom_seconds =
+                until_cancelled(cancel, source.ttl_headroom_seconds(&svc.ch, wm)).await.ok().flatten();
             break;
         };
         let started = Instant::now();
@@ -101,12 +114,12 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
             return Err(OffloadError::Cancelled);
         }
         let file_count = files.len();
+        let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
         let committed = match commit::commit_window(&svc.catalog, &view, files, &window, rows, &attempt).await {
             Ok(c) => c,
             Err(e) => {
-                if let OffloadError::CommitConflict { message, .. } = &e {
-                    events::CommitRefused { table: cfg.name(), reason: message }.emit(&svc.metrics);
-                }
+                let conflict = matches!(e, OffloadError::CommitConflict { .. });
+                events::CommitFailed { table: cfg.name(), conflict, reason: &e.to_string() }.emit(&svc.metrics);
                 return Err(e);
             }
         };
@@ -116,6 +129,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
             layer: &cfg.layer,
             rows,
             files: file_count,
+            bytes,
             snapshot_id: committed.snapshot_id,
             watermark: &watermark,
             watermark_data_seconds: window.hi.cursor_ns as f64 / 1e9,
@@ -132,10 +146,20 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         if let Some(state) = &svc.state {
             let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
             if let Err(e) = state
-                .record_success(cfg.name(), &wm, window.hi.tiebreak.as_deref(), rows as i64, started.elapsed().as_secs_f64(), Some(committed.snapshot_id), "running")
+                .record_window_committed(
+                    cfg.name(),
+                    &wm,
+                    window.hi.tiebreak.as_deref(),
+                    rows as i64,
+                    started.elapsed().as_secs_f64(),
+                    Some(committed.snapshot_id),
+                )
                 .await
             {
-                tracing::warn!(table = cfg.name(), "state store not updated after commit (Iceberg stays authoritative): {e}");
+                tracing::warn!(
+                    table = cfg.name(),
+                    "state store not updated after commit (Iceberg stays authoritative): {e}"
+                );
             }
         }
         if !window.bounded {
@@ -182,10 +206,12 @@ async fn read_into(
     result
 }
 
-
 /// Runs a step that may be abandoned: the per-table timeout or a shutdown cancels it.
 /// The commit is never run through this: once started, it completes (I5 resolves it).
-async fn until_cancelled<T>(cancel: &CancellationToken, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+async fn until_cancelled<T>(
+    cancel: &CancellationToken,
+    step: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(OffloadError::Cancelled),

@@ -3,7 +3,7 @@
 //! errors, a lease per table, and a shutdown that never leaves half a commit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -63,18 +63,31 @@ pub struct Scheduler {
     pub shutdown: CancellationToken,
     /// Unix seconds of the last loop tick, for liveness (`/healthz`).
     pub heartbeat: Arc<AtomicI64>,
+    /// Dependencies reachable at the last cycle (`/readyz`).
+    pub ready: Arc<AtomicBool>,
 }
 
 impl Scheduler {
     pub fn new(config: Config, services: Services) -> Self {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
         Self {
-            holder: format!("{}:{}:{}", if host.is_empty() { "host" } else { &host }, std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]),
+            holder: format!(
+                "{}:{}:{}",
+                if host.is_empty() { "host" } else { &host },
+                std::process::id(),
+                &uuid::Uuid::new_v4().to_string()[..8]
+            ),
             config,
             services,
             shutdown: CancellationToken::new(),
             heartbeat: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp())),
+            ready: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    pub fn with_ready(mut self, ready: Arc<AtomicBool>) -> Self {
+        self.ready = ready;
+        self
     }
 
     fn beat(&self) {
@@ -107,6 +120,8 @@ impl Scheduler {
         } else {
             CycleStatus::Failed
         };
+        let unreachable = report_unreachable(&tables);
+        self.ready.store(!unreachable, Ordering::Relaxed);
         let report = CycleReport { cycle_id, status, duration: started.elapsed(), tables };
         events::CycleCompleted {
             cycle_id: &report.cycle_id,
@@ -141,7 +156,10 @@ impl Scheduler {
                         events::TableSkipped { table: t.name(), reason: &reason }.emit(&svc.metrics);
                         return TableResult::Skipped(reason);
                     }
-                    Err(e) => tracing::warn!(table = t.name(), "cannot take the lease (state store): {e}; continuing, commits stay fenced"),
+                    Err(e) => tracing::warn!(
+                        table = t.name(),
+                        "cannot take the lease (state store): {e}; continuing, commits stay fenced"
+                    ),
                 }
                 let _ = state.mark_running(t.name()).await;
             }
@@ -225,13 +243,17 @@ impl Scheduler {
                     duration,
                     snapshot_id: outcome.snapshot_id,
                     watermark: outcome.watermark.clone(),
+                    rows_behind: outcome.rows_behind,
+                    ttl_headroom_seconds: outcome.ttl_headroom_seconds,
+                    late_rows: outcome.late_rows,
+                    watermark_ns: outcome.watermark_ns,
                 }
                 .emit(&svc.metrics);
                 if let Some(state) = &svc.state {
                     let r = if outcome.windows == 0 {
                         state.record_no_data(t.name(), duration.as_secs_f64()).await
                     } else {
-                        mark_success(state, t.name(), duration.as_secs_f64(), outcome.rows as i64).await
+                        state.record_table_success(t.name(), duration.as_secs_f64()).await
                     };
                     if let Err(e) = r {
                         tracing::warn!(table = t.name(), "state store not updated (Iceberg stays authoritative): {e}");
@@ -252,7 +274,13 @@ impl Scheduler {
         result
     }
 
-    async fn record_run(&self, cycle_id: &str, t: &TableConfig, run: &Result<TableOutcome, OffloadError>, took: Duration) {
+    async fn record_run(
+        &self,
+        cycle_id: &str,
+        t: &TableConfig,
+        run: &Result<TableOutcome, OffloadError>,
+        took: Duration,
+    ) {
         let Some(state) = &self.services.state else { return };
         let mut r = RunRecord {
             run_id: uuid::Uuid::now_v7().to_string(),
@@ -313,23 +341,9 @@ impl Scheduler {
     }
 }
 
-async fn mark_success(state: &crate::state::StateStore, table: &str, secs: f64, _rows: i64) -> crate::error::Result<()> {
-    // The watermark columns were written after each commit (I7); this closes the run.
-    let rows = state.watermarks().await?;
-    if let Some(row) = rows.into_iter().find(|r| r.table_name == table) {
-        state
-            .record_success(
-                table,
-                &row.last_offload_timestamp,
-                row.last_offload_max_sequence.as_deref(),
-                row.last_offload_row_count,
-                secs,
-                row.last_snapshot_id,
-                "success",
-            )
-            .await?;
-    }
-    Ok(())
+/// Whether a dependency could not be reached in this cycle.
+fn report_unreachable(tables: &[(String, TableResult)]) -> bool {
+    tables.iter().any(|(_, r)| matches!(r, TableResult::Failed(e) if e.class() == crate::error::ErrorClass::Connection))
 }
 
 /// The next multiple of `interval` since the Unix epoch, strictly after `now`.

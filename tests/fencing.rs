@@ -34,8 +34,9 @@ fn batch(ids: std::ops::Range<i64>) -> RecordBatch {
         Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
         Field::new("id", DataType::Int64, false),
     ]));
-    let ts = TimestampMicrosecondArray::from(ids.clone().map(|i| 1_700_000_000_000_000 + i * 1_000_000).collect::<Vec<_>>())
-        .with_timezone("UTC");
+    let ts =
+        TimestampMicrosecondArray::from(ids.clone().map(|i| 1_700_000_000_000_000 + i * 1_000_000).collect::<Vec<_>>())
+            .with_timezone("UTC");
     RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap()
 }
 
@@ -46,7 +47,12 @@ async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec
 }
 
 fn window(hi_s: i64) -> Window {
-    Window { lo: None, hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None }, planned_rows: 0, bounded: false }
+    Window {
+        lo: None,
+        hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None },
+        planned_rows: 0,
+        bounded: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +147,8 @@ async fn stray_metadata_files_are_swept() {
     let committed = commit::commit_window(&cat, &view, files, &window(1_700_000_100), 5, &a).await.unwrap();
     let current = committed.table.metadata_location().unwrap().trim_start_matches("file://").to_string();
     let meta_dir = std::path::Path::new(&current).parent().unwrap().to_path_buf();
-    let current_version: u64 = std::path::Path::new(&current).file_name().unwrap().to_str().unwrap()[..5].parse().unwrap();
+    let current_version: u64 =
+        std::path::Path::new(&current).file_name().unwrap().to_str().unwrap()[..5].parse().unwrap();
 
     // A loser of a compare-and-swap (same version as current), a writer that died an hour
     // ago (next version, old), and a commit that may be in flight (next version, fresh).

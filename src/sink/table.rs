@@ -93,7 +93,12 @@ pub async fn ensure(catalog: &Arc<dyn Catalog>, cfg: &TableConfig, projection: &
 
 /// Schema evolution: a column that appeared in the source is added to the Iceberg table as
 /// an optional column (older rows read it as NULL), in a commit of its own.
-async fn add_new_source_columns(catalog: &Arc<dyn Catalog>, table: Table, cfg: &TableConfig, projection: &Projection) -> Result<Table> {
+async fn add_new_source_columns(
+    catalog: &Arc<dyn Catalog>,
+    table: Table,
+    cfg: &TableConfig,
+    projection: &Projection,
+) -> Result<Table> {
     let schema = table.metadata().current_schema().clone();
     let missing: Vec<_> = projection.iter().filter(|(name, ..)| schema.field_by_name(name).is_none()).collect();
     if missing.is_empty() {
@@ -178,7 +183,11 @@ pub fn check_compatible(table: &Table, cfg: &TableConfig, projection: &Projectio
         .collect();
     if actual != wanted {
         let show = |v: &[(String, String)]| {
-            if v.is_empty() { "unpartitioned".to_string() } else { v.iter().map(|(t, c)| format!("{t}({c})")).collect::<Vec<_>>().join(", ") }
+            if v.is_empty() {
+                "unpartitioned".to_string()
+            } else {
+                v.iter().map(|(t, c)| format!("{t}({c})")).collect::<Vec<_>>().join(", ")
+            }
         };
         return Err(format!(
             "the existing Iceberg table {target} is partitioned by [{}] but the configuration says [{}]",
@@ -200,7 +209,10 @@ fn same_type(a: &Type, b: &Type) -> bool {
         }
         (Type::Struct(x), Type::Struct(y)) => {
             x.fields().len() == y.fields().len()
-                && x.fields().iter().zip(y.fields()).all(|(f, g)| f.name == g.name && same_type(&f.field_type, &g.field_type))
+                && x.fields()
+                    .iter()
+                    .zip(y.fields())
+                    .all(|(f, g)| f.name == g.name && same_type(&f.field_type, &g.field_type))
         }
         _ => false,
     }

@@ -13,7 +13,9 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StructArray, UInt32Array};
 use arrow_row::{RowConverter, SortField};
 use arrow_schema::SchemaRef;
 use iceberg::arrow::{PartitionValueCalculator, arrow_struct_to_literal, schema_to_arrow_schema};
-use iceberg::spec::{DataFile, DataFileFormat, Literal, PartitionKey, PartitionSpecRef, SchemaRef as IcebergSchemaRef, StructType};
+use iceberg::spec::{
+    DataFile, DataFileFormat, Literal, PartitionKey, PartitionSpecRef, SchemaRef as IcebergSchemaRef, StructType,
+};
 use iceberg::table::Table;
 use iceberg::writer::base_writer::data_file_writer::{DataFileWriter, DataFileWriterBuilder};
 use iceberg::writer::file_writer::ParquetWriterBuilder;
@@ -89,14 +91,22 @@ impl WindowWriter {
                 Some(c) if c.data_type() == field.data_type() => c.clone(),
                 Some(c) => arrow_cast::cast(c, field.data_type()).map_err(|e| OffloadError::Schema {
                     table: self.table_name.clone(),
-                    message: format!("column {:?}: cannot convert {} to {}: {e}", field.name(), c.data_type(), field.data_type()),
+                    message: format!(
+                        "column {:?}: cannot convert {} to {}: {e}",
+                        field.name(),
+                        c.data_type(),
+                        field.data_type()
+                    ),
                 })?,
                 None => arrow_array::new_null_array(field.data_type(), batch.num_rows()),
             };
             if !field.is_nullable() && col.null_count() > 0 {
                 return Err(OffloadError::Schema {
                     table: self.table_name.clone(),
-                    message: format!("column {:?} is required in the Iceberg table but the source sent NULLs", field.name()),
+                    message: format!(
+                        "column {:?} is required in the Iceberg table but the source sent NULLs",
+                        field.name()
+                    ),
                 });
             }
             columns.push(col);

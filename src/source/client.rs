@@ -56,7 +56,12 @@ impl ClickHouse {
         &self.url
     }
 
-    async fn send(&self, sql: &str, params: &[(String, String)], settings: &[(&str, &str)]) -> Result<reqwest::Response> {
+    async fn send(
+        &self,
+        sql: &str,
+        params: &[(String, String)],
+        settings: &[(&str, &str)],
+    ) -> Result<reqwest::Response> {
         let mut query: Vec<(String, String)> = params.iter().map(|(k, v)| (format!("param_{k}"), v.clone())).collect();
         for (k, v) in settings {
             query.push(((*k).to_string(), (*v).to_string()));
@@ -85,8 +90,7 @@ impl ClickHouse {
     }
 
     fn transport_error(&self, e: reqwest::Error) -> OffloadError {
-        let message = redact(&format!("{e:#}").replace(&self.url, ""), &self.password);
-        let message = source_chain(&e).unwrap_or(message);
+        let message = redact(&describe(&e), &self.password);
         if e.is_connect() || e.is_timeout() && !e.is_body() {
             OffloadError::ClickHouseUnreachable { url: self.url.clone(), message }
         } else if e.is_body() || e.is_decode() {
@@ -105,11 +109,7 @@ impl ClickHouse {
     /// Runs a query and returns its rows, each as TabSeparated fields (unescaped).
     pub async fn query_rows(&self, sql: &str, params: &[(String, String)]) -> Result<Vec<Vec<String>>> {
         let text = self.query_text(sql, params).await?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| l.split('\t').map(unescape_tsv).collect())
-            .collect())
+        Ok(text.lines().filter(|l| !l.is_empty()).map(|l| l.split('\t').map(unescape_tsv).collect()).collect())
     }
 
     /// The server version, refused with a clear message when too old.
@@ -135,7 +135,10 @@ impl ClickHouse {
         params: &[(String, String)],
     ) -> Result<impl Stream<Item = Result<RecordBatch>> + Send + 'static> {
         let settings = [
-            ("output_format_arrow_compression_method", if self.compression == "lz4" { "lz4_frame" } else { self.compression.as_str() }),
+            (
+                "output_format_arrow_compression_method",
+                if self.compression == "lz4" { "lz4_frame" } else { self.compression.as_str() },
+            ),
             ("output_format_arrow_string_as_string", "1"),
             ("output_format_arrow_low_cardinality_as_dictionary", "0"),
         ];
@@ -157,7 +160,13 @@ fn async_stream(
         done: bool,
         client: ClickHouse,
     }
-    let state = State { bytes: Box::pin(bytes), decoder: StreamDecoder::new(), pending: Buffer::from(Vec::<u8>::new()), done: false, client };
+    let state = State {
+        bytes: Box::pin(bytes),
+        decoder: StreamDecoder::new(),
+        pending: Buffer::from(Vec::<u8>::new()),
+        done: false,
+        client,
+    };
     futures::stream::unfold(state, |mut st| async move {
         if st.done {
             return None;
@@ -190,7 +199,9 @@ fn async_stream(
                     // ends with the end-of-stream marker: refuse to call it complete.
                     return match st.decoder.finish() {
                         Ok(()) => None,
-                        Err(e) => Some((Err(OffloadError::ClickHouseStream(format!("incomplete ArrowStream: {e}"))), st)),
+                        Err(e) => {
+                            Some((Err(OffloadError::ClickHouseStream(format!("incomplete ArrowStream: {e}"))), st))
+                        }
                     };
                 }
             }
@@ -202,20 +213,20 @@ fn exception_code(headers: &HeaderMap) -> Option<u32> {
     headers.get("X-ClickHouse-Exception-Code")?.to_str().ok()?.trim().parse().ok()
 }
 
-fn source_chain(e: &reqwest::Error) -> Option<String> {
-    let mut parts = vec![];
+/// The error and its causes, without the request URL reqwest puts in its message
+/// (the URL carries query parameters; the password is never in it, but keep logs short).
+fn describe(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = vec![];
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = cur {
         let text = err.to_string();
-        if !parts.contains(&text) {
+        let text = text.split(" for url (").next().unwrap_or(&text).to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
         cur = err.source();
     }
-    let joined = parts.join(": ");
-    // reqwest puts the URL (with parameters) in its message; keep only the cause.
-    Some(joined.split(" for url (").next().unwrap_or(&joined).to_string() + &parts.iter().skip(1).map(|p| format!(": {p}")).collect::<String>())
-        .map(|s| s.replace("error sending request: ", ""))
+    parts.join(": ")
 }
 
 /// Removes a secret from a message before it can reach a log, metric or error.

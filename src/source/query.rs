@@ -4,8 +4,8 @@
 use crate::commit::Position;
 use crate::config::TableConfig;
 use crate::error::{OffloadError, Result};
-use crate::source::types::ChType;
 use crate::source::ClickHouse;
+use crate::source::types::ChType;
 use crate::util::quote_ident;
 use iceberg::spec::Type;
 
@@ -89,7 +89,8 @@ impl SourceTable {
         for f in &table.partition {
             if !columns.iter().any(|c| c.name == f.column) {
                 return Err(schema_err(format!(
-                    "partition field {}({}) names a column that is not offloaded", f.transform, f.column
+                    "partition field {}({}) names a column that is not offloaded",
+                    f.transform, f.column
                 )));
             }
         }
@@ -113,13 +114,14 @@ impl SourceTable {
         self.columns
             .iter()
             .map(|c| {
-                let (expr, ty) = c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids).map_err(|e| OffloadError::Schema {
-                    table: self.table.source(),
-                    message: format!(
-                        "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
-                        c.name, c.ch_type
-                    ),
-                })?;
+                let (expr, ty) =
+                    c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids).map_err(|e| OffloadError::Schema {
+                        table: self.table.source(),
+                        message: format!(
+                            "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
+                            c.name, c.ch_type
+                        ),
+                    })?;
                 Ok((c.name.clone(), expr, ty, c.parsed.unwrap().1))
             })
             .collect()
@@ -173,10 +175,19 @@ impl SourceTable {
 
     /// The position of the `n`-th row (1-based) after `lo`, in (cursor, tiebreak) order:
     /// where a window bounded to `n` rows ends.
-    pub async fn nth_position(&self, ch: &ClickHouse, lo: Option<&Position>, hi: &Position, n: u64) -> Result<Position> {
+    pub async fn nth_position(
+        &self,
+        ch: &ClickHouse,
+        lo: Option<&Position>,
+        hi: &Position,
+        n: u64,
+    ) -> Result<Position> {
         let (pred, mut params) = self.window_predicate(lo, hi);
         let (tb_expr, order) = match &self.table.tiebreak {
-            Some(tb) => (format!("toString({})", quote_ident(tb)), format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb))),
+            Some(tb) => (
+                format!("toString({})", quote_ident(tb)),
+                format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb)),
+            ),
             None => ("''".to_string(), quote_ident(&self.table.cursor)),
         };
         params.push(("offset".into(), (n - 1).to_string()));
@@ -189,8 +200,13 @@ impl SourceTable {
         let row = rows.into_iter().next().ok_or_else(|| {
             OffloadError::ClickHouseStream(format!("{}: the window shrank while it was planned", self.table.source()))
         })?;
-        let cursor_ns = row[0].parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected cursor value {:?}", row[0])))?;
-        Ok(Position { cursor_ns, tiebreak: self.table.tiebreak.as_ref().map(|_| row.get(1).cloned().unwrap_or_default()) })
+        let cursor_ns = row[0]
+            .parse()
+            .map_err(|_| OffloadError::ClickHouseStream(format!("unexpected cursor value {:?}", row[0])))?;
+        Ok(Position {
+            cursor_ns,
+            tiebreak: self.table.tiebreak.as_ref().map(|_| row.get(1).cloned().unwrap_or_default()),
+        })
     }
 
     /// Rows with a NULL cursor: never eligible, reported so they are not silently lost.
@@ -206,11 +222,65 @@ impl SourceTable {
         self.count(ch, lo, &hi).await
     }
 
+    /// Seconds until the source TTL may delete the oldest row after `lo`; `+Inf` when no row
+    /// waits; `None` when the table has no TTL (or one we cannot evaluate).
+    pub async fn ttl_headroom_seconds(&self, ch: &ClickHouse, lo: Option<&Position>) -> Result<Option<f64>> {
+        let Some(expr) = self.ttl.as_deref().and_then(ttl_expression) else { return Ok(None) };
+        let hi = Position { cursor_ns: 9_214_646_400_000_000_000, tiebreak: None };
+        let (pred, params) = self.window_predicate(lo, &hi);
+        // The expression comes from the server's own table definition (system.tables).
+        let sql = format!(
+            "SELECT count(), toUnixTimestamp(min({expr})) - toUnixTimestamp(now()) FROM {} WHERE {pred}",
+            self.from()
+        );
+        let rows = ch.query_rows(&sql, &params).await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        if row.first().map(String::as_str) == Some("0") {
+            return Ok(Some(f64::INFINITY));
+        }
+        Ok(row.get(1).and_then(|v| v.parse::<f64>().ok()))
+    }
+
     /// The SELECT that reads one window.
-    pub fn select(&self, projection: &Projection, lo: Option<&Position>, hi: &Position) -> (String, Vec<(String, String)>) {
-        let list = projection.iter().map(|(name, expr, _, _)| format!("{expr} AS {}", quote_ident(name))).collect::<Vec<_>>().join(", ");
+    pub fn select(
+        &self,
+        projection: &Projection,
+        lo: Option<&Position>,
+        hi: &Position,
+    ) -> (String, Vec<(String, String)>) {
+        let list = projection
+            .iter()
+            .map(|(name, expr, _, _)| format!("{expr} AS {}", quote_ident(name)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let (pred, params) = self.window_predicate(lo, hi);
         (format!("SELECT {list} FROM {} WHERE {pred}", self.from()), params)
+    }
+}
+
+/// The delete expression of a table's TTL clause (`TTL expr [DELETE], …`), if simple.
+fn ttl_expression(ttl: &str) -> Option<String> {
+    let first = ttl.split(" SETTINGS ").next()?.split(',').next()?.trim();
+    let expr = first.strip_suffix(" DELETE").unwrap_or(first).trim();
+    let upper = expr.to_ascii_uppercase();
+    if expr.is_empty()
+        || [" TO DISK", " TO VOLUME", " WHERE ", " GROUP BY ", " RECOMPRESS"].iter().any(|k| upper.contains(k))
+    {
+        return None;
+    }
+    Some(expr.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ttl_expressions() {
+        assert_eq!(
+            super::ttl_expression("toDateTime(exchange_timestamp) + toIntervalDay(7) ").as_deref(),
+            Some("toDateTime(exchange_timestamp) + toIntervalDay(7)")
+        );
+        assert_eq!(super::ttl_expression("ts + toIntervalDay(1) TO VOLUME 'cold'"), None);
+        assert_eq!(super::ttl_expression("ts + toIntervalDay(7) DELETE").as_deref(), Some("ts + toIntervalDay(7)"));
     }
 }
 

@@ -67,17 +67,27 @@ impl ChType {
                 (Some(p), Some(s)) if p <= 38 => ChType::Decimal { precision: p, scale: s },
                 _ => ChType::Unsupported(t.into()),
             },
-            ("Decimal32", 1) => arg_u32(0).map(|s| ChType::Decimal { precision: 9, scale: s }).unwrap_or(ChType::Unsupported(t.into())),
-            ("Decimal64", 1) => arg_u32(0).map(|s| ChType::Decimal { precision: 18, scale: s }).unwrap_or(ChType::Unsupported(t.into())),
-            ("Decimal128", 1) => arg_u32(0).map(|s| ChType::Decimal { precision: 38, scale: s }).unwrap_or(ChType::Unsupported(t.into())),
+            ("Decimal32", 1) => {
+                arg_u32(0).map(|s| ChType::Decimal { precision: 9, scale: s }).unwrap_or(ChType::Unsupported(t.into()))
+            }
+            ("Decimal64", 1) => {
+                arg_u32(0).map(|s| ChType::Decimal { precision: 18, scale: s }).unwrap_or(ChType::Unsupported(t.into()))
+            }
+            ("Decimal128", 1) => {
+                arg_u32(0).map(|s| ChType::Decimal { precision: 38, scale: s }).unwrap_or(ChType::Unsupported(t.into()))
+            }
             ("String", 0) => ChType::String,
-            ("FixedString", 1) => args[0].trim().parse().map(ChType::FixedString).unwrap_or(ChType::Unsupported(t.into())),
+            ("FixedString", 1) => {
+                args[0].trim().parse().map(ChType::FixedString).unwrap_or(ChType::Unsupported(t.into()))
+            }
             ("UUID", 0) => ChType::Uuid,
             ("Bool", 0) => ChType::Bool,
             ("Date", 0) => ChType::Date,
             ("Date32", 0) => ChType::Date32,
             ("DateTime", 0 | 1) => ChType::DateTime,
-            ("DateTime64", 1 | 2) => arg_u32(0).filter(|p| *p <= 9).map(ChType::DateTime64).unwrap_or(ChType::Unsupported(t.into())),
+            ("DateTime64", 1 | 2) => {
+                arg_u32(0).filter(|p| *p <= 9).map(ChType::DateTime64).unwrap_or(ChType::Unsupported(t.into()))
+            }
             ("Enum8" | "Enum16", _) => ChType::Enum,
             ("IPv4" | "IPv6", 0) => ChType::Ip,
             ("Nullable", 1) => ChType::Nullable(Box::new(ChType::parse(&args[0]))),
@@ -104,7 +114,10 @@ impl ChType {
 
     /// Whether the type can serve as the tiebreak (totally ordered, exact).
     pub fn is_tiebreak(&self) -> bool {
-        matches!(self.unwrap().0, ChType::Int(_) | ChType::UInt(_) | ChType::String | ChType::Uuid | ChType::Decimal { .. })
+        matches!(
+            self.unwrap().0,
+            ChType::Int(_) | ChType::UInt(_) | ChType::String | ChType::Uuid | ChType::Decimal { .. }
+        )
     }
 
     /// The SQL expression reading `expr` of this type, and the Iceberg type it becomes.
@@ -119,7 +132,9 @@ impl ChType {
             }
             ChType::Int(64) => (expr.to_string(), prim(PrimitiveType::Long)),
             ChType::UInt(32) => (format!("toInt64({expr})"), prim(PrimitiveType::Long)),
-            ChType::UInt(64) => (format!("toDecimal128({expr}, 0)"), prim(PrimitiveType::Decimal { precision: 20, scale: 0 })),
+            ChType::UInt(64) => {
+                (format!("toDecimal128({expr}, 0)"), prim(PrimitiveType::Decimal { precision: 20, scale: 0 }))
+            }
             ChType::Float32 => (expr.to_string(), prim(PrimitiveType::Float)),
             ChType::Float64 => (expr.to_string(), prim(PrimitiveType::Double)),
             ChType::Decimal { precision, scale } => {
@@ -213,8 +228,13 @@ mod tests {
         assert_eq!(ChType::parse("LowCardinality(Nullable(String))").unwrap(), (&ChType::String, true));
         assert_eq!(ChType::parse("DateTime64(3, 'Asia/Tokyo')"), ChType::DateTime64(3));
         assert_eq!(ChType::parse("Enum8('a, b' = 1, 'c' = 2)"), ChType::Enum);
-        assert_eq!(ChType::parse("Map(String, Array(Nullable(UInt8)))"),
-            ChType::Map(Box::new(ChType::String), Box::new(ChType::Array(Box::new(ChType::Nullable(Box::new(ChType::UInt(8))))))));
+        assert_eq!(
+            ChType::parse("Map(String, Array(Nullable(UInt8)))"),
+            ChType::Map(
+                Box::new(ChType::String),
+                Box::new(ChType::Array(Box::new(ChType::Nullable(Box::new(ChType::UInt(8))))))
+            )
+        );
         assert!(matches!(ChType::parse("Tuple(a Int8)"), ChType::Unsupported(_)));
         assert!(matches!(ChType::parse("Decimal(76, 2)"), ChType::Unsupported(_)));
     }

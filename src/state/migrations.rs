@@ -91,9 +91,11 @@ const MIGRATIONS: &[(i64, &[&str], &[&str])] = &[(
 )];
 
 pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS offload_schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS offload_schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
     let applied: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM offload_schema_migrations")
         .fetch_one(pool)
         .await?

@@ -103,7 +103,9 @@ impl StateStore {
             sqlx::query("PRAGMA journal_mode=WAL").execute(&store.pool).await.ok();
             sqlx::query("PRAGMA busy_timeout=10000").execute(&store.pool).await.ok();
         }
-        migrations::run(&store.pool, dialect).await.map_err(|e| anyhow::anyhow!("state store {}: migration failed: {e}", store.url))?;
+        migrations::run(&store.pool, dialect)
+            .await
+            .map_err(|e| anyhow::anyhow!("state store {}: migration failed: {e}", store.url))?;
         Ok(store)
     }
 
@@ -144,13 +146,16 @@ impl StateStore {
     }
 
     pub async fn mark_running(&self, table: &str) -> Result<()> {
-        let sql = format!("UPDATE offload_watermarks SET status = 'running', updated_at = {} WHERE table_name = $1", self.now());
+        let sql = format!(
+            "UPDATE offload_watermarks SET status = 'running', updated_at = {} WHERE table_name = $1",
+            self.now()
+        );
         sqlx::query(&sql).bind(table).execute(&self.pool).await?;
         Ok(())
     }
 
-    /// I7: mirrors a committed (or reconciled) watermark.
-    pub async fn record_success(
+    /// I7: mirrors the watermark of a window just committed (the table's run goes on).
+    pub async fn record_window_committed(
         &self,
         table: &str,
         watermark_rfc3339: &str,
@@ -158,12 +163,11 @@ impl StateStore {
         rows: i64,
         duration_seconds: f64,
         snapshot_id: Option<i64>,
-        status: &str,
     ) -> Result<()> {
         let sql = format!(
             "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
-             last_offload_row_count = $3, status = $4, last_successful_run = {now}, last_run_duration_seconds = $5, \
-             failure_count = 0, last_error_message = NULL, last_snapshot_id = $6, updated_at = {now} WHERE table_name = $7",
+             last_offload_row_count = $3, last_successful_run = {now}, last_run_duration_seconds = $4, \
+             last_snapshot_id = $5, updated_at = {now} WHERE table_name = $6",
             self.ts(1),
             now = self.now()
         );
@@ -171,7 +175,6 @@ impl StateStore {
             .bind(watermark_rfc3339)
             .bind(max_sequence.map(str::to_string))
             .bind(rows)
-            .bind(status)
             .bind(duration_seconds.ceil() as i64)
             .bind(snapshot_id)
             .bind(table)
@@ -185,6 +188,17 @@ impl StateStore {
         let sql = format!(
             "UPDATE offload_watermarks SET status = 'success', last_offload_row_count = 0, last_successful_run = {now}, \
              last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} WHERE table_name = $2",
+            now = self.now()
+        );
+        sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes a table's run that committed windows (their watermarks were mirrored already).
+    pub async fn record_table_success(&self, table: &str, duration_seconds: f64) -> Result<()> {
+        let sql = format!(
+            "UPDATE offload_watermarks SET status = 'success', last_successful_run = {now}, last_run_duration_seconds = $1, \
+             failure_count = 0, last_error_message = NULL, updated_at = {now} WHERE table_name = $2",
             now = self.now()
         );
         sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
@@ -240,7 +254,10 @@ impl StateStore {
     }
 
     pub async fn run_count(&self, table: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) FROM offload_runs WHERE table_name = $1").bind(table).fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT COUNT(*) FROM offload_runs WHERE table_name = $1")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get::<i64, _>(0)?)
     }
 
@@ -276,13 +293,15 @@ impl StateStore {
 
     /// Extends a held lease; false if it was lost (expired and taken by another holder).
     pub async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
-        let res = sqlx::query("UPDATE offload_leases SET expires_at_ms = $1 WHERE table_name = $2 AND holder = $3 AND token = $4")
-            .bind(now_ms() + ttl.as_millis() as i64)
-            .bind(&lease.table_name)
-            .bind(&lease.holder)
-            .bind(lease.token)
-            .execute(&self.pool)
-            .await?;
+        let res = sqlx::query(
+            "UPDATE offload_leases SET expires_at_ms = $1 WHERE table_name = $2 AND holder = $3 AND token = $4",
+        )
+        .bind(now_ms() + ttl.as_millis() as i64)
+        .bind(&lease.table_name)
+        .bind(&lease.holder)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
         Ok(res.rows_affected() == 1)
     }
 
@@ -297,10 +316,11 @@ impl StateStore {
     }
 
     pub async fn lease_holders(&self) -> Result<Vec<(String, String, i64)>> {
-        let rows = sqlx::query("SELECT table_name, holder, expires_at_ms FROM offload_leases WHERE expires_at_ms >= $1")
-            .bind(now_ms())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT table_name, holder, expires_at_ms FROM offload_leases WHERE expires_at_ms >= $1")
+                .bind(now_ms())
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
     }
 }
