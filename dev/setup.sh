@@ -18,13 +18,18 @@ if [ "$want" != "$have" ]; then
 fi
 
 # Debian packages the tests run for real: ClickHouse 18.16 (the only one Debian ships: the
-# service must refuse it clearly) and PostgreSQL 15 (state store and SQL catalog).
+# service must refuse it clearly), PostgreSQL 15 (state store and SQL catalog), Prometheus
+# with promtool and Alertmanager with amtool (rules, routing and the end-to-end alert flow),
+# and systemd-analyze (the unit file).
 missing=()
 [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server)
 [ -d /usr/lib/postgresql/15/bin ] || missing+=(postgresql-15)
+[ -x /usr/bin/promtool ] || missing+=(prometheus)
+[ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
+[ -x /usr/bin/systemd-analyze ] || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
