@@ -10,7 +10,7 @@ class FaultProxy:
 
     def __init__(self, upstream_port, host="127.0.0.1"):
         self.upstream = (host, upstream_port)
-        self.mode = "pass"
+        self._mode = "pass"
         self.pattern = b"ArrowStream"
         self.cut_after = 4096
         self.sock = socket.socket()
@@ -22,6 +22,26 @@ class FaultProxy:
         self.matched = 0
         self._open = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def mode(self):
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = value
+        if value == "refuse":
+            # Kept-alive connections would otherwise carry on: drop them all.
+            self._close_open()
+
+    def _close_open(self):
+        for s in self._open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._open = []
 
     def _accept(self):
         while True:
@@ -84,8 +104,4 @@ class FaultProxy:
 
     def close(self):
         self.sock.close()
-        for s in self._open:
-            try:
-                s.close()
-            except OSError:
-                pass
+        self._close_open()

@@ -10,7 +10,7 @@
 //! - [`scheduler`]: cycles, parallelism, timeouts, retries, signals;
 //! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
 //! - [`metrics`] and [`events`]: every number and log line of one event from one place;
-//! - [`server`]: the HTTP endpoint.
+//! - [`server`]: the HTTP endpoint; [`status`]: the 30-second health check.
 
 pub mod commit;
 pub mod config;
@@ -23,4 +23,6 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod status;
+pub mod systemd;
 pub mod util;

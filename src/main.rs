@@ -60,6 +60,18 @@ enum Command {
     Once,
     /// Checks the configuration and that ClickHouse, the catalog and the state store are reachable.
     Validate,
+    /// The 30-second health check: scheduler, last cycle, metrics, per-table watermark, lag and
+    /// last error, firing alerts. Exit 0 healthy, 1 unhealthy.
+    Status {
+        /// The scheduler's HTTP endpoint.
+        #[arg(long, default_value = "http://localhost:8000")]
+        url: String,
+        /// Prometheus, to list firing IcebergOffload alerts.
+        #[arg(long)]
+        prometheus: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Watermarks.
     Watermark {
         #[command(subcommand)]
@@ -177,14 +189,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
             let server = tokio::spawn(async move { server::serve(&listen, state).await });
             spawn_signal_handler(scheduler.clone());
+            iceberg_offload::systemd::ready();
             tokio::select! {
                 _ = scheduler.run_forever() => {}
                 r = server => { r??; }
             }
+            iceberg_offload::systemd::stopping();
             tracing::info!("scheduler stopped");
             Ok(exit::OK)
         }
         Command::Validate => validate(&cfg).await,
+        Command::Status { url, prometheus, json } => {
+            let report = iceberg_offload::status::run(&cfg, &url, prometheus.as_deref()).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                iceberg_offload::status::print(&report);
+            }
+            Ok(if report.healthy { exit::OK } else { exit::ERROR })
+        }
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
     }
 }

@@ -54,12 +54,15 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
     let ident = target::ident(cfg);
     until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
     let mut outcome = TableOutcome::default();
+    // The watermark as of the last view or commit.
+    let mut position: Option<crate::commit::Position>;
     loop {
         if cancel.is_cancelled() {
             return Err(OffloadError::Cancelled);
         }
         // I3: every window starts from the watermark in Iceberg.
         let view = until_cancelled(cancel, TableView::load(&svc.catalog, &ident)).await?;
+        position = view.watermark.clone();
         target::check_compatible(&view.table, cfg, &projection)
             .map_err(|message| OffloadError::Schema { table: cfg.source(), message })?;
         if outcome.windows == 0 {
@@ -78,13 +81,6 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
                 outcome.watermark = view.watermark.as_ref().map(|w| w.display());
                 outcome.snapshot_id = view.snapshot_id();
             }
-            // Where the table stands: rows still waiting, and how long until the source TTL
-            // could delete the oldest of them. Best effort: these only feed metrics.
-            let wm = view.watermark.as_ref();
-            outcome.watermark_ns = wm.map(|w| w.cursor_ns);
-            outcome.rows_behind = until_cancelled(cancel, source.rows_after(&svc.ch, wm)).await.ok();
-            outcome.ttl_headroom_seconds =
-                until_cancelled(cancel, source.ttl_headroom_seconds(&svc.ch, wm)).await.ok().flatten();
             break;
         };
         let started = Instant::now();
@@ -142,6 +138,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         outcome.snapshot_id = Some(committed.snapshot_id);
         outcome.watermark = Some(watermark);
         outcome.last_window = Some((window.lo.as_ref().map(|p| p.display()), window.hi.display()));
+        position = Some(window.hi.clone());
         // I7: the mirror follows the truth; its failure costs nothing but a log line.
         if let Some(state) = &svc.state {
             let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
@@ -166,6 +163,18 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
             break;
         }
     }
+    // Where the table stands: rows still waiting, and how long until the source TTL could
+    // delete the oldest of them. Best effort: these only feed metrics.
+    let wm = position.as_ref();
+    outcome.watermark_ns = wm.map(|w| w.cursor_ns);
+    let best_effort = |what: &str, e: OffloadError| tracing::warn!(table = cfg.name(), "cannot measure {what}: {e}");
+    outcome.rows_behind =
+        until_cancelled(cancel, source.rows_after(&svc.ch, wm)).await.map_err(|e| best_effort("rows behind", e)).ok();
+    outcome.ttl_headroom_seconds = until_cancelled(cancel, source.ttl_headroom_seconds(&svc.ch, wm))
+        .await
+        .map_err(|e| best_effort("TTL headroom", e))
+        .ok()
+        .flatten();
     Ok(outcome)
 }
 

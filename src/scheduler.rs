@@ -91,7 +91,16 @@ impl Scheduler {
     }
 
     fn beat(&self) {
-        self.heartbeat.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+        beat(&self.heartbeat);
+    }
+
+    /// The longest a healthy cycle can take: every table's timeout and retries, in waves of
+    /// `parallelism`, plus a margin. Past it the loop counts as stuck.
+    fn cycle_budget(&self) -> Duration {
+        let s = &self.config.service;
+        let waves = self.config.tables.len().div_ceil(s.parallelism) as u32;
+        let backoff: Duration = (0..s.retries).map(|i| s.retry_backoff * 2u32.pow(i)).sum();
+        (s.table_timeout * (s.retries + 1) + backoff) * waves + Duration::from_secs(60)
     }
 
     /// One cycle over every configured table.
@@ -100,6 +109,19 @@ impl Scheduler {
         let cycle_id = uuid::Uuid::now_v7().to_string();
         let started = Instant::now();
         events::CycleStarted { cycle_id: &cycle_id, tables: self.config.tables.len() }.emit(&self.services.metrics);
+        // Keep ticking while the cycle runs, but only within its budget: a cycle stuck past it
+        // stops the heartbeat, so /healthz and systemd's watchdog see it.
+        let ticker = {
+            let heartbeat = self.heartbeat.clone();
+            let budget = self.cycle_budget();
+            tokio::spawn(async move {
+                let until = Instant::now() + budget;
+                while Instant::now() < until {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    beat(&heartbeat);
+                }
+            })
+        };
         let limit = Arc::new(Semaphore::new(self.config.service.parallelism));
         let jobs = self.config.tables.iter().map(|t| {
             let limit = limit.clone();
@@ -110,6 +132,7 @@ impl Scheduler {
             }
         });
         let tables = join_all(jobs).await;
+        ticker.abort();
         let failed = tables.iter().filter(|(_, r)| matches!(r, TableResult::Failed(_))).count();
         let skipped = tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_))).count();
         let succeeded = tables.len() - failed - skipped;
@@ -339,6 +362,11 @@ impl Scheduler {
             }
         }
     }
+}
+
+fn beat(heartbeat: &AtomicI64) {
+    heartbeat.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    crate::systemd::watchdog();
 }
 
 /// Whether a dependency could not be reached in this cycle.

@@ -1,0 +1,196 @@
+//! `iceberg-offload status`: the guide's 30-second health check as one command.
+//!
+//! 1. scheduler reachable (`/healthz`), 2. last cycle status and age, 3. metrics exporting,
+//! 4. per table: Iceberg watermark, lag, last error, 5. alerts firing (with `--prometheus`).
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::sink::{catalog, table as target};
+use crate::state::StateStore;
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableHealth {
+    pub table: String,
+    pub iceberg_watermark: Option<String>,
+    pub status: Option<String>,
+    pub last_successful_run: Option<String>,
+    pub lag_minutes: Option<f64>,
+    pub failure_count: i64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub healthy: bool,
+    pub checks: Vec<Check>,
+    pub tables: Vec<TableHealth>,
+    pub firing_alerts: Vec<String>,
+}
+
+/// Lag above which a table counts as unhealthy (the guide's critical threshold).
+const LAG_CRITICAL_MINUTES: f64 = 30.0;
+
+pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) -> Report {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("http client");
+    let base = scheduler_url.trim_end_matches('/');
+    let mut checks = vec![];
+
+    // 1. Scheduler reachable and ticking.
+    let health = match http.get(format!("{base}/healthz")).send().await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            Check { name: "scheduler".into(), ok, detail: r.text().await.unwrap_or_default().trim().to_string() }
+        }
+        Err(e) => Check { name: "scheduler".into(), ok: false, detail: format!("not reachable at {base}: {e}") },
+    };
+    checks.push(health);
+
+    // 2 + 3. Metrics exporting, and the last cycle from them.
+    let metrics = match http.get(format!("{base}/metrics")).send().await {
+        Ok(r) if r.status().is_success() => r.text().await.ok(),
+        _ => None,
+    };
+    match &metrics {
+        Some(text) if text.contains("offload_rows_total") => {
+            checks.push(Check { name: "metrics".into(), ok: true, detail: "offload_rows_total exported".into() });
+            checks.push(last_cycle(text));
+        }
+        _ => checks.push(Check {
+            name: "metrics".into(),
+            ok: false,
+            detail: format!("no offload metrics at {base}/metrics"),
+        }),
+    }
+
+    // 4. Per table, from Iceberg (truth) and the state store (last run, errors).
+    let mut tables = vec![];
+    let state = StateStore::open(&cfg.state).await;
+    let mirror = match &state {
+        Ok(s) => s.watermarks().await.unwrap_or_default(),
+        Err(e) => {
+            checks.push(Check { name: "state store".into(), ok: false, detail: format!("{e:#}") });
+            vec![]
+        }
+    };
+    let cat = catalog::build(&cfg.catalog).await;
+    if let Err(e) = &cat {
+        checks.push(Check { name: "catalog".into(), ok: false, detail: format!("{e:#}") });
+    }
+    let now = chrono::Utc::now();
+    for t in &cfg.tables {
+        let wm = match &cat {
+            Ok(c) => match c.load_table(&target::ident(t)).await {
+                Ok(table) => crate::commit::TableView::of(table).ok().and_then(|v| v.watermark).map(|w| w.display()),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        let m = mirror.iter().find(|r| r.table_name == t.name());
+        let last = m.and_then(|r| r.last_successful_run.clone());
+        let lag = last.as_deref().and_then(parse_time).map(|t| (now - t).num_milliseconds() as f64 / 60_000.0);
+        tables.push(TableHealth {
+            table: t.name().to_string(),
+            iceberg_watermark: wm,
+            status: m.map(|r| r.status.clone()),
+            last_successful_run: last,
+            lag_minutes: lag,
+            failure_count: m.map(|r| r.failure_count).unwrap_or(0),
+            last_error: m.and_then(|r| r.last_error_message.clone()),
+        });
+    }
+
+    // 5. Alerts firing.
+    let mut firing = vec![];
+    if let Some(prom) = prometheus {
+        match http.get(format!("{}/api/v1/alerts", prom.trim_end_matches('/'))).send().await {
+            Ok(r) => {
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                for a in body["data"]["alerts"].as_array().into_iter().flatten() {
+                    let name = a["labels"]["alertname"].as_str().unwrap_or_default();
+                    if a["state"] == "firing" && name.starts_with("IcebergOffload") {
+                        let table = a["labels"]["table"].as_str().map(|t| format!("{{table={t}}}")).unwrap_or_default();
+                        let severity = a["labels"]["severity"].as_str().unwrap_or("?");
+                        firing.push(format!("{name}{table} ({severity})"));
+                    }
+                }
+                checks.push(Check {
+                    name: "alerts".into(),
+                    ok: !firing.iter().any(|a| a.ends_with("(critical)")),
+                    detail: if firing.is_empty() { "none firing".into() } else { firing.join(", ") },
+                });
+            }
+            Err(e) => checks.push(Check {
+                name: "alerts".into(),
+                ok: false,
+                detail: format!("Prometheus not reachable at {prom}: {e}"),
+            }),
+        }
+    }
+
+    let tables_ok =
+        tables.iter().all(|t| t.lag_minutes.is_some_and(|l| l <= LAG_CRITICAL_MINUTES) && t.failure_count < 3);
+    let healthy = checks.iter().all(|c| c.ok) && tables_ok;
+    Report { healthy, checks, tables, firing_alerts: firing }
+}
+
+fn last_cycle(metrics: &str) -> Check {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let success = value("offload_last_success_timestamp");
+    let failure = value("offload_last_failure_timestamp");
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    if success == 0.0 && failure == 0.0 {
+        return Check { name: "last cycle".into(), ok: true, detail: "no cycle finished yet".into() };
+    }
+    let (ok, at) = if success >= failure { (true, success) } else { (false, failure) };
+    Check {
+        name: "last cycle".into(),
+        ok,
+        detail: format!("{} {:.0} s ago", if ok { "success" } else { "failed or partial" }, now - at),
+    }
+}
+
+fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .or_else(|| chrono::DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z").ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+pub fn print(report: &Report) {
+    println!("iceberg-offload: {}", if report.healthy { "HEALTHY" } else { "UNHEALTHY" });
+    for c in &report.checks {
+        println!("  [{}] {:<12} {}", if c.ok { "ok" } else { "!!" }, c.name, c.detail);
+    }
+    for t in &report.tables {
+        let lag = t.lag_minutes.map(|l| format!("{l:.1} min")).unwrap_or_else(|| "never offloaded".into());
+        let bad = !t.lag_minutes.is_some_and(|l| l <= LAG_CRITICAL_MINUTES) || t.failure_count >= 3;
+        println!(
+            "  [{}] table {:<28} watermark {}  lag {}  status {}  failures {}{}",
+            if bad { "!!" } else { "ok" },
+            t.table,
+            t.iceberg_watermark.as_deref().unwrap_or("-"),
+            lag,
+            t.status.as_deref().unwrap_or("-"),
+            t.failure_count,
+            t.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
+        );
+    }
+}
