@@ -198,3 +198,34 @@ def test_incompatible_existing_target_is_refused(gateway, db, tmp_path):
     p = run(cfg, "once")
     assert p.returncode == 3
     assert "partitioned by [day(exchange_timestamp)] but the configuration says [month(exchange_timestamp)]" in p.stdout, p.stdout
+
+
+def test_quiet_table_is_healthy_and_json_logs(gateway, db, tmp_path):
+    """A table with nothing new is a successful no-op: lag stays near zero, the watermark
+    timestamp keeps up; JSON logs carry the cycle markers and per-table fields."""
+    import urllib.request
+    from harness import free_port
+    create_bronze(gateway, db, "quiet")
+    insert_bronze(gateway, db, "quiet", 100, now_ms() - 3_600_000)
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "quiet")], tmp_path)
+    cfg.write_text(cfg.read_text().replace('interval = "15m"', 'interval = "1s"')
+                   .replace('metrics_listen = "127.0.0.1:0"', f'metrics_listen = "127.0.0.1:{port}"'))
+    log = tmp_path / "offload.log"
+    env = dict(os.environ, TEST_CH_PASSWORD=PASSWORD)
+    proc = subprocess.Popen([binary(), "--config", str(cfg), "--log-format", "json", "--log-file", str(log), "run"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(6)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    values = {l.split(" ")[0]: float(l.split(" ")[1]) for l in text.splitlines() if l and not l.startswith("#")}
+    assert values['offload_runs_total{outcome="noop",table="quiet"}'] >= 3
+    assert values['offload_lag_seconds{table="quiet"}'] < 3
+    assert time.time() - values['watermark_timestamp_seconds{table="quiet"}'] < 3
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert any("CYCLE STARTED" in l["fields"]["message"] for l in lines)
+    done = [l["fields"] for l in lines if "✓ Offloaded" in l["fields"]["message"]]
+    assert done and {"rows", "duration_seconds", "rows_per_second", "table"} <= set(done[0])
