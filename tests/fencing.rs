@@ -55,8 +55,8 @@ fn window(hi_s: i64) -> Window {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
+/// A SQLite catalog in a temporary folder with the empty target table created.
+async fn setup() -> (tempfile::TempDir, Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = CatalogConfig {
         kind: CatalogKind::Sql,
@@ -76,7 +76,12 @@ async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
         ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
     ];
     target::ensure(&cat, &tcfg, &projection).await.unwrap();
-    let ident = target::ident(&tcfg);
+    (dir, cat, target::ident(&tcfg))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
+    let (dir, cat, ident) = setup().await;
 
     // Two writers read the same view (I3)...
     let stale = TableView::load(&cat, &ident).await.unwrap();
@@ -121,26 +126,7 @@ async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_metadata_files_are_swept() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = CatalogConfig {
-        kind: CatalogKind::Sql,
-        name: "offload".into(),
-        uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
-        warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
-        password: Default::default(),
-        token: Default::default(),
-        credential: Default::default(),
-        properties: Default::default(),
-        properties_env: Default::default(),
-    };
-    let cat = catalog::build(&cfg).await.unwrap();
-    let tcfg = table_config();
-    let projection = vec![
-        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
-        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
-    ];
-    target::ensure(&cat, &tcfg, &projection).await.unwrap();
-    let ident = target::ident(&tcfg);
+    let (_dir, cat, ident) = setup().await;
     let view = TableView::load(&cat, &ident).await.unwrap();
     let files = write(&view, "w", 0..5).await;
     let a = Attempt { run_id: "run-1".into(), source: "k2.fence".into() };

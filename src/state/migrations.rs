@@ -5,28 +5,30 @@ use sqlx::Row;
 
 use super::Dialect;
 
-/// (version, SQLite statements, PostgreSQL statements)
-const MIGRATIONS: &[(i64, &[&str], &[&str])] = &[(
+/// (version, statements). Column types that differ by dialect are placeholders:
+/// `{TS}` a timestamp (TEXT, RFC 3339, on SQLite; TIMESTAMPTZ on PostgreSQL), `{ID}` an
+/// auto-increment key, `{NOW}` a default of the current time.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
     1,
     &[
         "CREATE TABLE IF NOT EXISTS offload_watermarks (
             table_name TEXT PRIMARY KEY,
-            last_offload_timestamp TEXT NOT NULL,
+            last_offload_timestamp {TS} NOT NULL,
             last_offload_max_sequence TEXT,
             last_offload_row_count BIGINT DEFAULT 0,
             status TEXT NOT NULL DEFAULT 'initialized',
-            last_successful_run TEXT,
+            last_successful_run {TS},
             last_run_duration_seconds INTEGER,
             failure_count INTEGER DEFAULT 0,
             last_error_message TEXT,
-            created_at TEXT,
-            updated_at TEXT,
+            created_at {TS} {NOW},
+            updated_at {TS} {NOW},
             target_table TEXT,
             last_snapshot_id BIGINT)",
         "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
         "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
         "CREATE TABLE IF NOT EXISTS offload_runs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            id {ID},
             run_id TEXT NOT NULL,
             cycle_id TEXT NOT NULL,
             table_name TEXT NOT NULL,
@@ -40,47 +42,7 @@ const MIGRATIONS: &[(i64, &[&str], &[&str])] = &[(
             error_type TEXT,
             error_kind TEXT,
             error_message TEXT,
-            finished_at TEXT)",
-        "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
-        "CREATE TABLE IF NOT EXISTS offload_leases (
-            table_name TEXT PRIMARY KEY,
-            holder TEXT NOT NULL,
-            expires_at_ms BIGINT NOT NULL,
-            token BIGINT NOT NULL)",
-    ],
-    &[
-        "CREATE TABLE IF NOT EXISTS offload_watermarks (
-            table_name TEXT PRIMARY KEY,
-            last_offload_timestamp TIMESTAMPTZ NOT NULL,
-            last_offload_max_sequence TEXT,
-            last_offload_row_count BIGINT DEFAULT 0,
-            status TEXT NOT NULL DEFAULT 'initialized',
-            last_successful_run TIMESTAMPTZ,
-            last_run_duration_seconds INTEGER,
-            failure_count INTEGER DEFAULT 0,
-            last_error_message TEXT,
-            created_at TIMESTAMPTZ DEFAULT NOW(),
-            updated_at TIMESTAMPTZ DEFAULT NOW(),
-            target_table TEXT,
-            last_snapshot_id BIGINT)",
-        "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
-        "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
-        "CREATE TABLE IF NOT EXISTS offload_runs (
-            id BIGSERIAL PRIMARY KEY,
-            run_id TEXT NOT NULL,
-            cycle_id TEXT NOT NULL,
-            table_name TEXT NOT NULL,
-            target_table TEXT NOT NULL,
-            window_lo TEXT,
-            window_hi TEXT,
-            rows_written BIGINT NOT NULL DEFAULT 0,
-            snapshot_id BIGINT,
-            duration_seconds DOUBLE PRECISION,
-            status TEXT NOT NULL,
-            error_type TEXT,
-            error_kind TEXT,
-            error_message TEXT,
-            finished_at TIMESTAMPTZ)",
+            finished_at {TS})",
         "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
         "CREATE TABLE IF NOT EXISTS offload_leases (
             table_name TEXT PRIMARY KEY,
@@ -89,6 +51,14 @@ const MIGRATIONS: &[(i64, &[&str], &[&str])] = &[(
             token BIGINT NOT NULL)",
     ],
 )];
+
+fn dialect_sql(stmt: &str, dialect: Dialect) -> String {
+    let (ts, id, now) = match dialect {
+        Dialect::Sqlite => ("TEXT", "INTEGER PRIMARY KEY AUTOINCREMENT", ""),
+        Dialect::Postgres => ("TIMESTAMPTZ", "BIGSERIAL PRIMARY KEY", "DEFAULT NOW()"),
+    };
+    stmt.replace("{TS}", ts).replace("{ID}", id).replace("{NOW}", now)
+}
 
 pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -100,13 +70,13 @@ pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
         .fetch_one(pool)
         .await?
         .try_get(0)?;
-    for (version, sqlite, postgres) in MIGRATIONS {
+    for (version, statements) in MIGRATIONS {
         if *version <= applied {
             continue;
         }
         let mut tx = pool.begin().await?;
-        for stmt in if dialect == Dialect::Sqlite { *sqlite } else { *postgres } {
-            sqlx::query(stmt).execute(&mut *tx).await?;
+        for stmt in *statements {
+            sqlx::query(&dialect_sql(stmt, dialect)).execute(&mut *tx).await?;
         }
         let insert = sqlx::query("INSERT INTO offload_schema_migrations (version, applied_at) VALUES ($1, $2)")
             .bind(*version)
