@@ -8,7 +8,10 @@ root="$(dirname "$here")"
 source "$here/env.sh"
 "$here/setup.sh"
 cd "$root"
-echo "== cargo build" >&2
+echo "== cargo build (with test-only fault injection, kept aside; then the real binary)" >&2
+cargo build --locked --features fault-injection 2>&1 | tail -n 3 >&2
+mkdir -p "$CARGO_TARGET_DIR/fault-injection"
+cp "$CARGO_TARGET_DIR/debug/iceberg-offload" "$CARGO_TARGET_DIR/fault-injection/iceberg-offload"
 cargo build --locked 2>&1 | tail -n 3 >&2
 echo "== cargo test" >&2
 cargo test --locked 2>&1 | tee "$ICEBERG_OFFLOAD_CACHE/cargo-test.log" | grep -E "^(test result|running|test .*FAILED|failures)" || true

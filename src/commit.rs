@@ -373,9 +373,12 @@ impl Catalog for PinnedCatalog {
         self.inner.register_table(table, location).await
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        self.inner.update_table(commit).await.map_err(|e| {
+        crate::fault::hit_iceberg("commit_error")?;
+        let table = self.inner.update_table(commit).await.map_err(|e| {
             if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts { e.with_retryable(false) } else { e }
-        })
+        })?;
+        crate::fault::hit_iceberg("commit_unknown")?;
+        Ok(table)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod commit;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod metrics;
 pub mod offload;
 pub mod scheduler;

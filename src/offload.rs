@@ -12,6 +12,7 @@ use crate::commit::{self, Attempt, TableView};
 use crate::config::TableConfig;
 use crate::error::{OffloadError, Result};
 use crate::events;
+use crate::fault;
 use crate::metrics::Metrics;
 use crate::sink::{table as target, writer::WindowWriter};
 use crate::source::ClickHouse;
@@ -90,6 +91,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         let read = read_into(svc, &sql, &params, &mut writer, cancel).await;
         let rows = writer.rows;
         let files = writer.close().await?;
+        let read = read.and_then(|()| fault::hit("after_files_written"));
         if let Err(e) = read {
             // I8: an attempt that will not commit removes what it wrote.
             let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
@@ -108,6 +110,11 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
             let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
             commit::delete_files(&view.table, &paths).await;
             return Err(OffloadError::Cancelled);
+        }
+        if let Err(e) = fault::hit("before_commit") {
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            commit::delete_files(&view.table, &paths).await;
+            return Err(e);
         }
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
@@ -139,6 +146,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         outcome.watermark = Some(watermark);
         outcome.last_window = Some((window.lo.as_ref().map(|p| p.display()), window.hi.display()));
         position = Some(window.hi.clone());
+        fault::hit("after_commit")?;
         // I7: the mirror follows the truth; its failure costs nothing but a log line.
         if let Some(state) = &svc.state {
             let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
@@ -188,6 +196,7 @@ async fn read_into(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let stream = until_cancelled(cancel, svc.ch.query_arrow(sql, params)).await?;
+    fault::hit("after_read_start")?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let reader = tokio::spawn(async move {
         let mut stream = Box::pin(stream);
@@ -206,7 +215,10 @@ async fn read_into(
             };
             match item {
                 None => return Ok(()),
-                Some(batch) => writer.write(batch?).await?,
+                Some(batch) => {
+                    writer.write(batch?).await?;
+                    fault::hit("mid_stream")?;
+                }
             }
         }
     }

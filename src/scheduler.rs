@@ -172,7 +172,24 @@ impl Scheduler {
             if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
                 tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
             } else {
-                match state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await {
+                let taken = match state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await {
+                    Err(OffloadError::LeaseHeld { holder, .. }) if holder_is_dead(&holder) => {
+                        let l = state.take_over_lease(t.name(), &holder, &self.holder, svc_cfg.lease_ttl).await;
+                        if let Ok(Some(_)) = &l {
+                            tracing::warn!(
+                                table = t.name(),
+                                "took over the lease of {holder}, a process of this host that is gone"
+                            );
+                        }
+                        match l {
+                            Ok(Some(l)) => Ok(l),
+                            Ok(None) => state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                match taken {
                     Ok(l) => lease = Some(l),
                     Err(e @ OffloadError::LeaseHeld { .. }) => {
                         let reason = e.to_string();
@@ -361,6 +378,22 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+fn hostname() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    if host.is_empty() { "host".into() } else { host }
+}
+
+/// A lease holder (`host:pid:nonce`) that is a process of this host which no longer runs:
+/// it crashed, and its lease need not be waited out.
+fn holder_is_dead(holder: &str) -> bool {
+    let mut parts = holder.rsplitn(3, ':');
+    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
+    match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
+        (Some(host), Some(pid)) => host == hostname() && !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
     }
 }
 

@@ -21,6 +21,12 @@ def binary():
     return str(Path(target) / "debug" / "iceberg-offload")
 
 
+def fault_binary():
+    """The binary built with the test-only `fault-injection` feature (dev/test.sh)."""
+    target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
+    return str(Path(target) / "fault-injection" / "iceberg-offload")
+
+
 def create_bronze(gw, db, table):
     k2data.create_bronze(gw.sql, db, table)
 
@@ -86,11 +92,11 @@ def bronze_table(db, table, **over):
     return t
 
 
-def run(config, *args, env=None, timeout=900, check=False):
+def run(config, *args, env=None, timeout=900, check=False, exe=None):
     e = dict(os.environ)
     e["TEST_CH_PASSWORD"] = PASSWORD
     e.update(env or {})
-    p = subprocess.run([binary(), "--config", str(config), *args], capture_output=True, text=True, env=e, timeout=timeout)
+    p = subprocess.run([exe or binary(), "--config", str(config), *args], capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p

@@ -164,6 +164,7 @@ impl StateStore {
         duration_seconds: f64,
         snapshot_id: Option<i64>,
     ) -> Result<()> {
+        crate::fault::hit("state_update")?;
         let sql = format!(
             "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
              last_offload_row_count = $3, last_successful_run = {now}, last_run_duration_seconds = $4, \
@@ -289,6 +290,35 @@ impl StateStore {
             let until = chrono::DateTime::from_timestamp_millis(expires).map(|t| t.to_rfc3339()).unwrap_or_default();
             Err(OffloadError::LeaseHeld { table: table.into(), holder: current, until })
         }
+    }
+
+    /// Takes over a lease whose holder is known to be dead (a crashed process on this host),
+    /// without waiting for it to expire. Only succeeds if that holder still has it.
+    pub async fn take_over_lease(
+        &self,
+        table: &str,
+        dead_holder: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let res = sqlx::query(
+            "UPDATE offload_leases SET holder = $1, expires_at_ms = $2, token = token + 1 WHERE table_name = $3 AND holder = $4",
+        )
+        .bind(holder)
+        .bind(now_ms() + ttl.as_millis() as i64)
+        .bind(table)
+        .bind(dead_holder)
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(Some(Lease { table_name: table.into(), holder: holder.into(), token }))
     }
 
     /// Extends a held lease; false if it was lost (expired and taken by another holder).
