@@ -45,6 +45,23 @@ def insert_bronze(sql, db, table, n, start_ms, step_ms=1.0, seq_start=0):
         FROM numbers({n})""")
 
 
+def insert_bronze_arriving_now(sql, db, table, n, seq_start, spread_ms=200):
+    """n trades stamped by ClickHouse itself as it inserts them (the last `spread_ms` before
+    now): they arrive on time, as a live feed's rows do, whatever queues before the insert."""
+    step_us = max(1, int(spread_ms * 1000 / max(n, 1)))
+    sql(f"""
+        INSERT INTO {db}.{table} (exchange_timestamp, sequence_number, symbol, price, quantity, quote_volume,
+                                  event_time, kafka_offset, kafka_partition)
+        SELECT now64(3) - toIntervalMicrosecond({spread_ms * 1000} - number * {step_us}),
+               {seq_start} + number,
+               ['BTCUSDT', 'ETHUSDT', 'SOLUSDT', 'XRPUSDT'][number % 4 + 1],
+               toDecimal64(20000 + (number % 10007) / 3, 8),
+               toDecimal64((number % 97 + 1) / 13, 8),
+               toDecimal64((20000 + (number % 10007) / 3) * ((number % 97 + 1) / 13), 8),
+               now64(3), 0, 0
+        FROM numbers({n})""")
+
+
 def source_stats(scalar, db, table, watermark_position, key="symbol, sequence_number", sums=("price", "quantity"),
                  cursor="exchange_timestamp", tiebreak="sequence_number"):
     """Count, sums and distinct keys of the source rows at or below a watermark position.

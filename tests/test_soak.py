@@ -1,0 +1,16 @@
+"""A short run of the randomised SIGKILL soak (dev/soak.py; the full one is
+`dev/soak.sh --trials 200`)."""
+import os
+import subprocess
+import sys
+
+from harness import ROOT, binary
+
+
+def test_short_sigkill_soak_has_no_duplicate_and_no_gap():
+    trials = os.environ.get("SOAK_TRIALS", "20")
+    p = subprocess.run([sys.executable, str(ROOT / "dev" / "soak.py"), "--trials", trials, "--binary", binary()],
+                       capture_output=True, text=True, timeout=1200)
+    print(p.stdout)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "duplicates found: 0; rows missing: 0" in p.stdout
