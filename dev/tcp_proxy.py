@@ -6,7 +6,8 @@ import threading
 
 class FaultProxy:
     """Modes: "pass", "refuse" (close at once), "hang" (requests containing `pattern` are never
-    forwarded), "cut" (responses to requests containing `pattern` are cut after `cut_after` bytes)."""
+    forwarded), "cut" (responses to requests containing `pattern` are cut after `cut_after` bytes),
+    "http500" (requests containing `pattern` get a ClickHouse-style HTTP 500 instead)."""
 
     def __init__(self, upstream_port, host="127.0.0.1"):
         self.upstream = (host, upstream_port)
@@ -68,11 +69,17 @@ class FaultProxy:
                 data = client.recv(65536)
                 if not data:
                     break
-                if self.pattern in data and self.mode in ("hang", "cut"):
+                if self.pattern in data and self.mode in ("hang", "cut", "http500"):
                     self.matched += 1
                     if self.mode == "hang":
                         state["hang"] = True
                         continue  # swallowed: the server never sees it
+                    if self.mode == "http500":
+                        body = b"Code: 999. DB::Exception: injected server failure. (KEEPER_EXCEPTION)\n"
+                        client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nX-ClickHouse-Exception-Code: 999\r\n"
+                                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                        client.shutdown(socket.SHUT_RDWR)
+                        break
                     state["cut"] = True
                 if not state["hang"]:
                     server.sendall(data)

@@ -242,6 +242,12 @@ impl Scheduler {
                 Err(OffloadError::Cancelled) if timed_out => Err(OffloadError::Timeout(svc_cfg.table_timeout)),
                 other => other,
             };
+            if matches!(run, Err(OffloadError::Cancelled)) {
+                // Shutdown, not a failure: the window was abandoned before its commit and the
+                // next start redoes it from the Iceberg watermark.
+                tracing::info!(table = t.name(), "abandoned for shutdown before its commit");
+                break Err(OffloadError::Cancelled);
+            }
             self.record_run(cycle_id, t, &run, attempt_started.elapsed()).await;
             match run {
                 Ok(outcome) => break Ok(outcome),
@@ -301,6 +307,7 @@ impl Scheduler {
                 }
                 TableResult::Done(outcome)
             }
+            Err(OffloadError::Cancelled) => TableResult::Skipped("abandoned for shutdown".into()),
             Err(e) => {
                 if let Some(state) = &svc.state {
                     let _ = state.record_failure(t.name(), &e.to_string(), duration.as_secs_f64()).await;

@@ -115,3 +115,42 @@ def test_two_schedulers_side_by_side_land_each_row_once(gateway, db, tmp_path):
     for t in ("a", "b"):
         _, src = assert_equal_to_source(gateway, tmp_path, db, t)
         assert src["count"] == seq
+
+
+def test_http_500_is_a_process_error_and_the_next_cycle_catches_up(gateway, db, tmp_path, proxy):
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 5_000, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", Via(proxy.url), [bronze_table(db, "trades")], tmp_path)
+    proxy.mode = "http500"
+    p = run(cfg, "once")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "[process_error]" in p.stdout and "ClickHouse error 999" in p.stdout, p.stdout
+    assert committed_snapshots(tmp_path, "cold.trades") == []
+    proxy.mode = "pass"
+    run(cfg, "once", check=True)
+    _, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    assert src["count"] == 5_000
+
+
+def test_locked_sqlite_catalog_fails_cleanly_then_recovers(gateway, db, tmp_path):
+    import sqlite3
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 5_000, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="1s")], tmp_path)
+    run(cfg, "once", check=True)  # creates the catalog and the table
+    insert_bronze(gateway, db, "trades", 1_000, now_ms() - 900, step_ms=0.5, seq_start=100_000)
+    time.sleep(1.2)
+    lock = sqlite3.connect(tmp_path / "catalog.db", timeout=1)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        p = run(cfg, "once", timeout=300)
+    finally:
+        lock.rollback()
+        lock.close()
+    # Opening the catalog (or committing) meets the lock: a clear error, nothing committed.
+    assert p.returncode in (1, 3), p.stdout + p.stderr[-2000:]
+    assert "database is locked" in p.stdout + p.stderr
+    assert len(committed_snapshots(tmp_path, "cold.trades")) == 1
+    p = run(cfg, "once", check=True)
+    _, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    assert src["count"] == 6_000
