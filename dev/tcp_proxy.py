@@ -9,8 +9,10 @@ class FaultProxy:
     forwarded), "cut" (responses to requests containing `pattern` are cut after `cut_after` bytes),
     "http500" (requests containing `pattern` get a ClickHouse-style HTTP 500 instead)."""
 
-    def __init__(self, upstream_port, host="127.0.0.1"):
+    def __init__(self, upstream_port, host="127.0.0.1", tls=None):
+        """`tls`: an `ssl.SSLContext` (server side) to terminate HTTPS in front of the upstream."""
         self.upstream = (host, upstream_port)
+        self.tls = tls
         self._mode = "pass"
         self.pattern = b"ArrowStream"
         self.cut_after = 4096
@@ -19,7 +21,7 @@ class FaultProxy:
         self.sock.bind((host, 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{'localhost' if tls else host}:{self.port}"
         self.matched = 0
         self._open = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -53,6 +55,12 @@ class FaultProxy:
             if self.mode == "refuse":
                 client.close()
                 continue
+            if self.tls:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except OSError:
+                    client.close()
+                    continue
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:

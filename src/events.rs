@@ -242,3 +242,23 @@ impl LateRows<'_> {
         );
     }
 }
+
+pub struct NullCursorRows<'a> {
+    pub table: &'a str,
+    pub cursor: &'a str,
+    pub rows: u64,
+}
+
+impl NullCursorRows<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.null_cursor_rows.with_label_values(&[self.table]).set(self.rows as f64);
+        tracing::warn!(
+            table = self.table,
+            null_cursor_rows = self.rows,
+            "{} rows of {} have a NULL {} (the cursor): they can never be offloaded; fix them at the source",
+            self.rows,
+            self.table,
+            self.cursor
+        );
+    }
+}

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub ttl_headroom_seconds: GaugeVec,
     pub late_rows: GaugeVec,
     pub consecutive_failures: GaugeVec,
+    pub null_cursor_rows: GaugeVec,
     pub bytes_written_total: IntCounterVec,
     pub files_written_total: IntCounterVec,
     pub build_info: GaugeVec,
@@ -170,6 +171,11 @@ impl Metrics {
             consecutive_failures: gauge_vec(
                 "offload_consecutive_failures",
                 "Failed attempts of the table since its last success (retries included)",
+                &["table"],
+            ),
+            null_cursor_rows: gauge_vec(
+                "offload_null_cursor_rows",
+                "Source rows whose cursor is NULL: never eligible for offload",
                 &["table"],
             ),
             build_info: gauge_vec("offload_build_info", "Build information", &["version", "iceberg_rust"]),

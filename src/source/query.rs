@@ -209,6 +209,11 @@ impl SourceTable {
         })
     }
 
+    /// Whether the cursor column is Nullable (its NULL rows are never eligible).
+    pub fn cursor_is_nullable(&self) -> bool {
+        self.columns.iter().any(|c| c.name == self.table.cursor && c.parsed.unwrap().1)
+    }
+
     /// Rows with a NULL cursor: never eligible, reported so they are not silently lost.
     pub async fn null_cursor_rows(&self, ch: &ClickHouse) -> Result<u64> {
         let sql = format!("SELECT count() FROM {} WHERE {} IS NULL", self.from(), quote_ident(&self.table.cursor));
