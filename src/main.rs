@@ -179,6 +179,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             for t in &cfg.tables {
                 metrics.init_table(t.name(), &t.layer);
             }
+            // Lag is known from the last successful run before this start, not only after the
+            // first cycle: a service that keeps crashing shows a growing lag.
+            if let Some(state) = &svc.state {
+                for row in state.watermarks().await.unwrap_or_default() {
+                    let last = row.last_successful_run.as_deref().and_then(iceberg_offload::status::parse_time);
+                    if let (Some(t), true) = (last, cfg.tables.iter().any(|t| t.name() == row.table_name)) {
+                        metrics.table_succeeded(&row.table_name, t.timestamp_millis() as f64 / 1000.0);
+                    }
+                }
+            }
             let schedule = cfg.service.interval.as_secs_f64() / 60.0;
             let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
             let listen = cfg.service.metrics_listen.clone();

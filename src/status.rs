@@ -167,10 +167,11 @@ fn last_cycle(metrics: &str) -> Check {
     }
 }
 
-fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+/// A timestamp as the state store returns it (RFC 3339 on SQLite, `timestamptz::text` on PostgreSQL).
+pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::parse_from_rfc3339(text)
+        .or_else(|_| chrono::DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z"))
         .ok()
-        .or_else(|| chrono::DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z").ok())
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
