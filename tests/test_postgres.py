@@ -23,18 +23,23 @@ def psql(password, db, sql):
                           check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
-def test_postgres_state_store_and_catalog(gateway, db, tmp_path, postgres):
+def pg_setup(gateway, db, tmp_path, postgres, rows, settle):
+    """A fresh PostgreSQL database as catalog and state store, a source table with `rows` trades,
+    and the config; returns (config, database name, password)."""
     base, password = postgres
     name = "offload_" + uuid.uuid4().hex[:10]
     psql(password, "postgres", f"CREATE DATABASE {name}")
     create_bronze(gateway, db, "trades")
-    insert_bronze(gateway, db, "trades", 40_000, now_ms() - 7_200_000, step_ms=100)
-    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="2s")], tmp_path,
+    insert_bronze(gateway, db, "trades", rows, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay=settle)], tmp_path,
                        catalog_uri=f"{base}/{name}", state_url=f"{base}/{name}")
-    text = cfg.read_text()
-    text = text.replace('[state]\n', '[state]\npassword_env = "TEST_PG_PASSWORD"\n')
-    text = text.replace('[catalog]\n', '[catalog]\npassword_env = "TEST_PG_PASSWORD"\n')
-    cfg.write_text(text)
+    text = cfg.read_text().replace('[state]\n', '[state]\npassword_env = "TEST_PG_PASSWORD"\n')
+    cfg.write_text(text.replace('[catalog]\n', '[catalog]\npassword_env = "TEST_PG_PASSWORD"\n'))
+    return cfg, name, password
+
+
+def test_postgres_state_store_and_catalog(gateway, db, tmp_path, postgres):
+    cfg, name, password = pg_setup(gateway, db, tmp_path, postgres, 40_000, "2s")
     env = {"TEST_PG_PASSWORD": password}
     p = run(cfg, "once", env=env)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -71,17 +76,9 @@ def test_postgres_stopped_mid_run_and_restarted(gateway, db, tmp_path, postgres)
     """Catalog and state store on PostgreSQL; PostgreSQL stops while the scheduler runs and
     comes back. The scheduler survives, commits nothing half-done, and catches up."""
     import signal
-    from harness import PASSWORD, binary, verify
-    base, password = postgres
-    name = "offload_" + uuid.uuid4().hex[:10]
-    psql(password, "postgres", f"CREATE DATABASE {name}")
-    create_bronze(gateway, db, "trades")
-    insert_bronze(gateway, db, "trades", 10_000, now_ms() - 7_200_000, step_ms=100)
-    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", settle_delay="1s")], tmp_path,
-                       catalog_uri=f"{base}/{name}", state_url=f"{base}/{name}")
-    text = cfg.read_text().replace('[state]\n', '[state]\npassword_env = "TEST_PG_PASSWORD"\n')
-    text = text.replace('[catalog]\n', '[catalog]\npassword_env = "TEST_PG_PASSWORD"\n').replace('interval = "15m"', 'interval = "1s"')
-    cfg.write_text(text)
+    from harness import PASSWORD, binary
+    cfg, name, password = pg_setup(gateway, db, tmp_path, postgres, 10_000, "1s")
+    cfg.write_text(cfg.read_text().replace('interval = "15m"', 'interval = "1s"'))
     env = dict(os.environ, TEST_PG_PASSWORD=password, TEST_CH_PASSWORD=PASSWORD)
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([binary(), "--config", str(cfg), "run"], env=env, stdout=subprocess.DEVNULL, stderr=log)

@@ -50,11 +50,16 @@ pub struct WindowWriter {
 }
 
 /// Parquet settings: zstd (the original used zstd too), row groups small enough that
-/// one open writer per partition stays within a few MB.
+/// one open writer per partition stays within a few MB, and a 64 KiB dictionary limit so
+/// that high-cardinality columns (timestamps, sequence numbers, prices) fall back to plain
+/// encoding early instead of carrying a dictionary of unique values in every row group.
+/// Measured on 3M K2 bronze rows: 1 MiB → 72.6 MB and 1.13M rows/s; 64 KiB → 49.7 MB and
+/// 1.55M rows/s (docs/performance.md).
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
         .set_max_row_group_row_count(Some(128 * 1024))
+        .set_dictionary_page_size_limit(64 * 1024)
         .build()
 }
 

@@ -34,6 +34,7 @@ impl ClickHouse {
     pub fn new(cfg: &ClickHouseConfig) -> anyhow::Result<Self> {
         let password = cfg.password.read("clickhouse password")?.unwrap_or_default();
         let mut builder = reqwest::Client::builder()
+            .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(cfg.query_timeout)
             .pool_idle_timeout(Duration::from_secs(30));

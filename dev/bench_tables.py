@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""How a cycle's cost grows with the number of tables: K tables of R rows each, one cycle
+that offloads them, then one cycle with nothing new (the steady-state cost of a quiet table).
+
+Usage: dev/bench.sh --tables 1,10,50   (or python dev/bench_tables.py --tables 1,10,50 --rows 10000)
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import k2data  # noqa: E402
+from bench import measure  # noqa: E402
+from clickhouse_local import PASSWORD, Gateway  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tables", default="1,10,50")
+    ap.add_argument("--rows", type=int, default=10_000)
+    ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "iceberg-offload"))
+    a = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="iceberg-offload-bench-tables-"))
+    gw = Gateway(tmp / "clickhouse" / "data")
+    lines = ["| tables | rows each | first cycle s | rows/s | quiet cycle s | quiet cost per table ms | peak RSS MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    try:
+        for k in [int(x) for x in a.tables.split(",")]:
+            db = f"scale{k}"
+            blocks = []
+            for i in range(k):
+                k2data.create_bronze(gw.sql, db, f"t{i}")
+                k2data.insert_bronze(gw.sql, db, f"t{i}", a.rows, int(time.time() * 1000) - 3_600_000, step_ms=100)
+                blocks.append(f'[[tables]]\nsource = "{db}.t{i}"\ntarget = "{db}.t{i}"\ncursor = "exchange_timestamp"\n'
+                              f'tiebreak = "sequence_number"\npartition = ["day(exchange_timestamp)"]\n')
+            d = tmp / db
+            cfg = tmp / f"{db}.toml"
+            cfg.write_text(f"""[service]
+parallelism = 4
+metrics_listen = "127.0.0.1:0"
+[clickhouse]
+url = "{gw.url}"
+password_env = "BENCH_CH_PASSWORD"
+[catalog]
+uri = "sqlite:{d}/catalog.db"
+warehouse = "{d}/warehouse"
+[state]
+url = "sqlite:{d}/state.db"
+""" + "\n".join(blocks))
+            env = dict(os.environ, BENCH_CH_PASSWORD=PASSWORD)
+            first = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=env)
+            quiet = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=env)
+            lines.append(f"| {k} | {a.rows:,} | {first['wall']:.2f} | {k * a.rows / first['wall']:,.0f} | {quiet['wall']:.2f} | "
+                         f"{quiet['wall'] * 1000 / k:.0f} | {max(first['rss_mb'], quiet['rss_mb']):.0f} |")
+            print(lines[-1], flush=True)
+    finally:
+        gw.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
