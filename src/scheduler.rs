@@ -329,12 +329,16 @@ impl Scheduler {
         took: Duration,
     ) {
         let Some(state) = &self.services.state else { return };
+        let finished_at_ms = chrono::Utc::now().timestamp_millis();
         let mut r = RunRecord {
             run_id: uuid::Uuid::now_v7().to_string(),
             cycle_id: cycle_id.into(),
             table_name: t.name().into(),
             target_table: t.target(),
             duration_seconds: took.as_secs_f64(),
+            holder: self.holder.clone(),
+            started_at_ms: finished_at_ms - took.as_millis() as i64,
+            finished_at_ms,
             ..Default::default()
         };
         match run {

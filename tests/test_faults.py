@@ -115,6 +115,15 @@ def test_two_schedulers_side_by_side_land_each_row_once(gateway, db, tmp_path):
     for t in ("a", "b"):
         _, src = assert_equal_to_source(gateway, tmp_path, db, t)
         assert src["count"] == seq
+    # The lease: attempts on one table never overlap in time across holders (I6).
+    import sqlite3
+    runs = sqlite3.connect(tmp_path / "state.db").execute(
+        "SELECT table_name, holder, started_at_ms, finished_at_ms FROM offload_runs ORDER BY table_name, started_at_ms").fetchall()
+    holders = {h for _, h, _, _ in runs}
+    assert len(holders) >= 2, "both schedulers (and the manual run) should have run tables"
+    for (t1, h1, s1, f1), (t2, h2, s2, f2) in zip(runs, runs[1:]):
+        if t1 == t2 and h1 != h2:
+            assert s2 >= f1 - 5, f"{t1}: {h1} ran until {f1} but {h2} started at {s2}"
 
 
 def test_http_500_is_a_process_error_and_the_next_cycle_catches_up(gateway, db, tmp_path, proxy):

@@ -8,10 +8,11 @@ use super::Dialect;
 /// (version, statements). Column types that differ by dialect are placeholders:
 /// `{TS}` a timestamp (TEXT, RFC 3339, on SQLite; TIMESTAMPTZ on PostgreSQL), `{ID}` an
 /// auto-increment key, `{NOW}` a default of the current time.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE IF NOT EXISTS offload_watermarks (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE IF NOT EXISTS offload_watermarks (
             table_name TEXT PRIMARY KEY,
             last_offload_timestamp {TS} NOT NULL,
             last_offload_max_sequence TEXT,
@@ -25,9 +26,9 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             updated_at {TS} {NOW},
             target_table TEXT,
             last_snapshot_id BIGINT)",
-        "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
-        "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
-        "CREATE TABLE IF NOT EXISTS offload_runs (
+            "CREATE INDEX IF NOT EXISTS idx_watermarks_status ON offload_watermarks(status)",
+            "CREATE INDEX IF NOT EXISTS idx_watermarks_last_run ON offload_watermarks(last_successful_run DESC)",
+            "CREATE TABLE IF NOT EXISTS offload_runs (
             id {ID},
             run_id TEXT NOT NULL,
             cycle_id TEXT NOT NULL,
@@ -43,14 +44,24 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             error_kind TEXT,
             error_message TEXT,
             finished_at {TS})",
-        "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
-        "CREATE TABLE IF NOT EXISTS offload_leases (
+            "CREATE INDEX IF NOT EXISTS idx_runs_table ON offload_runs(table_name, id)",
+            "CREATE TABLE IF NOT EXISTS offload_leases (
             table_name TEXT PRIMARY KEY,
             holder TEXT NOT NULL,
             expires_at_ms BIGINT NOT NULL,
             token BIGINT NOT NULL)",
-    ],
-)];
+        ],
+    ),
+    (
+        // Who ran each attempt and when, so that single-writer behaviour can be audited.
+        2,
+        &[
+            "ALTER TABLE offload_runs ADD COLUMN holder TEXT",
+            "ALTER TABLE offload_runs ADD COLUMN started_at_ms BIGINT",
+            "ALTER TABLE offload_runs ADD COLUMN finished_at_ms BIGINT",
+        ],
+    ),
+];
 
 fn dialect_sql(stmt: &str, dialect: Dialect) -> String {
     let (ts, id, now) = match dialect {

@@ -63,6 +63,10 @@ pub struct RunRecord {
     pub error_type: Option<String>,
     pub error_kind: Option<String>,
     pub error_message: Option<String>,
+    /// The lease holder (process) that ran the attempt.
+    pub holder: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -222,8 +226,8 @@ impl StateStore {
     pub async fn record_run(&self, r: &RunRecord) -> Result<()> {
         let sql = format!(
             "INSERT INTO offload_runs (run_id, cycle_id, table_name, target_table, window_lo, window_hi, rows_written, snapshot_id, \
-             duration_seconds, status, error_type, error_kind, error_message, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {})",
+             duration_seconds, status, error_type, error_kind, error_message, holder, started_at_ms, finished_at_ms, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, {})",
             self.now()
         );
         sqlx::query(&sql)
@@ -240,6 +244,9 @@ impl StateStore {
             .bind(r.error_type.clone())
             .bind(r.error_kind.clone())
             .bind(r.error_message.as_ref().map(|m| m.chars().take(2000).collect::<String>()))
+            .bind(&r.holder)
+            .bind(r.started_at_ms)
+            .bind(r.finished_at_ms)
             .execute(&self.pool)
             .await?;
         Ok(())
