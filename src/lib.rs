@@ -9,6 +9,7 @@
 //! - [`offload`]: the offload of one table, window by window;
 //! - [`scheduler`]: cycles, parallelism, timeouts, retries, signals;
 //! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
+//! - [`maintenance`]: orphan-file cleanup;
 //! - [`metrics`] and [`events`]: every number and log line of one event from one place;
 //! - [`server`]: the HTTP endpoint; [`status`]: the 30-second health check.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod fault;
+pub mod maintenance;
 pub mod metrics;
 pub mod offload;
 pub mod scheduler;

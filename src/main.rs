@@ -72,6 +72,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Deletes files under each table's location that no snapshot references (left by attempts
+    /// that died before cleaning up), older than `--older-than`. Takes each table's lease.
+    Cleanup {
+        #[arg(long, default_value = "24h")]
+        older_than: String,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Watermarks.
     Watermark {
         #[command(subcommand)]
@@ -209,6 +218,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Validate => validate(&cfg).await,
+        Command::Cleanup { older_than, dry_run } => cleanup(&cfg, &older_than, dry_run).await,
         Command::Status { url, prometheus, json } => {
             let report = iceberg_offload::status::run(&cfg, &url, prometheus.as_deref()).await;
             if json {
@@ -331,6 +341,53 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
         println!("table {}: {line}", t.source());
     }
     Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Result<u8> {
+    let older_than =
+        iceberg_offload::util::parse_duration(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    let catalog = catalog::build(&cfg.catalog).await?;
+    let state = StateStore::open(&cfg.state).await?;
+    let holder = format!("cleanup:{}", std::process::id());
+    let mut code = exit::OK;
+    for t in &cfg.tables {
+        // The same lease as the offload: no attempt of ours is writing this table meanwhile.
+        let lease = match state.acquire_lease(t.name(), &holder, cfg.service.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                println!("{}: skipped: {e}", t.target());
+                code = exit::LEASE_HELD;
+                continue;
+            }
+        };
+        let result = async {
+            let table = catalog.load_table(&target::ident(t)).await?;
+            iceberg_offload::commit::sweep_stray_metadata(&table).await;
+            Ok::<_, anyhow::Error>(iceberg_offload::maintenance::cleanup_orphans(&table, older_than, dry_run).await?)
+        }
+        .await;
+        state.release_lease(&lease).await.ok();
+        match result {
+            Ok(r) => {
+                println!(
+                    "{}: {} files scanned, {} referenced, {} orphans {}",
+                    r.table,
+                    r.files_scanned,
+                    r.files_referenced,
+                    r.orphans.len(),
+                    if dry_run { "(dry run: kept)" } else { "deleted" }
+                );
+                for o in &r.orphans {
+                    println!("  {o}");
+                }
+            }
+            Err(e) => {
+                println!("{}: FAILED: {e:#}", t.target());
+                code = exit::ERROR;
+            }
+        }
+    }
+    Ok(code)
 }
 
 async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {

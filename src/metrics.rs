@@ -273,10 +273,13 @@ impl Default for Metrics {
 /// `offload_rows_per_second{table}`: a Summary with exact quantiles 0.5, 0.9, 0.99 over the
 /// last [`RowsPerSecond::WINDOW`] observations of each table (the `prometheus` crate has no
 /// Summary type).
+/// Per table: the last observations, their sum and their count.
+type Observations = HashMap<String, (VecDeque<f64>, f64, u64)>;
+
 #[derive(Clone)]
 pub struct RowsPerSecond {
     desc: Desc,
-    inner: std::sync::Arc<Mutex<HashMap<String, (VecDeque<f64>, f64, u64)>>>,
+    inner: std::sync::Arc<Mutex<Observations>>,
 }
 
 impl RowsPerSecond {

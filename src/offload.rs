@@ -74,12 +74,11 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
                 }
                 outcome.late_rows = Some(late.max(0));
             }
-            if source.cursor_is_nullable() {
-                if let Ok(n) = until_cancelled(cancel, source.null_cursor_rows(&svc.ch)).await {
-                    if n > 0 {
-                        events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
-                    }
-                }
+            if source.cursor_is_nullable()
+                && let Ok(n) = until_cancelled(cancel, source.null_cursor_rows(&svc.ch)).await
+                && n > 0
+            {
+                events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
             }
         }
         // I1: the window is fixed here, before anything is read.

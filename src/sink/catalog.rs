@@ -34,11 +34,11 @@ pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
             props.insert("uri".into(), uri.clone());
             let bind = if uri.starts_with("sqlite:") { "QMark" } else { "DollarNumeric" };
             props.entry("sql_bind_style".into()).or_insert_with(|| bind.into());
-            if let Some(w) = &cfg.warehouse {
-                if let Some(path) = w.strip_prefix("file://") {
-                    std::fs::create_dir_all(path)
-                        .map_err(|e| anyhow::anyhow!("catalog.warehouse {w}: cannot create: {e}"))?;
-                }
+            if let Some(w) = &cfg.warehouse
+                && let Some(path) = w.strip_prefix("file://")
+            {
+                std::fs::create_dir_all(path)
+                    .map_err(|e| anyhow::anyhow!("catalog.warehouse {w}: cannot create: {e}"))?;
             }
             // sqlx's Any driver needs the drivers installed once per process.
             sqlx::any::install_default_drivers();
@@ -88,10 +88,10 @@ pub fn redact_url(uri: &str) -> String {
 pub fn ensure_sqlite_parent(uri: &str) -> anyhow::Result<()> {
     let path = uri.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or(path);
-    if let Some(parent) = std::path::Path::new(path).parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
-        }
+    if let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
     }
     Ok(())
 }

@@ -31,6 +31,8 @@ use crate::error::{OffloadError, Result};
 
 type Builder = DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
 
+// One writer per window: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
     Unpartitioned(DataFileWriter<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>),
     Partitioned {

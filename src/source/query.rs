@@ -276,6 +276,16 @@ fn ttl_expression(ttl: &str) -> Option<String> {
     Some(expr.to_string())
 }
 
+fn strip_wrappers(t: &str) -> String {
+    let mut s = t.trim();
+    for w in ["LowCardinality(", "Nullable("] {
+        if let Some(inner) = s.strip_prefix(w) {
+            s = inner.strip_suffix(')').unwrap_or(inner);
+        }
+    }
+    s.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -287,14 +297,4 @@ mod tests {
         assert_eq!(super::ttl_expression("ts + toIntervalDay(1) TO VOLUME 'cold'"), None);
         assert_eq!(super::ttl_expression("ts + toIntervalDay(7) DELETE").as_deref(), Some("ts + toIntervalDay(7)"));
     }
-}
-
-fn strip_wrappers(t: &str) -> String {
-    let mut s = t.trim();
-    for w in ["LowCardinality(", "Nullable("] {
-        if let Some(inner) = s.strip_prefix(w) {
-            s = inner.strip_suffix(')').unwrap_or(inner);
-        }
-    }
-    s.to_string()
 }
