@@ -94,7 +94,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: cfg.source() };
         let (sql, params) = source.select(&projection, window.lo.as_ref(), &window.hi);
         let mut writer = WindowWriter::new(&view.table, &attempt.run_id).await?;
-        let read = read_into(svc, &sql, &params, &mut writer, cancel).await;
+        let read = read_into(svc, &sql, &params, projection.len(), &mut writer, cancel).await;
         let rows = writer.rows;
         let files = writer.close().await?;
         let read = read.and_then(|()| fault::hit("after_files_written"));
@@ -198,10 +198,11 @@ async fn read_into(
     svc: &Services,
     sql: &str,
     params: &[(String, String)],
+    columns: usize,
     writer: &mut WindowWriter,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let stream = until_cancelled(cancel, svc.ch.query_arrow(sql, params)).await?;
+    let stream = until_cancelled(cancel, svc.ch.query_arrow(sql, params, block_rows(columns))).await?;
     fault::hit("after_read_start")?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let reader = tokio::spawn(async move {
@@ -231,6 +232,12 @@ async fn read_into(
     .await;
     reader.abort();
     result
+}
+
+/// Rows per batch asked of ClickHouse: its default 65,536 for up to 10 columns, fewer for wider
+/// tables, so the batches in flight (`PIPELINE_DEPTH`) take about the same memory at any width.
+fn block_rows(columns: usize) -> usize {
+    (65_536 * 10 / columns.max(10)).max(8_192)
 }
 
 /// Runs a step that may be abandoned: the per-table timeout or a shutdown cancels it.

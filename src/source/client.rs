@@ -129,13 +129,17 @@ impl ClickHouse {
     }
 
     /// Streams a query's result as Arrow record batches, decoded incrementally: memory holds
-    /// one HTTP chunk and the batch being decoded, never the whole result.
+    /// one HTTP chunk and the batch being decoded, never the whole result. `block_rows` caps
+    /// the rows of one batch (ClickHouse's `max_block_size`), so batches of wide tables stay small.
     pub async fn query_arrow(
         &self,
         sql: &str,
         params: &[(String, String)],
+        block_rows: usize,
     ) -> Result<impl Stream<Item = Result<RecordBatch>> + Send + 'static> {
+        let block_rows = block_rows.to_string();
         let settings = [
+            ("max_block_size", block_rows.as_str()),
             (
                 "output_format_arrow_compression_method",
                 if self.compression == "lz4" { "lz4_frame" } else { self.compression.as_str() },
