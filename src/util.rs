@@ -44,22 +44,8 @@ pub fn format_epoch_ns(ns: i64) -> String {
     }
 }
 
-/// Formats nanoseconds since the epoch the way ClickHouse parses a DateTime64(9) parameter.
-pub fn clickhouse_datetime64(ns: i64) -> String {
-    let secs = ns.div_euclid(1_000_000_000);
-    let nanos = ns.rem_euclid(1_000_000_000) as u32;
-    match chrono::DateTime::from_timestamp(secs, nanos) {
-        Some(t) => t.format("%Y-%m-%d %H:%M:%S%.9f").to_string(),
-        None => "1970-01-01 00:00:00.000000000".into(),
-    }
-}
-
 pub fn now_epoch_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
-}
-
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Checks an identifier from the configuration: letters, digits and `_`, not starting with a digit.
@@ -101,7 +87,6 @@ mod tests {
     fn epoch_formatting() {
         assert_eq!(format_epoch_ns(1_500_000_000), "1970-01-01T00:00:01.500000000Z");
         assert_eq!(format_epoch_ns(-1_000_000_000), "1969-12-31T23:59:59.000000000Z");
-        assert_eq!(clickhouse_datetime64(0), "1970-01-01 00:00:00.000000000");
     }
 
     #[test]

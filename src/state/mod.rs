@@ -263,14 +263,6 @@ impl StateStore {
         rows.iter().map(watermark_row).collect()
     }
 
-    pub async fn run_count(&self, table: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) FROM offload_runs WHERE table_name = $1")
-            .bind(table)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>(0)?)
-    }
-
     /// I6: takes the table's lease unless another live holder has it.
     pub async fn acquire_lease(&self, table: &str, holder: &str, ttl: Duration) -> Result<Lease> {
         let now = now_ms();
@@ -352,15 +344,6 @@ impl StateStore {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    pub async fn lease_holders(&self) -> Result<Vec<(String, String, i64)>> {
-        let rows =
-            sqlx::query("SELECT table_name, holder, expires_at_ms FROM offload_leases WHERE expires_at_ms >= $1")
-                .bind(now_ms())
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
     }
 }
 
