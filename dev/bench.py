@@ -35,6 +35,27 @@ SELECT = """SELECT toDateTime64(`exchange_timestamp`, 6, 'UTC') AS `exchange_tim
  FROM bench.{table}"""
 
 
+def write_offload_config(path, url, data_dir, tables, service=""):
+    """A config for the benchmarks: the local engine, an embedded catalog and state store under
+    `data_dir`, and `tables` (dicts of [[tables]] keys)."""
+    blocks = "\n".join("[[tables]]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) for t in tables)
+    Path(path).write_text(f"""[service]
+metrics_listen = "127.0.0.1:0"
+{service}
+[clickhouse]
+url = "{url}"
+password_env = "BENCH_CH_PASSWORD"
+compression = "lz4"
+[catalog]
+uri = "sqlite:{data_dir}/catalog.db"
+warehouse = "{data_dir}/warehouse"
+[state]
+url = "sqlite:{data_dir}/state.db"
+{blocks}
+""")
+    return Path(path)
+
+
 def proc_cpu(pid):
     """CPU seconds (user + system) used so far by a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -93,27 +114,10 @@ def main(argv=None):
             # This service.
             wh = tmp / f"ours_{n}"
             cfg = tmp / f"ours_{n}.toml"
-            cfg.write_text(f"""
-[service]
-metrics_listen = "127.0.0.1:0"
-[clickhouse]
-url = "{gw.url}"
-password_env = "BENCH_CH_PASSWORD"
-compression = "lz4"
-[catalog]
-uri = "sqlite:{wh}/catalog.db"
-warehouse = "{wh}/warehouse"
-[state]
-url = "sqlite:{wh}/state.db"
-[[tables]]
-source = "bench.{table}"
-target = "bench.ours_{n}"
-cursor = "exchange_timestamp"
-tiebreak = "sequence_number"
-settle_delay = "0s"
-max_rows_per_commit = {max(n, 1)}
-partition = ["day(exchange_timestamp)"]
-""")
+            write_offload_config(cfg, gw.url, wh, [{
+                "source": f"bench.{table}", "target": f"bench.ours_{n}", "cursor": "exchange_timestamp",
+                "tiebreak": "sequence_number", "settle_delay": "0s", "max_rows_per_commit": max(n, 1),
+                "partition": ["day(exchange_timestamp)"]}])
             ours = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid,
                            env=dict(os.environ, BENCH_CH_PASSWORD=PASSWORD))
             ours["bytes"] = dir_bytes(wh / "warehouse")

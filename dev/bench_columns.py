@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import dir_bytes, measure  # noqa: E402
+from bench import dir_bytes, measure, write_offload_config  # noqa: E402
 from clickhouse_local import PASSWORD, Gateway  # noqa: E402
 
 KINDS = [
@@ -46,26 +46,9 @@ def main(argv=None):
             gw.sql(f"CREATE TABLE wide.t{c} ({', '.join(cols)}) ENGINE = MergeTree ORDER BY id")
             gw.sql(f"INSERT INTO wide.t{c} SELECT {', '.join(exprs)} FROM numbers({a.rows})")
             d = tmp / f"t{c}"
-            cfg = tmp / f"t{c}.toml"
-            cfg.write_text(f"""[service]
-metrics_listen = "127.0.0.1:0"
-[clickhouse]
-url = "{gw.url}"
-password_env = "BENCH_CH_PASSWORD"
-[catalog]
-uri = "sqlite:{d}/catalog.db"
-warehouse = "{d}/warehouse"
-[state]
-url = "sqlite:{d}/state.db"
-[[tables]]
-source = "wide.t{c}"
-target = "wide.t{c}"
-cursor = "ts"
-tiebreak = "id"
-settle_delay = "0s"
-max_rows_per_commit = {a.rows}
-partition = ["day(ts)"]
-""")
+            cfg = write_offload_config(tmp / f"t{c}.toml", gw.url, d, [{
+                "source": f"wide.t{c}", "target": f"wide.t{c}", "cursor": "ts", "tiebreak": "id",
+                "settle_delay": "0s", "max_rows_per_commit": a.rows, "partition": ["day(ts)"]}])
             r = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=dict(os.environ, BENCH_CH_PASSWORD=PASSWORD))
             lines.append(f"| {c} | {a.rows:,} | {r['wall']:.2f} | {a.rows / r['wall']:,.0f} | {a.rows * c / r['wall']:,.0f} | "
                          f"{r['cpu']:.2f} | {r['rss_mb']:.0f} | {dir_bytes(d / 'warehouse') / 1e6:.1f} |")

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import k2data  # noqa: E402
-from bench import measure  # noqa: E402
+from bench import measure, write_offload_config  # noqa: E402
 from clickhouse_local import PASSWORD, Gateway  # noqa: E402
 
 
@@ -33,26 +33,13 @@ def main(argv=None):
     try:
         for k in [int(x) for x in a.tables.split(",")]:
             db = f"scale{k}"
-            blocks = []
+            tables = []
             for i in range(k):
                 k2data.create_bronze(gw.sql, db, f"t{i}")
                 k2data.insert_bronze(gw.sql, db, f"t{i}", a.rows, int(time.time() * 1000) - 3_600_000, step_ms=100)
-                blocks.append(f'[[tables]]\nsource = "{db}.t{i}"\ntarget = "{db}.t{i}"\ncursor = "exchange_timestamp"\n'
-                              f'tiebreak = "sequence_number"\npartition = ["day(exchange_timestamp)"]\n')
-            d = tmp / db
-            cfg = tmp / f"{db}.toml"
-            cfg.write_text(f"""[service]
-parallelism = 4
-metrics_listen = "127.0.0.1:0"
-[clickhouse]
-url = "{gw.url}"
-password_env = "BENCH_CH_PASSWORD"
-[catalog]
-uri = "sqlite:{d}/catalog.db"
-warehouse = "{d}/warehouse"
-[state]
-url = "sqlite:{d}/state.db"
-""" + "\n".join(blocks))
+                tables.append({"source": f"{db}.t{i}", "target": f"{db}.t{i}", "cursor": "exchange_timestamp",
+                               "tiebreak": "sequence_number", "partition": ["day(exchange_timestamp)"]})
+            cfg = write_offload_config(tmp / f"{db}.toml", gw.url, tmp / db, tables, service="parallelism = 4")
             env = dict(os.environ, BENCH_CH_PASSWORD=PASSWORD)
             first = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=env)
             quiet = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=env)

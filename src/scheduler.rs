@@ -307,7 +307,12 @@ impl Scheduler {
                 }
                 TableResult::Done(outcome)
             }
-            Err(OffloadError::Cancelled) => TableResult::Skipped("abandoned for shutdown".into()),
+            Err(OffloadError::Cancelled) => {
+                if let Some(state) = &svc.state {
+                    let _ = state.record_interrupted(t.name()).await;
+                }
+                TableResult::Skipped("abandoned for shutdown".into())
+            }
             Err(e) => {
                 if let Some(state) = &svc.state {
                     let _ = state.record_failure(t.name(), &e.to_string(), duration.as_secs_f64()).await;

@@ -212,6 +212,16 @@ impl StateStore {
         Ok(())
     }
 
+    /// A run abandoned for shutdown before its commit: not a failure, and not left "running".
+    pub async fn record_interrupted(&self, table: &str) -> Result<()> {
+        let sql = format!(
+            "UPDATE offload_watermarks SET status = 'interrupted', updated_at = {} WHERE table_name = $1",
+            self.now()
+        );
+        sqlx::query(&sql).bind(table).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn record_failure(&self, table: &str, message: &str, duration_seconds: f64) -> Result<()> {
         let message: String = message.chars().take(1000).collect();
         let sql = format!(
