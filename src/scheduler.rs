@@ -201,7 +201,7 @@ impl Scheduler {
                         "cannot take the lease (state store): {e}; continuing, commits stay fenced"
                     ),
                 }
-                let _ = state.mark_running(t.name()).await;
+                let _ = state.set_status(t.name(), "running").await;
             }
         }
         let renew = lease.clone().map(|l| {
@@ -296,11 +296,7 @@ impl Scheduler {
                 }
                 .emit(&svc.metrics);
                 if let Some(state) = &svc.state {
-                    let r = if outcome.windows == 0 {
-                        state.record_no_data(t.name(), duration.as_secs_f64()).await
-                    } else {
-                        state.record_table_success(t.name(), duration.as_secs_f64()).await
-                    };
+                    let r = state.record_table_success(t.name(), duration.as_secs_f64(), outcome.windows > 0).await;
                     if let Err(e) = r {
                         tracing::warn!(table = t.name(), "state store not updated (Iceberg stays authoritative): {e}");
                     }
@@ -309,7 +305,7 @@ impl Scheduler {
             }
             Err(OffloadError::Cancelled) => {
                 if let Some(state) = &svc.state {
-                    let _ = state.record_interrupted(t.name()).await;
+                    let _ = state.set_status(t.name(), "interrupted").await;
                 }
                 TableResult::Skipped("abandoned for shutdown".into())
             }

@@ -151,12 +151,12 @@ impl StateStore {
         Ok(())
     }
 
-    pub async fn mark_running(&self, table: &str) -> Result<()> {
-        let sql = format!(
-            "UPDATE offload_watermarks SET status = 'running', updated_at = {} WHERE table_name = $1",
-            self.now()
-        );
-        sqlx::query(&sql).bind(table).execute(&self.pool).await?;
+    /// Sets the operators' status of a table: `running` when a run starts, `interrupted` when a
+    /// shutdown abandoned it before its commit (not a failure, and not left "running").
+    pub async fn set_status(&self, table: &str, status: &str) -> Result<()> {
+        let sql =
+            format!("UPDATE offload_watermarks SET status = $1, updated_at = {} WHERE table_name = $2", self.now());
+        sqlx::query(&sql).bind(status).bind(table).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -190,35 +190,17 @@ impl StateStore {
         Ok(())
     }
 
-    /// A cycle that found nothing to offload: healthy, the watermark unchanged.
-    pub async fn record_no_data(&self, table: &str, duration_seconds: f64) -> Result<()> {
+    /// Closes a successful table run. Windows it committed were mirrored one by one (I7); a run
+    /// that found nothing to offload is healthy too, with its watermark unchanged.
+    pub async fn record_table_success(&self, table: &str, duration_seconds: f64, committed: bool) -> Result<()> {
         let sql = format!(
-            "UPDATE offload_watermarks SET status = 'success', last_offload_row_count = 0, last_successful_run = {now}, \
-             last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} WHERE table_name = $2",
+            "UPDATE offload_watermarks SET status = 'success',{} last_successful_run = {now}, \
+             last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} \
+             WHERE table_name = $2",
+            if committed { "" } else { " last_offload_row_count = 0," },
             now = self.now()
         );
         sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
-        Ok(())
-    }
-
-    /// Closes a table's run that committed windows (their watermarks were mirrored already).
-    pub async fn record_table_success(&self, table: &str, duration_seconds: f64) -> Result<()> {
-        let sql = format!(
-            "UPDATE offload_watermarks SET status = 'success', last_successful_run = {now}, last_run_duration_seconds = $1, \
-             failure_count = 0, last_error_message = NULL, updated_at = {now} WHERE table_name = $2",
-            now = self.now()
-        );
-        sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
-        Ok(())
-    }
-
-    /// A run abandoned for shutdown before its commit: not a failure, and not left "running".
-    pub async fn record_interrupted(&self, table: &str) -> Result<()> {
-        let sql = format!(
-            "UPDATE offload_watermarks SET status = 'interrupted', updated_at = {} WHERE table_name = $1",
-            self.now()
-        );
-        sqlx::query(&sql).bind(table).execute(&self.pool).await?;
         Ok(())
     }
 
