@@ -236,7 +236,9 @@ impl Scheduler {
                 })
             };
             let run = offload_table(svc, t, &cancel).await;
-            let timed_out = timer.is_finished();
+            // The token is cancelled by the timer or by a shutdown; without a shutdown it was the
+            // timer (asking the timer task whether it finished races with its last poll).
+            let timed_out = !self.shutdown.is_cancelled();
             timer.abort();
             let run = match run {
                 Err(OffloadError::Cancelled) if timed_out => Err(OffloadError::Timeout(svc_cfg.table_timeout)),
