@@ -13,7 +13,7 @@ if ! pg_lsclusters -h | grep -q '^15 \+main '; then
   pg_createcluster 15 main >/dev/null
 fi
 if ! pg_lsclusters -h | grep -q '^15 \+main .* online'; then
-  pg_ctlcluster 15 main start
+  pg_ctlcluster 15 main start >&2  # its chatter (e.g. "Removed stale pid file") must not pollute the URL on stdout
 fi
 for _ in $(seq 1 50); do
   pg_isready -q -h 127.0.0.1 -p 5432 && break

@@ -13,7 +13,7 @@ from harness import PYTHON, ROOT, assert_equal_to_source, bronze_table, create_b
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     pwfile = tmp_path_factory.mktemp("pg") / "password"
-    base = subprocess.run([str(ROOT / "dev" / "postgres.sh"), str(pwfile)], check=True, capture_output=True, text=True).stdout.strip()
+    base = subprocess.run([str(ROOT / "dev" / "postgres.sh"), str(pwfile)], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return base, pwfile.read_text().strip()
 
 
