@@ -30,6 +30,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--columns", default="5,10,20,40")
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--partition", default="day(ts)", help="partition transform, or '' for an unpartitioned table")
     ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "iceberg-offload"))
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="iceberg-offload-bench-cols-"))
@@ -48,7 +49,7 @@ def main(argv=None):
             d = tmp / f"t{c}"
             cfg = write_offload_config(tmp / f"t{c}.toml", gw.url, d, [{
                 "source": f"wide.t{c}", "target": f"wide.t{c}", "cursor": "ts", "tiebreak": "id",
-                "settle_delay": "0s", "max_rows_per_commit": a.rows, "partition": ["day(ts)"]}])
+                "settle_delay": "0s", "max_rows_per_commit": a.rows, "partition": [a.partition] if a.partition else []}])
             r = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid, env=dict(os.environ, BENCH_CH_PASSWORD=PASSWORD))
             lines.append(f"| {c} | {a.rows:,} | {r['wall']:.2f} | {a.rows / r['wall']:,.0f} | {a.rows * c / r['wall']:,.0f} | "
                          f"{r['cpu']:.2f} | {r['rss_mb']:.0f} | {dir_bytes(d / 'warehouse') / 1e6:.1f} |")

@@ -8,6 +8,7 @@ use arrow_ipc::reader::StreamDecoder;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 
+use super::framing::MessageFramer;
 use crate::config::ClickHouseConfig;
 use crate::error::{OffloadError, Result};
 
@@ -129,7 +130,8 @@ impl ClickHouse {
     }
 
     /// Streams a query's result as Arrow record batches, decoded incrementally: memory holds
-    /// one HTTP chunk and the batch being decoded, never the whole result. `block_rows` caps
+    /// the message being assembled (one exact-size allocation, see [`super::framing`]) and
+    /// the batch being decoded, never the whole result. `block_rows` caps
     /// the rows of one batch (ClickHouse's `max_block_size`), so batches of wide tables stay small.
     pub async fn query_arrow(
         &self,
@@ -160,6 +162,9 @@ fn async_stream(
 ) -> impl Stream<Item = Result<RecordBatch>> + Send + 'static {
     struct State<S> {
         bytes: std::pin::Pin<Box<S>>,
+        framer: MessageFramer,
+        /// Whole messages not yet given to the decoder.
+        frames: std::collections::VecDeque<Buffer>,
         decoder: StreamDecoder,
         pending: Buffer,
         done: bool,
@@ -167,6 +172,8 @@ fn async_stream(
     }
     let state = State {
         bytes: Box::pin(bytes),
+        framer: MessageFramer::default(),
+        frames: Default::default(),
         decoder: StreamDecoder::new(),
         pending: Buffer::from(Vec::<u8>::new()),
         done: false,
@@ -187,8 +194,20 @@ fn async_stream(
                     }
                 }
             }
+            if let Some(frame) = st.frames.pop_front() {
+                st.pending = frame;
+                continue;
+            }
             match st.bytes.next().await {
-                Some(Ok(chunk)) => st.pending = Buffer::from(chunk),
+                Some(Ok(chunk)) => {
+                    let mut frames = Vec::new();
+                    let framed = st.framer.push(&chunk, &mut frames);
+                    st.frames.extend(frames);
+                    if let Err(e) = framed {
+                        st.done = true;
+                        return Some((Err(OffloadError::ClickHouseStream(format!("invalid ArrowStream: {e}"))), st));
+                    }
+                }
                 Some(Err(e)) => {
                     st.done = true;
                     let err = st.client.transport_error(e);
@@ -202,6 +221,13 @@ fn async_stream(
                     st.done = true;
                     // A stream cut short (or a server error written mid-stream) never
                     // ends with the end-of-stream marker: refuse to call it complete.
+                    if st.framer.pending() > 0 {
+                        let msg = format!(
+                            "incomplete ArrowStream: the body ended inside a message ({} bytes read of it)",
+                            st.framer.pending()
+                        );
+                        return Some((Err(OffloadError::ClickHouseStream(msg)), st));
+                    }
                     return match st.decoder.finish() {
                         Ok(()) => None,
                         Err(e) => {
