@@ -15,7 +15,9 @@
 //!   cannot silently rebase it onto a newer snapshot: the catalog's compare-and-swap
 //!   requires the snapshot whose `W` we read, and a conflict is final for this attempt.
 //! - **I5 Unknown outcome resolved** — after any commit error the table is reloaded and
-//!   searched for this attempt's run id before anything else happens.
+//!   searched for this attempt's run id before anything else happens; a reported success
+//!   is confirmed the same way, because iceberg-catalog-sql can report a lost SQL COMMIT
+//!   as a success ([`confirm_reported_success`]).
 //! - **I6** (lease) lives in the state store; **I7** (mirror after truth) in the scheduler.
 //! - **I8 Nothing stray** — an attempt that did not commit deletes its data files, and
 //!   [`sweep_stray_metadata`] deletes metadata files that lost a compare-and-swap, which
@@ -27,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use iceberg::spec::DataFile;
+use iceberg::spec::{DataFile, ManifestList};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
@@ -188,11 +190,7 @@ pub async fn commit_window(
         .apply(tx)?;
     let pinned: Arc<dyn Catalog> = Arc::new(PinnedCatalog { inner: catalog.clone(), pinned: view.table.clone() });
     let commit_error = match tx.commit(pinned.as_ref()).await {
-        Ok(table) => {
-            let snapshot_id = table.metadata().current_snapshot().map(|s| s.snapshot_id()).unwrap_or_default();
-            sweep_stray_metadata(&table).await;
-            return Ok(Committed { snapshot_id, resolved_after_error: false, table });
-        }
+        Ok(table) => return confirm_reported_success(catalog, table, &paths, attempt).await,
         Err(e) => e,
     };
     // I5: the outcome is unknown until the table says otherwise.
@@ -222,6 +220,65 @@ pub async fn commit_window(
     Err(commit_error.into())
 }
 
+/// I5 for a reported success as well: iceberg-catalog-sql ignores the error of its SQL COMMIT
+/// (rust-stack.md §8.8), so a success only counts once the catalog, read again, holds our
+/// snapshot. If it cannot be read again the success is trusted: the next attempt starts at
+/// I3 from whatever the table really holds, so a wrong guess costs a metric, never a row.
+async fn confirm_reported_success(
+    catalog: &Arc<dyn Catalog>,
+    reported: Table,
+    paths: &[String],
+    attempt: &Attempt,
+) -> Result<Committed> {
+    let ident = reported.identifier().clone();
+    let table = match catalog.load_table(&ident).await {
+        Ok(current) => current,
+        Err(e) => {
+            tracing::warn!(table = %ident, "commit reported success; the catalog could not be read again to confirm it: {e}");
+            reported.clone()
+        }
+    };
+    match find_snapshot_of_run(&table, &attempt.run_id) {
+        Some(snapshot_id) => {
+            sweep_stray_metadata(&table).await;
+            Ok(Committed { snapshot_id, resolved_after_error: false, table })
+        }
+        None => {
+            // I8: the attempt's files are referenced by nothing the catalog holds: its data
+            // files, and the manifests and manifest list of the snapshot it reported.
+            delete_files(&table, paths).await;
+            if let Some(lost) = find_snapshot_of_run(&reported, &attempt.run_id) {
+                delete_files(&table, &snapshot_own_files(&reported, lost).await).await;
+            }
+            sweep_stray_metadata(&table).await;
+            Err(OffloadError::CommitNotPersisted { table: ident.to_string() })
+        }
+    }
+}
+
+/// The manifest list of `snapshot_id` and the manifests it added (best effort: what cannot be
+/// read is left to `iceberg-offload cleanup`).
+async fn snapshot_own_files(table: &Table, snapshot_id: i64) -> Vec<String> {
+    let meta = table.metadata();
+    let Some(snapshot) = meta.snapshot_by_id(snapshot_id) else { return vec![] };
+    let list_path = snapshot.manifest_list().to_string();
+    let list = match table.file_io().new_input(&list_path) {
+        Ok(input) => match input.read().await {
+            Ok(bytes) => ManifestList::parse_with_version(&bytes, meta.format_version()).ok(),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let mut files: Vec<String> = list
+        .iter()
+        .flat_map(|l| l.entries())
+        .filter(|m| m.added_snapshot_id == snapshot_id)
+        .map(|m| m.manifest_path.clone())
+        .collect();
+    files.push(list_path);
+    files
+}
+
 /// The snapshot whose summary carries this run id, if any.
 pub fn find_snapshot_of_run(table: &Table, run_id: &str) -> Option<i64> {
     table
@@ -235,7 +292,7 @@ pub fn find_snapshot_of_run(table: &Table, run_id: &str) -> Option<i64> {
 pub async fn delete_files(table: &Table, paths: &[String]) {
     for p in paths {
         if let Err(e) = table.file_io().delete(p).await {
-            tracing::warn!(table = %table.identifier(), path = %p, "could not delete a data file of a failed attempt: {e}");
+            tracing::warn!(table = %table.identifier(), path = %p, "could not delete a file of a failed attempt: {e}");
         }
     }
 }
@@ -374,6 +431,11 @@ impl Catalog for PinnedCatalog {
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
         crate::fault::hit_iceberg("commit_error")?;
+        if crate::fault::hit("commit_lost").is_err() {
+            // What iceberg-catalog-sql does when its SQL COMMIT fails: report the staged
+            // table as committed although nothing was persisted.
+            return commit.apply(self.pinned.clone());
+        }
         let table = self.inner.update_table(commit).await.map_err(|e| {
             if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts { e.with_retryable(false) } else { e }
         })?;

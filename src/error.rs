@@ -52,6 +52,12 @@ pub enum OffloadError {
     Schema { table: String, message: String },
     #[error("table {table}: commit refused because the table changed since it was read (another writer?): {message}")]
     CommitConflict { table: String, message: String },
+    /// The catalog said the commit was done, but re-reading it shows the table without our
+    /// snapshot (iceberg-catalog-sql ignores a failed SQL COMMIT). Nothing was appended.
+    #[error(
+        "table {table}: the catalog reported the commit as done but does not hold it (a lost SQL COMMIT?); nothing was appended and the window will be retried"
+    )]
+    CommitNotPersisted { table: String },
     #[error("Iceberg catalog unreachable: {0}")]
     CatalogUnreachable(String),
     #[error("Iceberg: {0}")]
@@ -87,7 +93,8 @@ impl OffloadError {
             | Self::ClickHouseStream(_)
             | Self::CatalogUnreachable(_)
             | Self::StateUnreachable(_)
-            | Self::CommitConflict { .. } => true,
+            | Self::CommitConflict { .. }
+            | Self::CommitNotPersisted { .. } => true,
             // Server-side errors that are about load, not about the query.
             Self::ClickHouse { code, .. } => matches!(code, 159 | 160 | 164 | 202 | 209 | 210 | 241 | 394 | 1002),
             Self::Iceberg(e) => e.retryable() || is_connection_error(e),
@@ -106,6 +113,7 @@ impl OffloadError {
             Self::UnsupportedServer(_) => "unsupported_server",
             Self::Schema { .. } => "schema",
             Self::CommitConflict { .. } => "commit_conflict",
+            Self::CommitNotPersisted { .. } => "commit_not_persisted",
             Self::CatalogUnreachable(_) => "catalog_unreachable",
             Self::Iceberg(_) => "iceberg",
             Self::State(_) => "state",

@@ -5,7 +5,9 @@
 //!
 //! Points, in the order one window passes them: `after_read_start`, `mid_stream`,
 //! `after_files_written`, `before_commit`, `commit_error` (the catalog call fails, nothing
-//! committed), `commit_unknown` (the commit lands but the caller sees an error),
+//! committed), `commit_lost` (`error` only: the catalog reports success but persisted
+//! nothing, as iceberg-catalog-sql does when its SQL COMMIT fails), `commit_unknown` (the
+//! commit lands but the caller sees an error),
 //! `after_commit` (before the state store), `state_update` (inside it).
 
 use crate::error::OffloadError;

@@ -47,14 +47,39 @@ pub struct TableOutcome {
 /// enough to overlap reading with writing, few enough to keep memory flat.
 const PIPELINE_DEPTH: usize = 4;
 
-/// Offloads every settled row of one table, in bounded windows.
+impl TableOutcome {
+    /// Adds a later attempt of the same cycle (a retry) to the work done so far.
+    pub fn absorb(&mut self, later: TableOutcome) {
+        self.rows += later.rows;
+        self.windows += later.windows;
+        fn newer<T>(slot: &mut Option<T>, later: Option<T>) {
+            if later.is_some() {
+                *slot = later;
+            }
+        }
+        newer(&mut self.snapshot_id, later.snapshot_id);
+        newer(&mut self.watermark, later.watermark);
+        newer(&mut self.last_window, later.last_window);
+        newer(&mut self.rows_behind, later.rows_behind);
+        newer(&mut self.ttl_headroom_seconds, later.ttl_headroom_seconds);
+        newer(&mut self.late_rows, later.late_rows);
+        newer(&mut self.watermark_ns, later.watermark_ns);
+    }
+}
+
+/// Offloads every settled row of one table, in bounded windows, recording in `outcome` what
+/// this attempt committed, even when it fails later (the committed windows stay committed).
 /// `cancel` fires on timeout or shutdown; no commit starts after it fired.
-pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &CancellationToken) -> Result<TableOutcome> {
+pub async fn offload_table(
+    svc: &Services,
+    cfg: &TableConfig,
+    cancel: &CancellationToken,
+    outcome: &mut TableOutcome,
+) -> Result<()> {
     let source = until_cancelled(cancel, SourceTable::describe(&svc.ch, cfg)).await?;
     let projection = source.projection()?;
     let ident = target::ident(cfg);
     until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
-    let mut outcome = TableOutcome::default();
     // The watermark as of the last view or commit.
     let mut position: Option<crate::commit::Position>;
     loop {
@@ -189,7 +214,7 @@ pub async fn offload_table(svc: &Services, cfg: &TableConfig, cancel: &Cancellat
         .map_err(|e| best_effort("TTL headroom", e))
         .ok()
         .flatten();
-    Ok(outcome)
+    Ok(())
 }
 
 /// Streams the window from ClickHouse into the writer. Reading runs in its own task so

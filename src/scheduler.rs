@@ -223,6 +223,8 @@ impl Scheduler {
         });
 
         let mut attempt = 0;
+        // What this cycle committed for the table, over all its attempts.
+        let mut done = TableOutcome::default();
         let result = loop {
             attempt += 1;
             let attempt_started = Instant::now();
@@ -235,7 +237,8 @@ impl Scheduler {
                     cancel.cancel();
                 })
             };
-            let run = offload_table(svc, t, &cancel).await;
+            let mut this_attempt = TableOutcome::default();
+            let run = offload_table(svc, t, &cancel, &mut this_attempt).await;
             // The token is cancelled by the timer or by a shutdown; without a shutdown it was the
             // timer (asking the timer task whether it finished races with its last poll).
             let timed_out = !self.shutdown.is_cancelled();
@@ -250,9 +253,10 @@ impl Scheduler {
                 tracing::info!(table = t.name(), "abandoned for shutdown before its commit");
                 break Err(OffloadError::Cancelled);
             }
-            self.record_run(cycle_id, t, &run, attempt_started.elapsed()).await;
+            self.record_run(cycle_id, t, &this_attempt, run.as_ref().err(), attempt_started.elapsed()).await;
+            done.absorb(this_attempt);
             match run {
-                Ok(outcome) => break Ok(outcome),
+                Ok(()) => break Ok(std::mem::take(&mut done)),
                 Err(e) => {
                     let retry = e.is_transient() && attempt <= svc_cfg.retries && !self.shutdown.is_cancelled();
                     let message = e.to_string();
@@ -328,7 +332,8 @@ impl Scheduler {
         &self,
         cycle_id: &str,
         t: &TableConfig,
-        run: &Result<TableOutcome, OffloadError>,
+        outcome: &TableOutcome,
+        error: Option<&OffloadError>,
         took: Duration,
     ) {
         let Some(state) = &self.services.state else { return };
@@ -344,17 +349,16 @@ impl Scheduler {
             finished_at_ms,
             ..Default::default()
         };
-        match run {
-            Ok(o) => {
-                r.status = if o.windows == 0 { "no_data".into() } else { "success".into() };
-                r.rows = o.rows as i64;
-                r.snapshot_id = o.snapshot_id;
-                if let Some((lo, hi)) = &o.last_window {
-                    r.window_lo = lo.clone();
-                    r.window_hi = Some(hi.clone());
-                }
-            }
-            Err(e) => {
+        // A failed attempt may have committed windows before it failed: they are recorded too.
+        r.rows = outcome.rows as i64;
+        r.snapshot_id = outcome.snapshot_id;
+        if let Some((lo, hi)) = &outcome.last_window {
+            r.window_lo = lo.clone();
+            r.window_hi = Some(hi.clone());
+        }
+        match error {
+            None => r.status = if outcome.windows == 0 { "no_data".into() } else { "success".into() },
+            Some(e) => {
                 r.status = "failed".into();
                 r.error_type = Some(e.class().as_str().into());
                 r.error_kind = Some(e.kind().into());

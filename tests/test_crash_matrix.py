@@ -57,3 +57,25 @@ def test_cleanup_removes_the_files_of_a_crashed_attempt_and_nothing_else(gateway
     assert {str(p) for p in data.rglob("*.parquet")} == {str(p) for p in files_before} - orphans
     got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
     assert src["count"] == ROWS
+
+
+def test_a_commit_reported_but_not_persisted_is_refused_cleaned_and_retried(gateway, db, tmp_path):
+    """I5 for a reported success: iceberg-catalog-sql ignores the error of its own SQL COMMIT
+    and reports success (rust-stack.md §8.8). The service re-reads the catalog, finds its
+    snapshot missing, deletes the attempt's files, does not count its rows, and retries."""
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", ROWS, now_ms() - 7_200_000, step_ms=100)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", max_rows_per_commit=PER_COMMIT)], tmp_path)
+    first = run(cfg, "once", exe=fault_binary(), env={"ICEBERG_OFFLOAD_FAULT": "commit_lost:error:2"})
+    assert first.returncode == 0, first.stdout + first.stderr[-2000:]
+    assert "does not hold it" in first.stderr, first.stderr[-2000:]
+    assert f"{ROWS} rows in" in first.stdout, "rows of the lost commit must not be counted: " + first.stdout
+    dry = run(cfg, "cleanup", "--older-than", "0s", "--dry-run", check=True)
+    assert "0 orphans" in dry.stdout, "the lost attempt's files must be deleted: " + dry.stdout
+    # The run history has one row per attempt, the failed one with the window it did commit.
+    import sqlite3
+    runs = sqlite3.connect(tmp_path / "state.db").execute(
+        "SELECT status, error_kind, rows_written FROM offload_runs ORDER BY started_at_ms").fetchall()
+    assert runs == [("failed", "commit_not_persisted", PER_COMMIT), ("success", None, ROWS - PER_COMMIT)], runs
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    assert src["count"] == ROWS
