@@ -5,7 +5,8 @@
 //!
 //! - **I1 Deterministic windows** — [`plan_window`]: a window is `(W(k-1), W(k)]` on the
 //!   position `(cursor, tiebreak)`. `W(k)` is fixed at planning, never later than
-//!   `now − settle_delay`, and bounded to `max_rows_per_commit` rows.
+//!   `now − settle_delay`, and bounded to `max_rows_per_commit` rows and to
+//!   `max_partitions_per_commit` partitions of a time-partitioned cursor.
 //! - **I2 One door in** — [`commit_window`] is the only code that appends: one snapshot
 //!   carrying the window's files and, atomically, the watermark (table properties
 //!   [`PROP_WATERMARK`] and [`PROP_POSITION`], plus summary markers).
@@ -124,14 +125,24 @@ pub async fn plan_window(
     if lo.is_some_and(|lo| lo.cursor_ns >= limit_ns) {
         return Ok(None);
     }
-    let limit = Position { cursor_ns: limit_ns, tiebreak: None };
-    let rows = source.count(ch, lo, &limit).await?;
-    if rows == 0 {
-        return Ok(None);
+    let mut limit = Position { cursor_ns: limit_ns, tiebreak: None };
+    let (mut rows, first_ns) = source.count_and_first(ch, lo, &limit).await?;
+    let Some(first_ns) = first_ns else { return Ok(None) };
+    // Flat memory: a window keeps one Parquet writer open per partition it touches, and a
+    // backfill's rows arrive interleaved across days (ClickHouse reads in its own sort order).
+    // So a window spans at most `max_partitions_per_commit` partitions of a time transform
+    // of the cursor; the rest of the backlog follows in the next windows.
+    let mut capped = false;
+    if let Some(end_ns) = source.table.partition_span_end_ns(first_ns)
+        && end_ns <= limit.cursor_ns
+    {
+        limit = Position { cursor_ns: end_ns - 1, tiebreak: None };
+        rows = source.count(ch, lo, &limit).await?;
+        capped = true;
     }
     let max = source.table.max_rows_per_commit;
     if rows <= max {
-        return Ok(Some(Window { lo: lo.cloned(), hi: limit, planned_rows: rows, bounded: false }));
+        return Ok(Some(Window { lo: lo.cloned(), hi: limit, planned_rows: rows, bounded: capped }));
     }
     let hi = source.nth_position(ch, lo, &limit, max).await?;
     // Without a tiebreak every row at the cut's cursor value is included, so count again.

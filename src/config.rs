@@ -91,6 +91,9 @@ fn d_settle() -> String {
 fn d_max_rows() -> u64 {
     1_000_000
 }
+fn d_max_partitions() -> u32 {
+    8
+}
 fn d_layer() -> String {
     "bronze".into()
 }
@@ -164,6 +167,8 @@ struct RawTable {
     settle_delay: String,
     #[serde(default = "d_max_rows")]
     max_rows_per_commit: u64,
+    #[serde(default = "d_max_partitions")]
+    max_partitions_per_commit: u32,
     #[serde(default)]
     partition: Vec<String>,
     #[serde(default = "d_columns")]
@@ -283,6 +288,9 @@ pub struct TableConfig {
     pub tiebreak: Option<String>,
     pub settle_delay: Duration,
     pub max_rows_per_commit: u64,
+    /// How many partitions of a time transform of the cursor (`day(cursor)`, …) one window may
+    /// span: each open partition costs a Parquet writer's memory.
+    pub max_partitions_per_commit: u32,
     pub partition: Vec<PartitionField>,
     /// `None` means all columns.
     pub columns: Option<Vec<String>>,
@@ -299,6 +307,40 @@ impl TableConfig {
     }
     pub fn target(&self) -> String {
         format!("{}.{}", self.target_namespace, self.target_table)
+    }
+
+    /// Where a window starting at `first_ns` (the cursor of its first row) must end so that it
+    /// spans at most `max_partitions_per_commit` partitions of the finest time transform of the
+    /// cursor in the partition spec: the start of the first partition after them, in ns since
+    /// the epoch (UTC, as Iceberg's transforms). `None` when no partition field is a time
+    /// transform of the cursor, or the bound is past the representable range.
+    pub fn partition_span_end_ns(&self, first_ns: i64) -> Option<i64> {
+        use chrono::{DateTime, Datelike, Duration, Months, NaiveDate, Timelike, Utc};
+        let finest = self
+            .partition
+            .iter()
+            .filter(|f| f.column == self.cursor)
+            .filter_map(|f| match f.transform.as_str() {
+                "hour" => Some(0),
+                "day" => Some(1),
+                "month" => Some(2),
+                "year" => Some(3),
+                _ => None,
+            })
+            .min()?;
+        let k = self.max_partitions_per_commit;
+        let t: DateTime<Utc> = DateTime::from_timestamp_nanos(first_ns);
+        let date = t.date_naive();
+        let end = match finest {
+            0 => date.and_hms_opt(t.hour(), 0, 0)?.and_utc().checked_add_signed(Duration::hours(k.into()))?,
+            1 => date.and_hms_opt(0, 0, 0)?.and_utc().checked_add_signed(Duration::days(k.into()))?,
+            2 => NaiveDate::from_ymd_opt(date.year(), date.month(), 1)?
+                .checked_add_months(Months::new(k))?
+                .and_hms_opt(0, 0, 0)?
+                .and_utc(),
+            _ => NaiveDate::from_ymd_opt(date.year().checked_add(k as i32)?, 1, 1)?.and_hms_opt(0, 0, 0)?.and_utc(),
+        };
+        end.timestamp_nanos_opt()
     }
 }
 
@@ -500,6 +542,9 @@ impl Config {
         if t.max_rows_per_commit == 0 {
             return Err(inv("max_rows_per_commit must be at least 1".into()));
         }
+        if t.max_partitions_per_commit == 0 {
+            return Err(inv("max_partitions_per_commit must be at least 1".into()));
+        }
         let columns = if t.columns.len() == 1 && t.columns[0] == "*" {
             None
         } else {
@@ -532,6 +577,7 @@ impl Config {
             tiebreak: t.tiebreak,
             settle_delay: parse_duration(&t.settle_delay).map_err(|e| inv(format!("settle_delay: {e}")))?,
             max_rows_per_commit: t.max_rows_per_commit,
+            max_partitions_per_commit: t.max_partitions_per_commit,
             partition,
             columns,
         })
@@ -574,6 +620,47 @@ partition = ["day(exchange_timestamp)"]
             c.tables[0].partition[0],
             PartitionField { transform: "day".into(), column: "exchange_timestamp".into() }
         );
+    }
+
+    fn ns(text: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_nanos_opt().unwrap()
+    }
+
+    #[test]
+    fn a_window_spans_at_most_max_partitions_of_the_cursor() {
+        let c = Config::parse(MINIMAL, "t.toml", Path::new("/")).unwrap();
+        let mut t = c.tables[0].clone();
+        assert_eq!(t.max_partitions_per_commit, 8, "default");
+        let first = ns("2026-02-27T23:59:59.999Z");
+        // day(cursor): the window ends where the 8th day after the first row's day ends.
+        assert_eq!(t.partition_span_end_ns(first), Some(ns("2026-03-07T00:00:00Z")));
+        t.max_partitions_per_commit = 1;
+        assert_eq!(t.partition_span_end_ns(first), Some(ns("2026-02-28T00:00:00Z")));
+        // The finest time transform of the cursor decides.
+        t.partition = vec![
+            PartitionField { transform: "month".into(), column: "exchange_timestamp".into() },
+            PartitionField { transform: "hour".into(), column: "exchange_timestamp".into() },
+        ];
+        t.max_partitions_per_commit = 3;
+        assert_eq!(t.partition_span_end_ns(first), Some(ns("2026-02-28T02:00:00Z")));
+        t.partition.pop();
+        assert_eq!(t.partition_span_end_ns(first), Some(ns("2026-05-01T00:00:00Z")));
+        t.partition = vec![PartitionField { transform: "year".into(), column: "exchange_timestamp".into() }];
+        assert_eq!(t.partition_span_end_ns(ns("1969-07-20T20:17:00Z")), Some(ns("1972-01-01T00:00:00Z")));
+        // Not a time transform of the cursor: no bound.
+        t.partition = vec![
+            PartitionField { transform: "identity".into(), column: "symbol".into() },
+            PartitionField { transform: "day".into(), column: "event_time".into() },
+        ];
+        assert_eq!(t.partition_span_end_ns(first), None);
+        let err = Config::parse(
+            &MINIMAL.replace("partition =", "max_partitions_per_commit = 0\npartition ="),
+            "t.toml",
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_partitions_per_commit"), "{err}");
     }
 
     #[test]

@@ -109,6 +109,11 @@ impl Metrics {
         registry.register(Box::new(cycle_duration_seconds.clone())).expect("unique metric");
         let rows_per_second = RowsPerSecond::new();
         registry.register(Box::new(rows_per_second.clone())).expect("unique metric");
+        // The standard process_* series (resident memory, CPU seconds, open fds, start time):
+        // the "memory stays flat" promise has to be visible, not only benchmarked.
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
         Self {
             rows_total,
             cycles_total,

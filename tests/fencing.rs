@@ -24,6 +24,7 @@ fn table_config() -> TableConfig {
         tiebreak: None,
         settle_delay: Duration::from_secs(0),
         max_rows_per_commit: 1000,
+        max_partitions_per_commit: 8,
         partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
         columns: None,
     }

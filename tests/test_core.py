@@ -74,6 +74,24 @@ def test_backfill_from_empty_is_bounded_in_commits_and_memory(gateway, db, tmp_p
     assert max(int(s["offload.rows"]) for s in commits) <= 300_000
 
 
+def test_backfill_windows_span_at_most_max_partitions_per_commit(gateway, db, tmp_path):
+    """Flat memory however far behind: a window keeps one Parquet writer per partition it
+    touches, and the source returns a backfill's days interleaved (its sort key starts with
+    the symbol). So windows are cut at `max_partitions_per_commit` day partitions."""
+    create_bronze(gateway, db, "spread")
+    start = now_ms() - 5 * 86_400_000 - 3_600_000
+    insert_bronze(gateway, db, "spread", 60_000, start, step_ms=5 * 86_400_000 / 60_000)
+    cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "spread", max_partitions_per_commit=2)], tmp_path)
+    out = run(cfg, "once", check=True).stdout
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "spread")
+    assert src["count"] == 60_000, out
+    commits = [s for s in got["pyiceberg"]["snapshots"] if s.get("offload.run-id")]
+    partitions = [int(s["changed-partition-count"]) for s in commits]
+    last = start + 59_999 * int(5 * 86_400_000 / 60_000 * 1000) // 1000  # as k2data.insert_bronze stamps rows
+    days = last // 86_400_000 - start // 86_400_000 + 1  # UTC days touched (6, or 5)
+    assert max(partitions) <= 2 and sum(partitions) == days and len(commits) == (days + 1) // 2, (days, partitions)
+
+
 def test_deleting_the_state_db_resumes_from_the_iceberg_watermark(gateway, db, tmp_path):
     create_bronze(gateway, db, "trades")
     insert_bronze(gateway, db, "trades", 50_000, now_ms() - 7_200_000, step_ms=50)

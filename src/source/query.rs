@@ -173,6 +173,24 @@ impl SourceTable {
         text.trim().parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected count {text:?}")))
     }
 
+    /// Rows in the window, and the smallest cursor among them (ns since the epoch; `None`
+    /// when the window is empty), in one scan.
+    pub async fn count_and_first(
+        &self,
+        ch: &ClickHouse,
+        lo: Option<&Position>,
+        hi: &Position,
+    ) -> Result<(u64, Option<i64>)> {
+        let (pred, params) = self.window_predicate(lo, hi);
+        let sql = format!("SELECT count(), min({}) FROM {} WHERE {pred}", self.cursor_ns(), self.from());
+        let rows = ch.query_rows(&sql, &params).await?;
+        let unexpected = || OffloadError::ClickHouseStream(format!("unexpected count/min {rows:?}"));
+        let row = rows.first().filter(|r| r.len() == 2).ok_or_else(unexpected)?;
+        let count: u64 = row[0].parse().map_err(|_| unexpected())?;
+        let first: i64 = row[1].parse().map_err(|_| unexpected())?;
+        Ok((count, (count > 0).then_some(first)))
+    }
+
     /// The position of the `n`-th row (1-based) after `lo`, in (cursor, tiebreak) order:
     /// where a window bounded to `n` rows ends.
     pub async fn nth_position(
