@@ -3,7 +3,8 @@
 
 * pyiceberg through the same SQL catalog (count, sums, distinct keys, duplicates);
 * ClickHouse's icebergLocal() through chdb, reading the table directory as a directory
-  reader does (it picks the highest-numbered metadata file, so a stray one shows up).
+  reader does (it picks the highest-numbered metadata file, so a stray one shows up);
+  icebergS3() for a warehouse on S3 (`--s3-endpoint`, `--s3-key`, secret in $VERIFY_S3_SECRET).
 
 Usage: verify_iceberg.py --catalog-uri sqlite:////abs/catalog.db --warehouse file:///abs/wh \
          --table cold.t --key symbol,sequence_number --sum price [--sum quantity] [--rows]
@@ -22,7 +23,7 @@ def pyiceberg_read(args):
     if uri.startswith("sqlite://") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + uri[len("sqlite://"):]
     uri = uri.split("?")[0]
-    catalog = SqlCatalog(args.catalog_name, uri=uri, warehouse=args.warehouse)
+    catalog = SqlCatalog(args.catalog_name, uri=uri, warehouse=args.warehouse, **s3_properties(args))
     table = catalog.load_table(args.table)
     arrow = table.scan().to_arrow()
     out = {"count": arrow.num_rows, "location": table.location(), "properties": dict(table.properties)}
@@ -43,24 +44,37 @@ def pyiceberg_read(args):
     return out
 
 
+def s3_properties(args):
+    if not args.s3_endpoint:
+        return {}
+    return {"s3.endpoint": args.s3_endpoint, "s3.access-key-id": args.s3_key, "s3.region": "us-east-1",
+            "s3.secret-access-key": os.environ["VERIFY_S3_SECRET"]}
+
+
 def clickhouse_read(args, location):
     from chdb import session
 
-    path = location[len("file://"):] if location.startswith("file://") else location
-    os.chdir("/")  # icebergLocal() only reads below the working directory
+    if location.startswith("s3://"):
+        # Path-style URL on the configured endpoint: http://host:port/bucket/key/
+        url = f"{args.s3_endpoint.rstrip('/')}/{location[len('s3://'):].rstrip('/')}/"
+        source = f"icebergS3('{url}', '{args.s3_key}', '{os.environ['VERIFY_S3_SECRET']}')"
+    else:
+        path = location[len("file://"):] if location.startswith("file://") else location
+        os.chdir("/")  # icebergLocal() only reads below the working directory
+        source = f"icebergLocal('{path}')"
     s = session.Session()
     sums = "".join(f", toString(sum({c}))" for c in args.sum)
     keys = args.key.split(",") if args.key else []
     distinct = f", uniqExact(({', '.join(keys)}))" if keys else ", 0"
-    q = f"SELECT count(){distinct}{sums} FROM icebergLocal('{path}')"
+    q = f"SELECT count(){distinct}{sums} FROM {source}"
     res = json.loads(s.query(q, "JSONCompact").bytes().decode())
     row = res["data"][0]
     out = {"count": int(row[0]), "distinct_keys": int(row[1]), "sums": {c: str(v) for c, v in zip(args.sum, row[2:])}}
-    desc = json.loads(s.query(f"DESCRIBE icebergLocal('{path}')", "JSON").bytes().decode())
+    desc = json.loads(s.query(f"DESCRIBE {source}", "JSON").bytes().decode())
     out["types"] = {r["name"]: r["type"] for r in desc["data"]}
     if args.rows:
         cols = ", ".join(f"toString(`{name}`) AS `{name}`" for name in out["types"])
-        data = json.loads(s.query(f"SELECT {cols} FROM icebergLocal('{path}')", "JSON").bytes().decode())
+        data = json.loads(s.query(f"SELECT {cols} FROM {source}", "JSON").bytes().decode())
         out["rows"] = data["data"]
     return out
 
@@ -75,6 +89,8 @@ def main():
     ap.add_argument("--sum", action="append", default=[])
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--no-clickhouse", action="store_true")
+    ap.add_argument("--s3-endpoint", default="")
+    ap.add_argument("--s3-key", default="")
     args = ap.parse_args()
     out = {"pyiceberg": pyiceberg_read(args)}
     if not args.no_clickhouse:

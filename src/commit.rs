@@ -261,6 +261,13 @@ async fn confirm_reported_success(
             if let Some(lost) = find_snapshot_of_run(&reported, &attempt.run_id) {
                 delete_files(&table, &snapshot_own_files(&reported, lost).await).await;
             }
+            // The metadata file the catalog wrote before its lost SQL COMMIT: a directory
+            // reader would take it as current. Deleted by path, so on object stores too.
+            if let Some(stray) = reported.metadata_location()
+                && Some(stray) != table.metadata_location()
+            {
+                delete_files(&table, &[stray.to_string()]).await;
+            }
             sweep_stray_metadata(&table).await;
             Err(OffloadError::CommitNotPersisted { table: ident.to_string() })
         }

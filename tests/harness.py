@@ -102,17 +102,23 @@ def run(config, *args, env=None, timeout=900, check=False, exe=None):
     return p
 
 
-def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False, clickhouse=True):
+def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False, clickhouse=True, s3=None):
+    """`s3`: {"endpoint", "key", "secret", "warehouse"} for a warehouse on S3."""
     tmp = Path(tmp)
+    warehouse = s3["warehouse"] if s3 else f"file://{tmp / 'warehouse'}"
     cmd = [PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--catalog-uri", f"sqlite:////{tmp / 'catalog.db'}".replace("/////", "////"),
-           "--warehouse", f"file://{tmp / 'warehouse'}", "--table", table, "--key", key]
+           "--warehouse", warehouse, "--table", table, "--key", key]
+    env = dict(os.environ)
+    if s3:
+        cmd += ["--s3-endpoint", s3["endpoint"], "--s3-key", s3["key"]]
+        env["VERIFY_S3_SECRET"] = s3["secret"]
     for s in sums:
         cmd += ["--sum", s]
     if rows:
         cmd.append("--rows")
     if not clickhouse:
         cmd.append("--no-clickhouse")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if p.returncode != 0:
         raise AssertionError(f"verifier failed:\n{p.stderr}")
     return json.loads(p.stdout)
@@ -122,10 +128,10 @@ def source_stats(gw, db, table, watermark_position, **kw):
     return k2data.source_stats(gw.scalar, db, table, watermark_position, **kw)
 
 
-def assert_equal_to_source(gw, tmp, db, table, target=None):
+def assert_equal_to_source(gw, tmp, db, table, target=None, s3=None):
     """Invariant check: Iceberg equals the source up to W, seen by both independent readers."""
     target = target or f"cold.{table}"
-    got = verify(tmp, target)
+    got = verify(tmp, target, s3=s3)
     py = got["pyiceberg"]
     wm = py["properties"]["offload.watermark.position"]
     src = source_stats(gw, db, table, wm)
