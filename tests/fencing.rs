@@ -72,18 +72,80 @@ async fn setup() -> (tempfile::TempDir, Arc<dyn iceberg::Catalog>, iceberg::Tabl
     };
     let cat = catalog::build(&cfg).await.unwrap();
     let tcfg = table_config();
-    let projection = vec![
+    target::ensure(&cat, &tcfg, &projection()).await.unwrap();
+    (dir, cat, target::ident(&tcfg))
+}
+
+fn projection() -> Vec<(String, String, Type, bool)> {
+    vec![
         ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
         ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
-    ];
-    target::ensure(&cat, &tcfg, &projection).await.unwrap();
-    (dir, cat, target::ident(&tcfg))
+    ]
+}
+
+/// The test tooling's REST catalog server (dev/rest_catalog.py: the REST spec in front of
+/// pyiceberg's SQL catalog, so requirement checks and compare-and-swap are pyiceberg's), with
+/// its SQLite store and warehouse in `dir`. Killed on drop.
+struct RestServer(std::process::Child);
+
+impl Drop for RestServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn venv_python() -> String {
+    let venv = std::env::var("ICEBERG_OFFLOAD_VENV").expect("run through dev/test.sh (ICEBERG_OFFLOAD_VENV)");
+    format!("{venv}/bin/python")
+}
+
+async fn setup_rest() -> (tempfile::TempDir, RestServer, Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new(venv_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/dev/rest_catalog.py"))
+        .args(["--port", &port.to_string()])
+        .args(["--catalog-uri", &format!("sqlite:///{}/catalog.db", dir.path().display())])
+        .args(["--warehouse", &format!("file://{}/warehouse", dir.path().display())])
+        .spawn()
+        .unwrap();
+    let server = RestServer(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the REST catalog server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cfg = CatalogConfig {
+        kind: CatalogKind::Rest,
+        name: "offload".into(),
+        uri: format!("http://127.0.0.1:{port}"),
+        warehouse: None,
+        password: Default::default(),
+        token: Default::default(),
+        credential: Default::default(),
+        properties: Default::default(),
+        properties_env: Default::default(),
+    };
+    let cat = catalog::build(&cfg).await.unwrap();
+    let tcfg = table_config();
+    target::ensure(&cat, &tcfg, &projection()).await.unwrap();
+    (dir, server, cat, target::ident(&tcfg))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
     let (dir, cat, ident) = setup().await;
+    stale_view_is_refused(dir, cat, ident).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_a_stale_view_is_refused_by_a_rest_catalog_too() {
+    let (dir, _server, cat, ident) = setup_rest().await;
+    stale_view_is_refused(dir, cat, ident).await;
+}
+
+async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Catalog>, ident: iceberg::TableIdent) {
     // Two writers read the same view (I3)...
     let stale = TableView::load(&cat, &ident).await.unwrap();
     let fresh = TableView::load(&cat, &ident).await.unwrap();
@@ -108,8 +170,7 @@ async fn a_writer_with_a_stale_view_is_refused_and_leaves_nothing() {
     }
 
     // An independent reader sees A's ten rows, once.
-    let venv = std::env::var("ICEBERG_OFFLOAD_VENV").expect("run through dev/test.sh (ICEBERG_OFFLOAD_VENV)");
-    let out = std::process::Command::new(format!("{venv}/bin/python"))
+    let out = std::process::Command::new(venv_python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/dev/verify_iceberg.py"))
         .args(["--catalog-uri", &format!("sqlite:///{}/catalog.db", dir.path().display())])
         .args(["--warehouse", &format!("file://{}/warehouse", dir.path().display())])

@@ -109,9 +109,10 @@ mod tests {
 
     #[tokio::test]
     async fn rest_catalog_is_wired_from_config() {
-        // No REST server can run here: building the client must succeed without contacting it
-        // only when the catalog is lazy; iceberg-rust fetches /v1/config at load, so we expect
-        // a connection error that names the configured URI.
+        // No server on this port (the REST end-to-end tests run dev/rest_catalog.py): building
+        // the client must succeed without contacting it only when the catalog is lazy;
+        // iceberg-rust fetches /v1/config at load, so we expect a connection error that names
+        // the configured URI.
         let cfg = CatalogConfig {
             kind: CatalogKind::Rest,
             name: "prod".into(),
