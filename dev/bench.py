@@ -80,6 +80,28 @@ def dir_bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*.parquet"))
 
 
+def measure_once(binary, cfg, gw):
+    """`iceberg-offload once` on a benchmark config, measured."""
+    return measure([binary, "--config", str(cfg), "once"], gw.proc.pid, env=dict(os.environ, BENCH_CH_PASSWORD=PASSWORD))
+
+
+def scaling_table(name, header, cases, one_case):
+    """The scaffolding of the scaling benchmarks: a fresh ClickHouse engine in a temporary
+    folder, `one_case(gw, tmp, case)` -> one Markdown row per case, printed as it comes and
+    as a whole table at the end; everything removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"iceberg-offload-bench-{name}-"))
+    gw = Gateway(tmp / "clickhouse" / "data")
+    lines = [header, "|" + "|".join("---:" for _ in header.strip("|").split("|")) + "|"]
+    try:
+        for case in cases:
+            lines.append(one_case(gw, tmp, case))
+            print(lines[-1], flush=True)
+    finally:
+        gw.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(lines))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000,1000000,10000000")

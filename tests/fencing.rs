@@ -59,11 +59,23 @@ fn window(hi_s: i64) -> Window {
 /// A SQLite catalog in a temporary folder with the empty target table created.
 async fn setup() -> (tempfile::TempDir, Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
     let dir = tempfile::tempdir().unwrap();
+    let uri = format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display());
+    let warehouse = Some(format!("file://{}/warehouse", dir.path().display()));
+    let (cat, ident) = catalog_with_table(CatalogKind::Sql, uri, warehouse).await;
+    (dir, cat, ident)
+}
+
+/// The catalog, and in it the empty target table.
+async fn catalog_with_table(
+    kind: CatalogKind,
+    uri: String,
+    warehouse: Option<String>,
+) -> (Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
     let cfg = CatalogConfig {
-        kind: CatalogKind::Sql,
+        kind,
         name: "offload".into(),
-        uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
-        warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
+        uri,
+        warehouse,
         password: Default::default(),
         token: Default::default(),
         credential: Default::default(),
@@ -73,7 +85,7 @@ async fn setup() -> (tempfile::TempDir, Arc<dyn iceberg::Catalog>, iceberg::Tabl
     let cat = catalog::build(&cfg).await.unwrap();
     let tcfg = table_config();
     target::ensure(&cat, &tcfg, &projection()).await.unwrap();
-    (dir, cat, target::ident(&tcfg))
+    (cat, target::ident(&tcfg))
 }
 
 fn projection() -> Vec<(String, String, Type, bool)> {
@@ -116,21 +128,8 @@ async fn setup_rest() -> (tempfile::TempDir, RestServer, Arc<dyn iceberg::Catalo
         assert!(std::time::Instant::now() < deadline, "the REST catalog server did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let cfg = CatalogConfig {
-        kind: CatalogKind::Rest,
-        name: "offload".into(),
-        uri: format!("http://127.0.0.1:{port}"),
-        warehouse: None,
-        password: Default::default(),
-        token: Default::default(),
-        credential: Default::default(),
-        properties: Default::default(),
-        properties_env: Default::default(),
-    };
-    let cat = catalog::build(&cfg).await.unwrap();
-    let tcfg = table_config();
-    target::ensure(&cat, &tcfg, &projection()).await.unwrap();
-    (dir, server, cat, target::ident(&tcfg))
+    let (cat, ident) = catalog_with_table(CatalogKind::Rest, format!("http://127.0.0.1:{port}"), None).await;
+    (dir, server, cat, ident)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
