@@ -61,7 +61,12 @@ pub enum OffloadError {
     #[error("Iceberg catalog unreachable: {0}")]
     CatalogUnreachable(String),
     #[error("Iceberg: {0}")]
-    Iceberg(#[from] iceberg::Error),
+    Iceberg(iceberg::Error),
+    /// The catalog answered 401/403: credentials missing, wrong or without the right grants.
+    #[error(
+        "the Iceberg catalog refused our credentials ({0}); check catalog.token_env / credential_env (REST) or the catalog password, and the grants on the namespace"
+    )]
+    CatalogAuth(String),
     #[error("state store: {0}")]
     State(String),
     #[error("state store unreachable: {0}")]
@@ -116,11 +121,24 @@ impl OffloadError {
             Self::CommitNotPersisted { .. } => "commit_not_persisted",
             Self::CatalogUnreachable(_) => "catalog_unreachable",
             Self::Iceberg(_) => "iceberg",
+            Self::CatalogAuth(_) => "catalog_auth",
             Self::State(_) => "state",
             Self::StateUnreachable(_) => "state_unreachable",
             Self::LeaseHeld { .. } => "lease_held",
             Self::Crash(_) => "crash",
         }
+    }
+}
+
+impl From<iceberg::Error> for OffloadError {
+    fn from(e: iceberg::Error) -> Self {
+        let text = format!("{e}");
+        for status in ["401 Unauthorized", "403 Forbidden"] {
+            if text.contains(status) {
+                return OffloadError::CatalogAuth(format!("HTTP {status}"));
+            }
+        }
+        OffloadError::Iceberg(e)
     }
 }
 

@@ -74,5 +74,5 @@ def test_rest_catalog_refuses_a_wrong_token_clearly(gateway, db, tmp_path, rest)
     out = run(cfg, "once", env={"TEST_REST_TOKEN": "wrong-token-value"})
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "401" in text or "not authorized" in text.lower(), text[-2000:]
+    assert "refused our credentials (HTTP 401 Unauthorized)" in text and "token_env" in text, text[-2000:]
     assert "wrong-token-value" not in text
