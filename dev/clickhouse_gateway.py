@@ -153,23 +153,27 @@ class Handler(BaseHTTPRequestHandler):
         if settings and re.match(r"^\s*(SELECT|WITH)\b", query, re.IGNORECASE) and not re.search(r"\bSETTINGS\b", query, re.IGNORECASE):
             query += " SETTINGS " + ", ".join(f"{k}={quote_setting(v)}" for k, v in settings.items())
         database = params.get("database")
+        # chdb compresses its own ArrowStream chunks, but they are re-encoded below into one
+        # stream: apply the setting there, with ClickHouse's default (lz4_frame).
+        compression = {"lz4_frame": "lz4", "zstd": "zstd", "none": None}.get(
+            settings.get("output_format_arrow_compression_method", "lz4_frame"), "lz4")
         with self.server.engine.lock:
-            self._run(query, fmt, qparams, database)
+            self._run(query, fmt, qparams, database, compression)
 
-    def _run(self, query, fmt, qparams, database):
+    def _run(self, query, fmt, qparams, database, compression="lz4"):
         sess = self.server.engine.session
         try:
             if database:
                 sess.query(f"USE {quote_ident(database)}", "TabSeparated")
             try:
-                self._stream(sess, query, fmt, qparams)
+                self._stream(sess, query, fmt, qparams, compression)
             finally:
                 if database:
                     sess.query("USE default", "TabSeparated")
         except ClickHouseError as err:
             self._error(err)
 
-    def _stream(self, sess, query, fmt, qparams):
+    def _stream(self, sess, query, fmt, qparams, compression):
         arrow_stream = fmt.lower() == "arrowstream"
         if not STREAMABLE_RE.match(query):
             # DDL and INSERT cannot be streamed by chdb; they return little or nothing.
@@ -204,7 +208,8 @@ class Handler(BaseHTTPRequestHandler):
                 if arrow_stream:
                     reader = pa.ipc.open_stream(data)
                     if writer is None:
-                        writer = pa.ipc.new_stream(sink, reader.schema)
+                        options = pa.ipc.IpcWriteOptions(compression=compression)
+                        writer = pa.ipc.new_stream(sink, reader.schema, options=options)
                     for batch in reader:
                         writer.write_batch(batch)
                 else:

@@ -129,8 +129,9 @@ mod tests {
     use std::sync::Arc;
 
     use arrow_array::{ArrayRef, Decimal128Array, Int64Array, RecordBatch, StringArray};
+    use arrow_ipc::CompressionType;
     use arrow_ipc::reader::StreamDecoder;
-    use arrow_ipc::writer::StreamWriter;
+    use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
     use arrow_schema::{DataType, Field, Schema};
 
     use super::*;
@@ -159,8 +160,12 @@ mod tests {
     }
 
     fn stream_bytes(batches: &[RecordBatch]) -> Vec<u8> {
+        stream_bytes_with(batches, IpcWriteOptions::default())
+    }
+
+    fn stream_bytes_with(batches: &[RecordBatch], options: IpcWriteOptions) -> Vec<u8> {
         let mut out = vec![];
-        let mut w = StreamWriter::try_new(&mut out, &batches[0].schema()).unwrap();
+        let mut w = StreamWriter::try_new_with_options(&mut out, &batches[0].schema(), options).unwrap();
         for b in batches {
             w.write(b).unwrap();
         }
@@ -200,6 +205,22 @@ mod tests {
             // schema + 3 batches + end-of-stream marker
             assert_eq!(messages, 5, "chunk size {chunk}");
             assert_eq!(pending, 0);
+        }
+    }
+
+    #[test]
+    fn compressed_streams_are_framed_and_decoded_too() {
+        // ClickHouse's default output_format_arrow_compression_method is lz4_frame.
+        let input = batches();
+        for codec in [CompressionType::LZ4_FRAME, CompressionType::ZSTD] {
+            let options = IpcWriteOptions::default().try_with_compression(Some(codec)).unwrap();
+            let bytes = stream_bytes_with(&input, options);
+            assert!(bytes.len() < stream_bytes(&input).len(), "{codec:?} compresses");
+            for chunk in [5, 4096, bytes.len()] {
+                let (out, messages, pending) = decode(&bytes, chunk);
+                assert_eq!(out, input, "{codec:?}, chunk size {chunk}");
+                assert_eq!((messages, pending), (5, 0));
+            }
         }
     }
 
