@@ -9,7 +9,7 @@ side by side:
 It prints and writes a Markdown table and a PNG chart: rows/s, CPU seconds (client; and the
 ClickHouse engine's CPU, which is what the hot tier pays), peak RSS, output bytes, ratios.
 
-Usage: dev/bench.sh [--sizes 10000,100000,1000000,10000000] [--out docs/bench]
+Usage: dev/bench.sh [--sizes 10000,100000,1000000,10000000] [--out docs/bench] [--uint64 long|decimal]
 """
 import argparse
 import json
@@ -27,10 +27,17 @@ sys.path.insert(0, str(HERE))
 import k2data  # noqa: E402
 from clickhouse_local import PASSWORD, Gateway  # noqa: E402
 
-# The SELECT the service sends for the K2 bronze schema (see src/source/types.rs).
-SELECT = """SELECT toDateTime64(`exchange_timestamp`, 6, 'UTC') AS `exchange_timestamp`,
- toDecimal128(`sequence_number`, 0) AS `sequence_number`, `symbol`, `price`, `quantity`, `quote_volume`,
- toDateTime64(`event_time`, 6, 'UTC') AS `event_time`, toDecimal128(`kafka_offset`, 0) AS `kafka_offset`,
+# The SELECT the service sends for the K2 bronze schema (see src/source/types.rs), by how
+# UInt64 columns are stored: `long` (uint64 = "long", the original K2 tables' BIGINT) or
+# `decimal` (decimal(20,0), the service's default).
+UINT64_EXPR = {"long": "accurateCast(`{c}`, 'Int64')", "decimal": "toDecimal128(`{c}`, 0)"}
+
+
+def select_sql(table, uint64):
+    u = lambda c: UINT64_EXPR[uint64].replace("{c}", c)  # noqa: E731
+    return f"""SELECT toDateTime64(`exchange_timestamp`, 6, 'UTC') AS `exchange_timestamp`,
+ {u('sequence_number')} AS `sequence_number`, `symbol`, `price`, `quantity`, `quote_volume`,
+ toDateTime64(`event_time`, 6, 'UTC') AS `event_time`, {u('kafka_offset')} AS `kafka_offset`,
  toInt32(`kafka_partition`) AS `kafka_partition`, toDateTime64(`ingestion_timestamp`, 6, 'UTC') AS `ingestion_timestamp`
  FROM bench.{table}"""
 
@@ -106,6 +113,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000,1000000,10000000")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "bench"))
+    ap.add_argument("--uint64", choices=sorted(UINT64_EXPR), default="long",
+                    help="Iceberg type of the UInt64 columns (sequence_number, kafka_offset): long as in the "
+                         "original K2 tables, or decimal(20,0), the service's default")
     ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "iceberg-offload"))
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -124,7 +134,7 @@ def main(argv=None):
             k2data.insert_bronze(gw.sql, "bench", table, n, int(time.time() * 1000) - span_ms - 600_000,
                                  step_ms=span_ms / n)
             gw.sql(f"OPTIMIZE TABLE bench.{table} FINAL")
-            sql = SELECT.format(table=table)
+            sql = select_sql(table, a.uint64)
             row = {"rows": n}
 
             # Ceiling: the same stream to nowhere.
@@ -138,7 +148,7 @@ def main(argv=None):
             cfg = tmp / f"ours_{n}.toml"
             write_offload_config(cfg, gw.url, wh, [{
                 "source": f"bench.{table}", "target": f"bench.ours_{n}", "cursor": "exchange_timestamp",
-                "tiebreak": "sequence_number", "settle_delay": "0s", "max_rows_per_commit": max(n, 1),
+                "tiebreak": "sequence_number", "settle_delay": "0s", "max_rows_per_commit": max(n, 1), "uint64": a.uint64,
                 "partition": ["day(exchange_timestamp)"]}])
             ours = measure([a.binary, "--config", str(cfg), "once"], gw.proc.pid,
                            env=dict(os.environ, BENCH_CH_PASSWORD=PASSWORD))
@@ -162,7 +172,8 @@ def main(argv=None):
         gw.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    md = markdown(results)
+    stored = 'long (uint64 = "long")' if a.uint64 == "long" else "decimal(20,0) (the default)"
+    md = f"UInt64 columns (sequence_number, kafka_offset) stored as Iceberg {stored}.\n\n" + markdown(results)
     (out / "results.md").write_text(md)
     print(md)
     chart(results, out / "throughput.png")

@@ -51,6 +51,15 @@ class Engine:
         self.version = self.session.query("SELECT version()", "TabSeparated").bytes().decode().strip()
 
 
+def drain_failed_stream(sess):
+    """After a streamed query fails, chdb keeps the output it had produced (the Arrow schema at
+    least) and prefixes it to the next query's result; one throwaway query takes it."""
+    try:
+        sess.query("SELECT 1", "Null")
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class ClickHouseError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
@@ -186,6 +195,7 @@ class Handler(BaseHTTPRequestHandler):
             stream = sess.send_query(query, fmt, params=qparams)
             first = stream.fetch()  # chdb raises only when the first chunk is fetched
         except Exception as exc:  # noqa: BLE001 - every engine error becomes a ClickHouse error
+            drain_failed_stream(sess)
             raise error_from(exc)
         if first is None:
             # No rows. A real server still sends the ArrowStream schema (chdb's streaming does not).
@@ -223,6 +233,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - error after output started: cut the response
             err = error_from(exc)
+            drain_failed_stream(sess)
             try:
                 self._chunk(f"\nCode: {err.code}. DB::Exception: {err}\n".encode())
                 self.wfile.flush()

@@ -118,11 +118,11 @@ pub async fn offload_table(
         let started = Instant::now();
         let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: cfg.source() };
         let (sql, params) = source.select(&projection, window.lo.as_ref(), &window.hi);
-        let mut writer = WindowWriter::new(&view.table, &attempt.run_id).await?;
+        let mut writer = WindowWriter::new(&view.table, &attempt.run_id, cfg.integer_encoding).await?;
         let read = read_into(svc, &sql, &params, projection.len(), &mut writer, cancel).await;
         let rows = writer.rows;
         let files = writer.close().await?;
-        let read = read.and_then(|()| fault::hit("after_files_written"));
+        let read = read.map_err(|e| source.explain_read_error(e)).and_then(|()| fault::hit("after_files_written"));
         if let Err(e) = read {
             // I8: an attempt that will not commit removes what it wrote.
             let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();

@@ -25,6 +25,8 @@ fn table_config() -> TableConfig {
         settle_delay: Duration::from_secs(0),
         max_rows_per_commit: 1000,
         max_partitions_per_commit: 8,
+        uint64: Default::default(),
+        integer_encoding: Default::default(),
         partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
         columns: None,
     }
@@ -42,7 +44,7 @@ fn batch(ids: std::ops::Range<i64>) -> RecordBatch {
 }
 
 async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec<iceberg::spec::DataFile> {
-    let mut w = WindowWriter::new(&view.table, prefix).await.unwrap();
+    let mut w = WindowWriter::new(&view.table, prefix, Default::default()).await.unwrap();
     w.write(batch(ids)).await.unwrap();
     w.close().await.unwrap()
 }

@@ -33,6 +33,19 @@ def test_k2_bronze_two_tables_end_to_end(gateway, db, tmp_path):
         assert snap["offload.rows"] == "120000" and snap["offload.run-id"]
         assert snap["offload.watermark.position"] == py["properties"]["offload.watermark.position"]
         assert got["clickhouse"]["types"]["price"] == "Nullable(Decimal(18, 8))" or "Decimal(18, 8)" in got["clickhouse"]["types"]["price"]
+    # Integer-like columns past their dictionary are DELTA_BINARY_PACKED (the default
+    # integer_encoding): both readers above decoded them.
+    import pyarrow.parquet as pq
+    encodings = {}
+    for f in (tmp_path / "warehouse").rglob("*.parquet"):
+        md = pq.ParquetFile(f).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                encodings.setdefault(col.path_in_schema, set()).update(col.encodings)
+    for column in ("exchange_timestamp", "price", "event_time"):
+        assert "DELTA_BINARY_PACKED" in encodings[column], encodings
+    assert "DELTA_BINARY_PACKED" not in encodings["symbol"], encodings
 
 
 def test_cycles_with_inserts_land_every_row_exactly_once(gateway, db, tmp_path):

@@ -122,3 +122,42 @@ def test_unsupported_cursor_type_and_column_type_are_clear(gateway, db, tmp_path
     cfg.write_text(cfg.read_text().replace('tiebreak = null\n', ''))
     p = run(cfg, "once")
     assert p.returncode == 3 and 'column "tup": type Tuple(a Int8, b String) is not supported' in p.stdout, p.stdout
+
+
+def test_uint64_as_long_round_trips_and_refuses_overflow(gateway, db, tmp_path):
+    """uint64 = "long" (the original K2 tables' sequence_number BIGINT): values up to 2^63-1
+    land as Iceberg long; a larger one fails the window with an error naming the table and the
+    columns, and nothing is committed."""
+    gateway.sql(f"""CREATE TABLE {db}.u (ts DateTime64(3), seq UInt64, n Nullable(UInt64), a Array(UInt64))
+                    ENGINE = MergeTree ORDER BY ts""")
+    gateway.sql(f"""INSERT INTO {db}.u VALUES ('2026-01-01 00:00:00.001', 0, NULL, []),
+                    ('2026-01-01 00:00:00.002', 9223372036854775807, 5, [1, 9223372036854775807])""")
+    table = bronze_table(db, "u", target="cold.u", cursor="ts", tiebreak="seq", partition=["day(ts)"], uint64="long")
+    cfg = write_config(tmp_path / "c.toml", gateway, [table], tmp_path)
+    p = run(cfg, "once")
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = verify(tmp_path, "cold.u", key="seq", sums=("seq",), rows=True)
+    py, ch = got["pyiceberg"], got["clickhouse"]
+    assert py["schema"]["seq"] == "long" and py["schema"]["n"] == "long?" and py["schema"]["a"].startswith("list<long")
+    rows = sorted(py["rows"], key=lambda r: int(r["seq"]))
+    assert [(r["seq"], r["n"], r["a"]) for r in rows] == [
+        ("0", "None", "[]"), ("9223372036854775807", "5", "[1, 9223372036854775807]")], rows
+    assert py["count"] == ch["count"] == 2
+    assert int(py["sums"]["seq"]) == int(ch["sums"]["seq"]) == 9223372036854775807, (py["sums"], ch["sums"])
+    snapshots = py["snapshots"]
+
+    # One value above 2^63-1: the window fails, clearly, and commits nothing.
+    gateway.sql(f"INSERT INTO {db}.u VALUES ('2026-02-01 00:00:00.003', 9223372036854775808, NULL, [])")
+    p = run(cfg, "once")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    assert "does not fit Iceberg long" in out and '"seq"' in out and f"{db}.u" in out, out
+    after = verify(tmp_path, "cold.u", key="seq", sums=("seq",), clickhouse=False)["pyiceberg"]
+    assert after["count"] == 2 and after["snapshots"] == snapshots
+
+    # The table now stores long: a config that maps UInt64 to decimal says what to set.
+    table.pop("uint64")
+    cfg = write_config(tmp_path / "c.toml", gateway, [table], tmp_path)
+    p = run(cfg, "once")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "seq" in out and "set uint64 =" in out, out

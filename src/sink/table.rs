@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use iceberg::spec::{NestedField, PartitionSpec, Schema, Transform, Type, UnboundPartitionSpec};
+use iceberg::spec::{NestedField, PartitionSpec, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
@@ -148,8 +148,19 @@ pub fn check_compatible(table: &Table, cfg: &TableConfig, projection: &Projectio
             ));
         };
         if !same_type(&field.field_type, ty) {
+            let long = Type::Primitive(PrimitiveType::Long);
+            let decimal20 = Type::Primitive(PrimitiveType::Decimal { precision: 20, scale: 0 });
+            let hint = match (&field.field_type, ty) {
+                (have, want) if same_type(have, &long) && same_type(want, &decimal20) => {
+                    "; if the source column is UInt64, set uint64 = \"long\" on this table to keep writing it as long"
+                }
+                (have, want) if same_type(have, &decimal20) && same_type(want, &long) => {
+                    "; this table stores UInt64 as decimal(20,0): remove uint64 = \"long\" from this table"
+                }
+                _ => "",
+            };
             return Err(format!(
-                "column {name:?}: the existing Iceberg table {target} has type {} but the source maps to {}",
+                "column {name:?}: the existing Iceberg table {target} has type {} but the source maps to {}{hint}",
                 field.field_type, ty
             ));
         }

@@ -205,7 +205,10 @@ fn async_stream(
                     st.frames.extend(frames);
                     if let Err(e) = framed {
                         st.done = true;
-                        return Some((Err(OffloadError::ClickHouseStream(format!("invalid ArrowStream: {e}"))), st));
+                        let err = mid_stream_exception(&st.client, &st.framer, &chunk).unwrap_or_else(|| {
+                            OffloadError::ClickHouseStream(format!("invalid ArrowStream: {e}"))
+                        });
+                        return Some((Err(err), st));
                     }
                 }
                 Some(Err(e)) => {
@@ -215,12 +218,15 @@ fn async_stream(
                         OffloadError::ClickHouseUnreachable { message, .. } => OffloadError::ClickHouseStream(message),
                         other => other,
                     };
-                    return Some((Err(err), st));
+                    return Some((Err(mid_stream_exception(&st.client, &st.framer, &[]).unwrap_or(err)), st));
                 }
                 None => {
                     st.done = true;
                     // A stream cut short (or a server error written mid-stream) never
                     // ends with the end-of-stream marker: refuse to call it complete.
+                    if let Some(err) = mid_stream_exception(&st.client, &st.framer, &[]) {
+                        return Some((Err(err), st));
+                    }
                     if st.framer.pending() > 0 {
                         let msg = format!(
                             "incomplete ArrowStream: the body ended inside a message ({} bytes read of it)",
@@ -238,6 +244,13 @@ fn async_stream(
             }
         }
     })
+}
+
+/// A server error ClickHouse wrote into the body after the Arrow output had started: reported
+/// as the ClickHouse error it is, not as a broken stream.
+fn mid_stream_exception(client: &ClickHouse, framer: &MessageFramer, unread: &[u8]) -> Option<OffloadError> {
+    let (code, message) = framer.server_exception(unread)?;
+    Some(OffloadError::ClickHouse { code, message: redact(&message, &client.password) })
 }
 
 fn exception_code(headers: &HeaderMap) -> Option<u32> {

@@ -65,6 +65,15 @@ impl MessageFramer {
         self.frame.len() - self.pad
     }
 
+    /// The ClickHouse exception written into the body after output started (ClickHouse cuts
+    /// the stream with `Code: N. DB::Exception: …`), if the unfinished message ends with one.
+    pub fn server_exception(&self, unread: &[u8]) -> Option<(u32, String)> {
+        let pending = &self.frame.as_slice()[self.pad..];
+        let mut tail = pending[pending.len().saturating_sub(64 << 10)..].to_vec();
+        tail.extend_from_slice(&unread[..unread.len().min(64 << 10)]);
+        find_exception(&tail)
+    }
+
     fn take(&mut self) -> Buffer {
         let frame = std::mem::take(&mut self.frame);
         let pad = std::mem::replace(&mut self.pad, 0);
@@ -115,6 +124,20 @@ impl MessageFramer {
         self.pad = pad;
         self.expected = Some(total);
     }
+}
+
+/// The last `Code: N. DB::Exception: text` in `bytes`: its code and its first line.
+fn find_exception(bytes: &[u8]) -> Option<(u32, String)> {
+    const MARKER: &[u8] = b". DB::Exception: ";
+    let at = bytes.windows(MARKER.len()).rposition(|w| w == MARKER)?;
+    let digits_start = bytes[..at].iter().rposition(|b| !b.is_ascii_digit()).map_or(0, |p| p + 1);
+    if !bytes[..digits_start].ends_with(b"Code: ") {
+        return None;
+    }
+    let code = std::str::from_utf8(&bytes[digits_start..at]).ok()?.parse().ok()?;
+    let text = &bytes[at + MARKER.len()..];
+    let line = text.split(|b| *b == b'\n').next().unwrap_or(text);
+    Some((code, String::from_utf8_lossy(line).trim().to_string()))
 }
 
 enum Header {
@@ -236,9 +259,27 @@ mod tests {
     #[test]
     fn text_instead_of_arrow_is_an_error_not_a_huge_allocation() {
         let mut framer = MessageFramer::default();
-        let err = framer
-            .push(b"Code: 241. DB::Exception: Memory limit (total) exceeded: would use 9.31 GiB", &mut vec![])
-            .unwrap_err();
+        let text = b"Code: 241. DB::Exception: Memory limit (total) exceeded: would use 9.31 GiB";
+        let err = framer.push(text, &mut vec![]).unwrap_err();
         assert!(err.contains("metadata") || err.contains("header"), "{err}");
+        let (code, message) = framer.server_exception(text).expect("the exception is found");
+        assert_eq!(code, 241);
+        assert_eq!(message, "Memory limit (total) exceeded: would use 9.31 GiB");
+    }
+
+    #[test]
+    fn finds_an_exception_written_inside_an_unfinished_message() {
+        let stream = stream_bytes(&batches());
+        let mut framer = MessageFramer::default();
+        let cut = stream.len() - 20_000; // inside the last batch's body
+        let mut body = stream[..cut].to_vec();
+        body.extend_from_slice(b"\nCode: 70. DB::Exception: Value in column UInt64 cannot be safely converted into type Int64: while executing\n");
+        let mut out = vec![];
+        framer.push(&body, &mut out).unwrap();
+        assert!(framer.pending() > 0);
+        let (code, message) = framer.server_exception(&[]).expect("found");
+        assert_eq!(code, 70);
+        assert!(message.starts_with("Value in column UInt64 cannot be safely converted"), "{message}");
+        assert_eq!(MessageFramer::default().server_exception(&stream[..cut]), None, "Arrow bytes alone are no exception");
     }
 }

@@ -2,7 +2,7 @@
 //! `system.columns` and are quoted; every value (window bounds, names) is a query parameter.
 
 use crate::commit::Position;
-use crate::config::TableConfig;
+use crate::config::{TableConfig, Uint64As};
 use crate::error::{OffloadError, Result};
 use crate::source::ClickHouse;
 use crate::source::types::ChType;
@@ -115,7 +115,7 @@ impl SourceTable {
             .iter()
             .map(|c| {
                 let (expr, ty) =
-                    c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids).map_err(|e| OffloadError::Schema {
+                    c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids, self.table.uint64).map_err(|e| OffloadError::Schema {
                         table: self.table.source(),
                         message: format!(
                             "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
@@ -125,6 +125,30 @@ impl SourceTable {
                 Ok((c.name.clone(), expr, ty, c.parsed.unwrap().1))
             })
             .collect()
+    }
+
+    /// Turns ClickHouse's refusal of an `accurateCast` into an error that names the table,
+    /// the columns it may concern and what to do (`uint64 = "long"`: a value above 2^63-1).
+    pub fn explain_read_error(&self, e: OffloadError) -> OffloadError {
+        let OffloadError::ClickHouse { code: 70, message } = &e else { return e };
+        if self.table.uint64 != Uint64As::Long || !message.contains("cannot be safely converted into type") {
+            return e;
+        }
+        let columns: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| c.ch_type.contains("UInt64"))
+            .map(|c| c.name.as_str())
+            .collect();
+        OffloadError::Schema {
+            table: self.table.source(),
+            message: format!(
+                "a UInt64 value above 9223372036854775807 does not fit Iceberg long (uint64 = \"long\"; \
+                 UInt64 columns: {columns:?}); nothing of this window was committed. Keep such columns \
+                 out with tables[].columns, or offload into a new table with uint64 = \"decimal\" \
+                 (ClickHouse said: {message})"
+            ),
+        }
     }
 
     fn from(&self) -> String {

@@ -6,6 +6,7 @@
 //! | Int8, Int16, UInt8, UInt16, Int32 | `toInt32(c)` | int |
 //! | UInt32, Int64 | `toInt64(c)` | long |
 //! | UInt64 | `toDecimal128(c, 0)` (no silent overflow) | decimal(20,0) |
+//! | UInt64 with `uint64 = "long"` | `accurateCast(c, 'Int64')` (overflow fails the query) | long |
 //! | Float32 / Float64 | as is | float / double |
 //! | Decimal(P,S), P ≤ 38 | as is | decimal(P,S) |
 //! | String, LowCardinality(String) | as is | string |
@@ -19,6 +20,8 @@
 //! | Nullable(T) | cast of T | optional field |
 
 use iceberg::spec::{ListType, MapType, NestedField, PrimitiveType, Type};
+
+use crate::config::Uint64As;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChType {
@@ -122,8 +125,8 @@ impl ChType {
 
     /// The SQL expression reading `expr` of this type, and the Iceberg type it becomes.
     /// `ids` hands out field ids for nested types (the catalog reassigns them at creation).
-    pub fn mapping(&self, expr: &str, depth: usize, ids: &mut i32) -> Result<(String, Type), String> {
-        let (ty, _) = self.unwrap();
+    pub fn mapping(&self, expr: &str, depth: usize, ids: &mut i32, uint64: Uint64As) -> Result<(String, Type), String> {
+        let (ty, nullable) = self.unwrap();
         let prim = |p: PrimitiveType| Type::Primitive(p);
         Ok(match ty {
             ChType::Int(8 | 16 | 32) | ChType::UInt(8 | 16) => {
@@ -132,9 +135,15 @@ impl ChType {
             }
             ChType::Int(64) => (expr.to_string(), prim(PrimitiveType::Long)),
             ChType::UInt(32) => (format!("toInt64({expr})"), prim(PrimitiveType::Long)),
-            ChType::UInt(64) => {
-                (format!("toDecimal128({expr}, 0)"), prim(PrimitiveType::Decimal { precision: 20, scale: 0 }))
-            }
+            ChType::UInt(64) => match uint64 {
+                Uint64As::Decimal => {
+                    (format!("toDecimal128({expr}, 0)"), prim(PrimitiveType::Decimal { precision: 20, scale: 0 }))
+                }
+                Uint64As::Long => {
+                    let to = if nullable { "Nullable(Int64)" } else { "Int64" };
+                    (format!("accurateCast({expr}, '{to}')"), prim(PrimitiveType::Long))
+                }
+            },
             ChType::Float32 => (expr.to_string(), prim(PrimitiveType::Float)),
             ChType::Float64 => (expr.to_string(), prim(PrimitiveType::Double)),
             ChType::Decimal { precision, scale } => {
@@ -150,7 +159,7 @@ impl ChType {
             }
             ChType::Array(elem) => {
                 let var = format!("x{depth}");
-                let (inner, elem_type) = elem.mapping(&var, depth + 1, ids)?;
+                let (inner, elem_type) = elem.mapping(&var, depth + 1, ids, uint64)?;
                 *ids += 1;
                 let field = if elem.unwrap().1 {
                     NestedField::list_element(*ids, elem_type, false)
@@ -162,8 +171,8 @@ impl ChType {
             }
             ChType::Map(k, v) => {
                 let (kv, vv) = (format!("k{depth}"), format!("v{depth}"));
-                let (ke, kt) = k.mapping(&kv, depth + 1, ids)?;
-                let (ve, vt) = v.mapping(&vv, depth + 1, ids)?;
+                let (ke, kt) = k.mapping(&kv, depth + 1, ids, uint64)?;
+                let (ve, vt) = v.mapping(&vv, depth + 1, ids, uint64)?;
                 *ids += 2;
                 let key = NestedField::map_key_element(*ids - 1, kt);
                 let value = NestedField::map_value_element(*ids, vt, !v.unwrap().1);
@@ -220,7 +229,16 @@ mod tests {
     use super::*;
 
     fn map(t: &str) -> (String, Type) {
-        ChType::parse(t).mapping("c", 0, &mut 100).unwrap()
+        ChType::parse(t).mapping("c", 0, &mut 100, Uint64As::Decimal).unwrap()
+    }
+
+    #[test]
+    fn uint64_as_long_is_a_checked_cast() {
+        let long = |t: &str| ChType::parse(t).mapping("c", 0, &mut 100, Uint64As::Long).unwrap();
+        assert_eq!(long("UInt64"), ("accurateCast(c, 'Int64')".into(), Type::Primitive(PrimitiveType::Long)));
+        assert_eq!(long("LowCardinality(Nullable(UInt64))").0, "accurateCast(c, 'Nullable(Int64)')");
+        assert_eq!(long("Array(Nullable(UInt64))").0, "arrayMap(x0 -> accurateCast(x0, 'Nullable(Int64)'), c)");
+        assert_eq!(long("UInt32").0, "toInt64(c)", "only UInt64 changes");
     }
 
     #[test]
