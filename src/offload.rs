@@ -120,8 +120,15 @@ pub async fn offload_table(
         let (sql, params) = source.select(&projection, window.lo.as_ref(), &window.hi);
         let mut writer = WindowWriter::new(&view.table, &attempt.run_id, cfg.integer_encoding).await?;
         let read = read_into(svc, &sql, &params, projection.len(), &mut writer, cancel).await;
+        let read_seconds = started.elapsed().as_secs_f64();
         let rows = writer.rows;
         let files = writer.close().await?;
+        tracing::debug!(
+            table = cfg.name(),
+            read_seconds,
+            close_seconds = started.elapsed().as_secs_f64() - read_seconds,
+            "window read and written"
+        );
         let read = read.map_err(|e| source.explain_read_error(e)).and_then(|()| fault::hit("after_files_written"));
         if let Err(e) = read {
             // I8: an attempt that will not commit removes what it wrote.

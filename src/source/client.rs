@@ -104,8 +104,11 @@ impl ClickHouse {
 
     /// Runs a query and returns its TabSeparated output.
     pub async fn query_text(&self, sql: &str, params: &[(String, String)]) -> Result<String> {
+        let started = std::time::Instant::now();
         let response = self.send(&format!("{sql} FORMAT TabSeparated"), params, &[]).await?;
-        response.text().await.map_err(|e| self.transport_error(e))
+        let text = response.text().await.map_err(|e| self.transport_error(e))?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "ClickHouse query: {sql}");
+        Ok(text)
     }
 
     /// Runs a query and returns its rows, each as TabSeparated fields (unescaped).
