@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """Randomised soak: a multi-table scheduler with trades arriving continuously, killed with
 SIGKILL at random moments, over and over; then one clean cycle and the equality check with
-readers we did not write. Prints trials, rows, duplicates found and rows missing; exits 1
-if any duplicate or missing row is found.
+readers we did not write. Prints trials, rows, duplicates found, rows missing and unreadable
+tables; exits 1 if any is found.
 
-Usage: dev/soak.sh [--trials 200] [--seed N] [--tables 2]
+With `--catalog-faults` the catalog is the REST catalog (dev/rest_catalog.py) behind an HTTP
+proxy (dev/catalog_proxy.py) that, besides the kills, makes commits fail at random: 504 then
+applied later, connection dropped then applied later, 504 or dropped and never applied, and
+answers held past the service's commit timeout. Every 25 trials the tables are read by both
+readers (a table that cannot be read counts as unreadable).
+
+Usage: dev/soak.sh [--trials 200] [--seed N] [--tables 2] [--catalog-faults]
 """
 import argparse
 import json
@@ -25,7 +31,7 @@ import k2data  # noqa: E402
 from clickhouse_local import PASSWORD, Gateway  # noqa: E402
 
 
-def config(tmp, url, tables):
+def config(tmp, url, tables, catalog_url=None):
     blocks = "\n".join(f"""
 [[tables]]
 source = "soak.{t}"
@@ -52,13 +58,66 @@ url = "{url}"
 password_env = "SOAK_CH_PASSWORD"
 
 [catalog]
-uri = "sqlite:{tmp / 'catalog.db'}"
-warehouse = "{tmp / 'warehouse'}"
+{catalog_block(tmp, catalog_url)}
 
 [state]
 url = "sqlite:{tmp / 'state.db'}"
 {blocks}""")
     return path
+
+
+def catalog_block(tmp, catalog_url):
+    if catalog_url is None:
+        return f'uri = "sqlite:{tmp / "catalog.db"}"\nwarehouse = "{tmp / "warehouse"}"'
+    return f'type = "rest"\nuri = "{catalog_url}"\ntimeout = "10s"\ncommit_timeout = "3s"\nstorage_timeout = "10s"'
+
+
+def start_rest_catalog(tmp):
+    """dev/rest_catalog.py on its SQLite store in `tmp`, behind the fault proxy."""
+    from catalog_proxy import CatalogProxy
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(HERE / "rest_catalog.py"), "--port", str(port),
+                             "--catalog-uri", f"sqlite:///{tmp / 'catalog.db'}", "--warehouse", f"file://{tmp / 'warehouse'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/config", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, CatalogProxy(f"http://127.0.0.1:{port}")
+
+
+def push_random_faults(rng, proxy, seen):
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):
+        kind = rng.choice(["504_then_apply", "drop_then_apply", "504", "drop", "slow"])
+        delay = {"504_then_apply": rng.uniform(0, 2.5), "drop_then_apply": rng.uniform(0, 2.5),
+                 "slow": rng.uniform(3.2, 4.5)}.get(kind)
+        proxy.push(kind, delay)
+        seen[kind] = seen.get(kind, 0) + 1
+
+
+def read_back(tmp, gw, table):
+    """Both readers against the source up to W: (rows in Iceberg, rows in the source, duplicates,
+    missing, mismatch description or None). Raises when the table cannot be read."""
+    out = json.loads(subprocess.run(
+        [sys.executable, str(HERE / "verify_iceberg.py"), "--catalog-uri", f"sqlite:///{tmp / 'catalog.db'}",
+         "--warehouse", f"file://{tmp / 'warehouse'}", "--table", f"cold.{table}", "--key", "symbol,sequence_number",
+         "--sum", "price"], check=True, capture_output=True, text=True).stdout)
+    src = k2data.source_stats(gw.scalar, "soak", table, out["pyiceberg"]["properties"]["offload.watermark.position"],
+                              sums=("price",))
+    missing, mismatch = 0, None
+    for reader in ("pyiceberg", "clickhouse"):
+        r = out[reader]
+        missing_here = src["distinct_keys"] - r["distinct_keys"]
+        if r["count"] != src["count"] or missing_here or float(r["sums"]["price"]) != float(src["sums"]["price"]):
+            mismatch = f"{table} via {reader}: {r['count']} rows vs {src['count']} in the source"
+        missing += max(missing_here, 0)
+    return out["pyiceberg"]["count"], src["count"], out["pyiceberg"]["duplicates"], missing, mismatch
 
 
 def main(argv=None):
@@ -67,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--tables", type=int, default=2)
     ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "debug" / "iceberg-offload"))
+    ap.add_argument("--catalog-faults", action="store_true", help="REST catalog behind a proxy that fails commits")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="iceberg-offload-soak-"))
@@ -74,7 +134,10 @@ def main(argv=None):
     gw = Gateway(tmp / "clickhouse" / "data")
     stop = threading.Event()
     inserted = {t: 0 for t in tables}
+    rest, proxy, seen, unreadable = None, None, {}, 0
     try:
+        if args.catalog_faults:
+            rest, proxy = start_rest_catalog(tmp)
         for t in tables:
             k2data.create_bronze(gw.sql, "soak", t)
             k2data.insert_bronze(gw.sql, "soak", t, 20_000, int(time.time() * 1000) - 3_600_000, step_ms=100)
@@ -90,51 +153,69 @@ def main(argv=None):
         writer = threading.Thread(target=trades_keep_coming, daemon=True)
         writer.start()
 
-        cfg = config(tmp, gw.url, tables)
+        cfg = config(tmp, gw.url, tables, proxy.url if proxy else None)
         env = dict(os.environ, SOAK_CH_PASSWORD=PASSWORD)
         started = time.time()
         for trial in range(1, args.trials + 1):
+            if proxy:
+                push_random_faults(rng, proxy, seen)
             proc = subprocess.Popen([args.binary, "--config", str(cfg), "run"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.05, 1.5))
+            time.sleep(rng.uniform(0.05, 1.5) if not proxy else rng.uniform(0.05, 4.0))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             if trial % 25 == 0:
-                print(f"soak: {trial}/{args.trials} kills, {sum(inserted.values()):,} rows inserted", flush=True)
+                if proxy:
+                    proxy.settle()
+                    for t in tables:
+                        try:
+                            _, _, dups, _, _ = read_back(tmp, gw, t)
+                            if dups:
+                                print(f"soak: {dups} duplicates in {t} after trial {trial}")
+                        except subprocess.CalledProcessError as e:
+                            unreadable += 1
+                            print(f"soak: UNREADABLE {t} after trial {trial}: {e.stderr[-2000:]}")
+                print(f"soak: {trial}/{args.trials} kills, {sum(inserted.values()):,} rows inserted"
+                      + (f", catalog faults so far: {seen}" if proxy else ""), flush=True)
         stop.set()
         writer.join()
         time.sleep(1.5)  # let the last rows settle
+        if proxy:
+            proxy.faults.clear()
+            proxy.settle()
         final = subprocess.run([args.binary, "--config", str(cfg), "once"], env=env, capture_output=True, text=True)
         if final.returncode != 0:
             print(final.stdout, final.stderr[-3000:])
             return 1
         duplicates = missing = total_iceberg = total_source = 0
         for t in tables:
-            out = json.loads(subprocess.run(
-                [sys.executable, str(HERE / "verify_iceberg.py"), "--catalog-uri", f"sqlite:///{tmp / 'catalog.db'}",
-                 "--warehouse", f"file://{tmp / 'warehouse'}", "--table", f"cold.{t}", "--key", "symbol,sequence_number",
-                 "--sum", "price"], check=True, capture_output=True, text=True).stdout)
-            src = k2data.source_stats(gw.scalar, "soak", t, out["pyiceberg"]["properties"]["offload.watermark.position"],
-                                      sums=("price",))
-            for reader in ("pyiceberg", "clickhouse"):
-                r = out[reader]
-                if reader == "pyiceberg":
-                    duplicates += r["duplicates"]
-                missing_here = src["distinct_keys"] - r["distinct_keys"]
-                if r["count"] != src["count"] or missing_here or float(r["sums"]["price"]) != float(src["sums"]["price"]):
-                    print(f"soak: MISMATCH {t} via {reader}: {r['count']} rows vs {src['count']} in the source")
-                missing += max(missing_here, 0)
-            total_iceberg += out["pyiceberg"]["count"]
-            total_source += src["count"]
+            try:
+                iceberg_rows, source_rows, dups, missing_rows, mismatch = read_back(tmp, gw, t)
+            except subprocess.CalledProcessError as e:
+                unreadable += 1
+                print(f"soak: UNREADABLE {t}: {e.stderr[-2000:]}")
+                continue
+            if mismatch:
+                print(f"soak: MISMATCH {mismatch}")
+            duplicates += dups
+            missing += missing_rows
+            total_iceberg += iceberg_rows
+            total_source += source_rows
         elapsed = time.time() - started
         print(f"soak: seed {args.seed}, {args.trials} SIGKILL trials over {len(tables)} tables in {elapsed:.0f}s; "
               f"{total_source:,} source rows up to the watermarks, {total_iceberg:,} rows in Iceberg; "
-              f"duplicates found: {duplicates}; rows missing: {missing}")
-        print(f"soak: {args.trials} passed, {0 if duplicates == 0 and missing == 0 else 1} failed")
-        return 0 if duplicates == 0 and missing == 0 and total_iceberg == total_source else 1
+              f"duplicates found: {duplicates}; rows missing: {missing}; unreadable tables: {unreadable}"
+              + (f"; catalog faults injected: {sum(seen.values())} {seen}" if proxy else ""))
+        ok = duplicates == 0 and missing == 0 and unreadable == 0 and total_iceberg == total_source
+        print(f"soak: {args.trials} passed, {0 if ok else 1} failed")
+        return 0 if ok else 1
     finally:
         stop.set()
         gw.stop()
+        if proxy:
+            proxy.close()
+        if rest:
+            rest.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

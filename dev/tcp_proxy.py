@@ -2,12 +2,17 @@
 connections, hang requests that match a pattern, or cut responses mid-stream."""
 import socket
 import threading
+import time
 
 
 class FaultProxy:
     """Modes: "pass", "refuse" (close at once), "hang" (requests containing `pattern` are never
     forwarded), "cut" (responses to requests containing `pattern` are cut after `cut_after` bytes),
-    "http500" (requests containing `pattern` get a ClickHouse-style HTTP 500 instead)."""
+    "http500" (requests containing `pattern` get a ClickHouse-style HTTP 500 instead),
+    "drop" (the connection is closed instead of forwarding a message containing `pattern`) and
+    "drop_after" (the message is forwarded, then the connection is closed before any answer:
+    e.g. a PostgreSQL COMMIT that the server carries out while the client sees a broken
+    connection). `arm(mode, times)` applies a mode to the next `times` matches only."""
 
     def __init__(self, upstream_port, host="127.0.0.1", tls=None):
         """`tls`: an `ssl.SSLContext` (server side) to terminate HTTPS in front of the upstream."""
@@ -23,8 +28,23 @@ class FaultProxy:
         self.port = self.sock.getsockname()[1]
         self.url = f"{'https' if tls else 'http'}://{'localhost' if tls else host}:{self.port}"
         self.matched = 0
+        self.armed = 0
         self._open = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, mode, times=1):
+        """Faults the next `times` messages containing `pattern` with `mode`, then passes."""
+        self.armed = times
+        self._mode = mode
+
+    def _take(self):
+        """The mode for a message that matched: an armed fault is used up once."""
+        mode = self._mode
+        if self.armed:
+            self.armed -= 1
+            if self.armed == 0:
+                self._mode = "pass"
+        return mode
 
     @property
     def mode(self):
@@ -77,12 +97,23 @@ class FaultProxy:
                 data = client.recv(65536)
                 if not data:
                     break
-                if self.pattern in data and self.mode in ("hang", "cut", "http500"):
+                if self.pattern in data and self.mode in ("hang", "cut", "http500", "drop", "drop_after"):
                     self.matched += 1
-                    if self.mode == "hang":
+                    mode = self._take()
+                    if mode in ("drop", "drop_after"):
+                        if mode == "drop_after":
+                            server.sendall(data)
+                            time.sleep(0.05)  # let the server read it before the connection goes
+                        for sock in (client, server):
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                        break
+                    if mode == "hang":
                         state["hang"] = True
                         continue  # swallowed: the server never sees it
-                    if self.mode == "http500":
+                    if mode == "http500":
                         body = b"Code: 999. DB::Exception: injected server failure. (KEEPER_EXCEPTION)\n"
                         client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nX-ClickHouse-Exception-Code: 999\r\n"
                                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))

@@ -109,6 +109,15 @@ fn d_catalog_name() -> String {
 fn d_catalog_type() -> String {
     "sql".into()
 }
+fn d_catalog_timeout() -> String {
+    "30s".into()
+}
+fn d_commit_timeout() -> String {
+    "60s".into()
+}
+fn d_storage_timeout() -> String {
+    "60s".into()
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +147,12 @@ struct RawCatalog {
     password_file: Option<String>,
     token_env: Option<String>,
     credential_env: Option<String>,
+    #[serde(default = "d_catalog_timeout")]
+    timeout: String,
+    #[serde(default = "d_commit_timeout")]
+    commit_timeout: String,
+    #[serde(default = "d_storage_timeout")]
+    storage_timeout: String,
     #[serde(default)]
     properties: BTreeMap<String, String>,
     /// Catalog/storage properties whose values come from environment variables
@@ -152,6 +167,7 @@ struct RawState {
     url: Option<String>,
     password_env: Option<String>,
     password_file: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,12 +318,43 @@ pub struct CatalogConfig {
     pub credential: Secret,
     pub properties: BTreeMap<String, String>,
     pub properties_env: BTreeMap<String, String>,
+    pub limits: CatalogLimits,
+}
+
+/// I10: time limits of the calls to the catalog and to object storage.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogLimits {
+    /// Each catalog call but a commit (load, create, exists, …).
+    pub call: Duration,
+    /// One commit: manifests written and the catalog's compare-and-swap. A commit that
+    /// runs past it has an unknown outcome: the attempt is pending (I5).
+    pub commit: Duration,
+    /// Each object-storage operation outside the streamed window write (deletes, the
+    /// attempt journal, manifest reads).
+    pub storage: Duration,
+}
+
+impl Default for CatalogLimits {
+    fn default() -> Self {
+        Self { call: Duration::from_secs(30), commit: Duration::from_secs(60), storage: Duration::from_secs(60) }
+    }
+}
+
+impl CatalogLimits {
+    /// How long a commit already sent when the table's time is up may still take, resolving
+    /// its outcome included: the commit, one reload of the table, and the journal and file
+    /// operations that follow (README: "Time limits").
+    pub fn commit_allowance(&self) -> Duration {
+        self.commit + self.call + self.storage * 2
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct StateConfig {
     pub url: String,
     pub password: Secret,
+    /// Each state-store statement (the pool's wait for a connection included).
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -523,11 +570,17 @@ impl Config {
             name: c.name,
             properties: c.properties,
             properties_env: c.properties_env,
+            limits: CatalogLimits {
+                call: dur("catalog.timeout", &c.timeout)?,
+                commit: dur("catalog.commit_timeout", &c.commit_timeout)?,
+                storage: dur("catalog.storage_timeout", &c.storage_timeout)?,
+            },
         };
 
         let state = StateConfig {
             url: resolve_sqlite_url(base, raw.state.url.as_deref().unwrap_or("sqlite:offload-data/state.db")),
             password: Secret::from_parts(raw.state.password_env, raw.state.password_file, base, "state")?,
+            timeout: dur("state.timeout", raw.state.timeout.as_deref().unwrap_or("10s"))?,
         };
 
         let mut tables = Vec::new();

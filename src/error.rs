@@ -33,6 +33,49 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+/// Why the outcome of a commit is not known (I5). The attempt is *pending*: its files are
+/// kept, and it is resolved later from the table's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingCause {
+    /// The commit ran past `catalog.commit_timeout` after it was sent.
+    Timeout,
+    /// The connection to the catalog broke while the commit was under way.
+    Connection,
+    /// The catalog answered with an error that does not say whether it applied the commit
+    /// (REST 500/502/504, a response that cannot be parsed, …).
+    ServerError,
+    /// The catalog reported success, but reading it again does not show the commit (a lost
+    /// SQL COMMIT, a lagging replica, a caching proxy).
+    Unconfirmed,
+    /// The process died while the commit was under way (found in the journal at start).
+    Interrupted,
+}
+
+impl PendingCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::ServerError => "server_error",
+            Self::Unconfirmed => "unconfirmed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl fmt::Display for PendingCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Timeout => "the commit timed out",
+            Self::Connection => "the connection to the catalog broke during the commit",
+            Self::ServerError => "the catalog answered with an error that leaves the commit state unknown",
+            Self::Unconfirmed => "the catalog reported success but does not show the commit when read again",
+            Self::Interrupted => "the process died during the commit",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     #[error("timed out after {0:?}; the window was abandoned before its commit")]
@@ -50,18 +93,30 @@ pub enum OffloadError {
     /// Bad input: the configuration and the source or target disagree. Not retried.
     #[error("table {table}: {message}")]
     Schema { table: String, message: String },
-    #[error("table {table}: commit refused because the table changed since it was read (another writer?): {message}")]
-    CommitConflict { table: String, message: String },
-    /// The catalog said the commit was done, but re-reading it shows the table without our
-    /// snapshot (iceberg-catalog-sql ignores a failed SQL COMMIT). Nothing was appended.
+    /// A definite refusal (I4): the catalog's compare-and-swap or requirement check refused
+    /// the commit. Nothing was appended; the attempt's files are deleted.
+    #[error("table {table}: commit refused because the table changed since it was read (another writer?): {source}")]
+    CommitConflict {
+        table: String,
+        #[source]
+        source: Box<iceberg::Error>,
+    },
+    /// I5: the commit may or may not have landed. Its files are kept and recorded in the
+    /// table's attempt journal until the table's history says which.
     #[error(
-        "table {table}: the catalog reported the commit as done but does not hold it (a lost SQL COMMIT?); nothing was appended and the window will be retried"
+        "table {table}: the outcome of commit {run_id} is unknown ({cause}); its files are kept and it will be resolved from the table's history before anything is deleted"
     )]
-    CommitNotPersisted { table: String },
+    CommitPending {
+        table: String,
+        run_id: String,
+        cause: PendingCause,
+        #[source]
+        source: Option<Box<iceberg::Error>>,
+    },
     #[error("Iceberg catalog unreachable: {0}")]
     CatalogUnreachable(String),
     #[error("Iceberg: {0}")]
-    Iceberg(iceberg::Error),
+    Iceberg(#[source] iceberg::Error),
     /// The catalog answered 401/403: credentials missing, wrong or without the right grants.
     #[error(
         "the Iceberg catalog refused our credentials ({0}); check catalog.token_env / credential_env (REST) or the catalog password, and the grants on the namespace"
@@ -81,10 +136,13 @@ impl OffloadError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Timeout(_) | Self::Cancelled => ErrorClass::Timeout,
+            Self::CommitPending { cause: PendingCause::Timeout, .. } => ErrorClass::Timeout,
+            Self::CommitPending { cause: PendingCause::Connection, .. } => ErrorClass::Connection,
             Self::ClickHouseUnreachable { .. }
             | Self::ClickHouseStream(_)
             | Self::CatalogUnreachable(_)
             | Self::StateUnreachable(_) => ErrorClass::Connection,
+            Self::Iceberg(e) if catalog_timed_out(e) => ErrorClass::Timeout,
             Self::Iceberg(e) if is_connection_error(e) => ErrorClass::Connection,
             Self::Crash(_) => ErrorClass::Crash,
             _ => ErrorClass::ProcessError,
@@ -99,10 +157,10 @@ impl OffloadError {
             | Self::CatalogUnreachable(_)
             | Self::StateUnreachable(_)
             | Self::CommitConflict { .. }
-            | Self::CommitNotPersisted { .. } => true,
+            | Self::CommitPending { .. } => true,
             // Server-side errors that are about load, not about the query.
             Self::ClickHouse { code, .. } => matches!(code, 159 | 160 | 164 | 202 | 209 | 210 | 241 | 394 | 1002),
-            Self::Iceberg(e) => e.retryable() || is_connection_error(e),
+            Self::Iceberg(e) => e.retryable() || is_connection_error(e) || catalog_timed_out(e),
             _ => false,
         }
     }
@@ -118,7 +176,7 @@ impl OffloadError {
             Self::UnsupportedServer(_) => "unsupported_server",
             Self::Schema { .. } => "schema",
             Self::CommitConflict { .. } => "commit_conflict",
-            Self::CommitNotPersisted { .. } => "commit_not_persisted",
+            Self::CommitPending { .. } => "commit_pending",
             Self::CatalogUnreachable(_) => "catalog_unreachable",
             Self::Iceberg(_) => "iceberg",
             Self::CatalogAuth(_) => "catalog_auth",
@@ -142,9 +200,33 @@ impl From<iceberg::Error> for OffloadError {
     }
 }
 
-fn is_connection_error(e: &iceberg::Error) -> bool {
-    let text = format!("{e:#}").to_ascii_lowercase();
-    text.contains("connection refused") || text.contains("error trying to connect") || text.contains("pool timed out")
+/// The causes of an error, outermost first (the error itself included).
+pub fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// The first cause of type `T` in the chain, classified by type, never by message text.
+pub fn cause_of<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    causes(e).find_map(|c| c.downcast_ref::<T>())
+}
+
+/// A catalog call that ran past its limit (`sink::catalog::TimeLimited`).
+pub fn catalog_timed_out(e: &iceberg::Error) -> bool {
+    cause_of::<crate::sink::catalog::CallTimedOut>(e).is_some()
+}
+
+/// Whether the error comes from a connection that could not be made or broke: the HTTP
+/// client's or the SQL driver's own error types, or an I/O error, anywhere in the chain.
+pub fn is_connection_error(e: &iceberg::Error) -> bool {
+    causes(e).any(|c| {
+        if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+            return r.is_connect() || r.is_request() || r.is_timeout();
+        }
+        if let Some(s) = c.downcast_ref::<sqlx::Error>() {
+            return matches!(s, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed);
+        }
+        c.downcast_ref::<std::io::Error>().is_some()
+    })
 }
 
 impl From<sqlx::Error> for OffloadError {

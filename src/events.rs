@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use crate::error::ErrorClass;
+use crate::commit::{Position, Resolution};
+use crate::error::{ErrorClass, OffloadError};
 use crate::metrics::Metrics;
+use crate::scheduler::CycleStatus;
 
 fn unix_now() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
@@ -30,7 +32,7 @@ impl CycleStarted<'_> {
 
 pub struct CycleCompleted<'a> {
     pub cycle_id: &'a str,
-    pub status: &'a str,
+    pub status: CycleStatus,
     pub duration: Duration,
     pub succeeded: usize,
     pub failed: usize,
@@ -41,23 +43,31 @@ pub struct CycleCompleted<'a> {
 impl CycleCompleted<'_> {
     pub fn emit(&self, m: &Metrics) {
         let secs = self.duration.as_secs_f64();
-        m.cycles_total.with_label_values(&[self.status]).inc();
         m.cycle_duration_seconds.observe(secs);
         m.cycle_finished(secs);
         match self.status {
-            "success" => m.last_success_timestamp.set(unix_now()),
-            _ => m.last_failure_timestamp.set(unix_now()),
+            // The guide's statuses: a cycle cut short by a shutdown is none of them, and
+            // neither a success nor a failure.
+            CycleStatus::Interrupted => m.cycles_interrupted_total.inc(),
+            CycleStatus::Success => {
+                m.cycles_total.with_label_values(&[self.status.as_str()]).inc();
+                m.last_success_timestamp.set(unix_now());
+            }
+            CycleStatus::Partial | CycleStatus::Failed => {
+                m.cycles_total.with_label_values(&[self.status.as_str()]).inc();
+                m.last_failure_timestamp.set(unix_now());
+            }
         }
         tracing::info!(
             cycle_id = self.cycle_id,
-            status = self.status,
+            status = self.status.as_str(),
             duration_seconds = secs,
             succeeded = self.succeeded,
             failed = self.failed,
             skipped = self.skipped,
             rows = self.rows,
             "CYCLE COMPLETED: status={} tables ok={} failed={} skipped={} rows={} duration={:.2}s",
-            self.status,
+            self.status.as_str(),
             self.succeeded,
             self.failed,
             self.skipped,
@@ -110,16 +120,113 @@ impl WindowCommitted<'_> {
 
 pub struct CommitFailed<'a> {
     pub table: &'a str,
-    /// True when the table changed under us (I4 fenced the commit).
-    pub conflict: bool,
-    pub reason: &'a str,
+    pub error: &'a OffloadError,
 }
 
 impl CommitFailed<'_> {
     pub fn emit(&self, m: &Metrics) {
-        let result = if self.conflict { "conflict" } else { "error" };
+        let result = match self.error {
+            // I4 fenced the commit: the table changed under us.
+            OffloadError::CommitConflict { .. } => "conflict",
+            // I5: the outcome is unknown; the attempt's files are kept.
+            OffloadError::CommitPending { .. } => "pending",
+            _ => "error",
+        };
         m.commits_total.with_label_values(&[self.table, result]).inc();
-        tracing::warn!(table = self.table, result, "commit not made: {}", self.reason);
+        tracing::warn!(table = self.table, result, "commit not made: {}", self.error);
+    }
+}
+
+/// How many of the table's commit attempts have an unknown outcome (I5).
+pub struct PendingCommits<'a> {
+    pub table: &'a str,
+    pub count: usize,
+}
+
+impl PendingCommits<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.pending_commits.with_label_values(&[self.table]).set(self.count as f64);
+        if self.count > 0 {
+            tracing::warn!(
+                table = self.table,
+                pending_commits = self.count,
+                "{} commit attempts of {} have an unknown outcome; their files are kept until the table's history resolves them",
+                self.count,
+                self.table
+            );
+        }
+    }
+}
+
+/// A commit attempt left pending by an earlier run was resolved from the table's history (I5).
+pub struct PendingResolved<'a> {
+    pub table: &'a str,
+    pub layer: &'a str,
+    pub run_id: &'a str,
+    pub resolution: Resolution,
+    pub rows: u64,
+}
+
+impl PendingResolved<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        match self.resolution {
+            Resolution::Committed(snapshot_id) => {
+                // Its rows landed: they count now, once.
+                m.rows_total.with_label_values(&[self.table, self.layer]).inc_by(self.rows);
+                m.commits_total.with_label_values(&[self.table, "unknown_resolved"]).inc();
+                tracing::info!(table = self.table, run_id = self.run_id, snapshot_id, rows = self.rows,
+                    "a pending commit attempt landed (snapshot {snapshot_id}, {} rows)", self.rows);
+            }
+            Resolution::Impossible => tracing::info!(table = self.table, run_id = self.run_id,
+                "a pending commit attempt can never land (the table moved past the snapshot it required); its files were deleted"),
+            Resolution::Undecidable => tracing::warn!(table = self.table, run_id = self.run_id,
+                "a pending commit attempt cannot be decided (the snapshot it required was expired); its files are left to `iceberg-offload cleanup`, which deletes only unreferenced files"),
+            Resolution::Pending => {}
+        }
+    }
+}
+
+/// The table property `offload.watermark.position` disagrees with the table's history
+/// (typically after a rollback): the history wins (I3).
+pub struct WatermarkPropertyDisagrees<'a> {
+    pub table: &'a str,
+    pub property: Option<&'a Position>,
+    pub history: Option<&'a Position>,
+}
+
+impl WatermarkPropertyDisagrees<'_> {
+    pub fn emit(&self, _m: &Metrics) {
+        let show = |p: Option<&Position>| p.map(|p| p.display()).unwrap_or_else(|| "none".into());
+        tracing::warn!(
+            table = self.table,
+            property = show(self.property),
+            history = show(self.history),
+            "the watermark property of {} says {} but the table's history says {} (rolled back?): the history is used, and the rolled-back windows are offloaded again",
+            self.table,
+            show(self.property),
+            show(self.history)
+        );
+    }
+}
+
+/// I7: the state-store mirror disagreed with Iceberg and was corrected.
+pub struct MirrorCorrected<'a> {
+    pub table: &'a str,
+    pub before: &'a str,
+    pub after: &'a str,
+}
+
+impl MirrorCorrected<'_> {
+    pub fn emit(&self, _m: &Metrics) {
+        tracing::info!(
+            table = self.table,
+            before = self.before,
+            after = self.after,
+            "state-store mirror of {} corrected from Iceberg: watermark {} -> {}",
+            self.table,
+            self.before,
+            self.after
+        );
     }
 }
 
@@ -213,6 +320,18 @@ impl TableFailed<'_> {
     }
 }
 
+/// A shutdown interrupted the table before it finished: not a failure, not a success.
+pub struct TableInterrupted<'a> {
+    pub table: &'a str,
+}
+
+impl TableInterrupted<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.runs_total.with_label_values(&[self.table, "interrupted"]).inc();
+        tracing::info!(table = self.table, "interrupted {} (shutdown); the next start resumes from the Iceberg watermark", self.table);
+    }
+}
+
 pub struct TableSkipped<'a> {
     pub table: &'a str,
     pub reason: &'a str,
@@ -222,6 +341,20 @@ impl TableSkipped<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.runs_total.with_label_values(&[self.table, "skipped"]).inc();
         tracing::warn!(table = self.table, "skipped {}: {}", self.table, self.reason);
+    }
+}
+
+/// At start, a table's last success as the state store remembers it: a service that keeps
+/// crashing shows a growing lag, not a fresh one.
+pub struct LastSuccessRecalled<'a> {
+    pub table: &'a str,
+    pub unix_seconds: f64,
+}
+
+impl LastSuccessRecalled<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.table_succeeded(self.table, self.unix_seconds);
+        tracing::debug!(table = self.table, last_success = self.unix_seconds, "last success recalled from the state store");
     }
 }
 
@@ -260,5 +393,37 @@ impl NullCursorRows<'_> {
             self.table,
             self.cursor
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completed(status: CycleStatus) -> CycleCompleted<'static> {
+        CycleCompleted {
+            cycle_id: "c",
+            status,
+            duration: Duration::from_secs(1),
+            succeeded: 0,
+            failed: 0,
+            skipped: 1,
+            rows: 0,
+        }
+    }
+
+    #[test]
+    fn an_interrupted_cycle_is_neither_a_success_nor_a_failure() {
+        let m = Metrics::new();
+        completed(CycleStatus::Interrupted).emit(&m);
+        assert_eq!(m.last_success_timestamp.get(), 0.0, "offload_last_success_timestamp unchanged");
+        assert_eq!(m.last_failure_timestamp.get(), 0.0);
+        assert_eq!(m.cycles_interrupted_total.get(), 1);
+        for s in crate::metrics::CYCLE_STATUSES {
+            assert_eq!(m.cycles_total.with_label_values(&[s]).get(), 0, "{s}");
+        }
+        completed(CycleStatus::Success).emit(&m);
+        assert!(m.last_success_timestamp.get() > 0.0);
+        assert_eq!(m.cycles_total.with_label_values(&["success"]).get(), 1);
     }
 }

@@ -52,6 +52,94 @@ pub fn hit(_point: &str) -> Result<(), OffloadError> {
 }
 
 /// The same, as an iceberg error, for points inside the catalog call.
-pub fn hit_iceberg(point: &str) -> iceberg::Result<()> {
+#[cfg(feature = "fault-injection")]
+fn hit_iceberg(point: &str) -> iceberg::Result<()> {
     hit(point).map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string()))
+}
+
+/// Test builds only: a catalog wrapper that fails commits at the `commit_*` points. The
+/// production catalog path has no fault hooks; faults from outside the process (a proxy, a
+/// lock, a signal) are what the rest of the suite injects.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug)]
+pub struct FaultyCatalog {
+    inner: std::sync::Arc<dyn iceberg::Catalog>,
+}
+
+#[cfg(feature = "fault-injection")]
+impl FaultyCatalog {
+    pub fn new(inner: std::sync::Arc<dyn iceberg::Catalog>) -> Self {
+        Self { inner }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+#[async_trait::async_trait]
+impl iceberg::Catalog for FaultyCatalog {
+    async fn list_namespaces(&self, parent: Option<&iceberg::NamespaceIdent>) -> iceberg::Result<Vec<iceberg::NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        ns: &iceberg::NamespaceIdent,
+        props: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.create_namespace(ns, props).await
+    }
+    async fn get_namespace(&self, ns: &iceberg::NamespaceIdent) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.get_namespace(ns).await
+    }
+    async fn namespace_exists(&self, ns: &iceberg::NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(ns).await
+    }
+    async fn update_namespace(
+        &self,
+        ns: &iceberg::NamespaceIdent,
+        props: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(ns, props).await
+    }
+    async fn drop_namespace(&self, ns: &iceberg::NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(ns).await
+    }
+    async fn list_tables(&self, ns: &iceberg::NamespaceIdent) -> iceberg::Result<Vec<iceberg::TableIdent>> {
+        self.inner.list_tables(ns).await
+    }
+    async fn create_table(
+        &self,
+        ns: &iceberg::NamespaceIdent,
+        creation: iceberg::TableCreation,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.create_table(ns, creation).await
+    }
+    async fn load_table(&self, table: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.load_table(table).await
+    }
+    async fn drop_table(&self, table: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &iceberg::TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &iceberg::TableIdent, dest: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+    async fn register_table(&self, table: &iceberg::TableIdent, location: String) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.register_table(table, location).await
+    }
+    async fn update_table(&self, commit: iceberg::TableCommit) -> iceberg::Result<iceberg::table::Table> {
+        hit_iceberg("commit_error")?;
+        if hit("commit_lost").is_err() {
+            // What iceberg-catalog-sql does when its SQL COMMIT fails: report the staged
+            // table as committed although nothing was persisted.
+            let current = self.inner.load_table(commit.identifier()).await?;
+            return commit.apply(current);
+        }
+        let table = self.inner.update_table(commit).await?;
+        hit_iceberg("commit_unknown")?;
+        Ok(table)
+    }
 }

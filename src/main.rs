@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use iceberg_offload::commit::TableView;
+use iceberg_offload::commit::{Journal, TableView};
 use iceberg_offload::config::Config;
 use iceberg_offload::metrics::Metrics;
 use iceberg_offload::offload::Services;
@@ -30,6 +30,8 @@ mod exit {
     pub const FAILED: u8 = 3;
     /// Every table was skipped: another writer holds their leases.
     pub const LEASE_HELD: u8 = 4;
+    /// A shutdown (SIGTERM/SIGINT) interrupted the cycle; nothing half-done was committed.
+    pub const INTERRUPTED: u8 = 5;
 }
 
 #[derive(Parser)]
@@ -56,7 +58,8 @@ struct Cli {
 enum Command {
     /// The scheduler daemon: one cycle at start, then at each interval boundary (UTC).
     Run,
-    /// One cycle. Exit 0 success, 2 partial, 3 failed, 4 all tables leased by another writer.
+    /// One cycle. Exit 0 success, 2 partial, 3 failed, 4 all tables leased by another writer,
+    /// 5 interrupted by SIGTERM/SIGINT.
     Once,
     /// Checks the configuration and that ClickHouse, the catalog and the state store are reachable.
     Validate,
@@ -153,7 +156,7 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
             None
         }
     };
-    Ok(Services { ch, catalog, state, metrics })
+    Ok(Services { ch, catalog, state, metrics, limits: cfg.catalog.limits })
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
@@ -171,14 +174,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let report = scheduler.run_cycle().await;
             print_report(&report);
             let all_skipped = report.tables.iter().all(|(_, r)| matches!(r, TableResult::Skipped(_)));
-            Ok(if all_skipped {
-                exit::LEASE_HELD
-            } else {
-                match report.status {
-                    CycleStatus::Success => exit::OK,
-                    CycleStatus::Partial => exit::PARTIAL,
-                    CycleStatus::Failed => exit::FAILED,
-                }
+            Ok(match report.status {
+                CycleStatus::Interrupted => exit::INTERRUPTED,
+                _ if all_skipped => exit::LEASE_HELD,
+                CycleStatus::Success => exit::OK,
+                CycleStatus::Partial => exit::PARTIAL,
+                CycleStatus::Failed => exit::FAILED,
             })
         }
         Command::Run => {
@@ -194,7 +195,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 for row in state.watermarks().await.unwrap_or_default() {
                     let last = row.last_successful_run.as_deref().and_then(iceberg_offload::status::parse_time);
                     if let (Some(t), true) = (last, cfg.tables.iter().any(|t| t.name() == row.table_name)) {
-                        metrics.table_succeeded(&row.table_name, t.timestamp_millis() as f64 / 1000.0);
+                        iceberg_offload::events::LastSuccessRecalled {
+                            table: &row.table_name,
+                            unix_seconds: t.timestamp_millis() as f64 / 1000.0,
+                        }
+                        .emit(&metrics);
                     }
                 }
             }
@@ -259,7 +264,8 @@ fn spawn_signal_handler(scheduler: Arc<Scheduler>) {
             _ = int.recv() => {}
         }
         tracing::warn!(
-            "shutdown requested: in-flight windows are abandoned before their commit (a commit in progress completes)"
+            "shutdown requested: windows in flight are abandoned before their commit; a commit already sent completes \
+             within catalog.commit_timeout"
         );
         scheduler.shutdown.cancel();
     });
@@ -277,6 +283,7 @@ fn print_report(report: &iceberg_offload::scheduler::CycleReport) {
             ),
             TableResult::Failed(e) => println!("  {name}: FAILED [{}] {e}", e.class()),
             TableResult::Skipped(reason) => println!("  {name}: skipped ({reason})"),
+            TableResult::Interrupted => println!("  {name}: interrupted (shutdown)"),
         }
     }
 }
@@ -362,8 +369,17 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
         };
         let result = async {
             let table = catalog.load_table(&target::ident(t)).await?;
-            iceberg_offload::commit::sweep_stray_metadata(&table).await;
-            Ok::<_, anyhow::Error>(iceberg_offload::maintenance::cleanup_orphans(&table, older_than, dry_run).await?)
+            // Pending attempts first (I5): those that can never land lose their files, those
+            // that still may keep them, protected from the orphan scan.
+            let mut journal = Journal::load(&table, cfg.catalog.limits.storage).await?;
+            if !dry_run {
+                journal.settle(&table).await?;
+                iceberg_offload::commit::sweep_dead_metadata(&table);
+            }
+            let protected: Vec<String> = journal.entries().iter().flat_map(|a| a.files()).collect();
+            Ok::<_, anyhow::Error>(
+                iceberg_offload::maintenance::cleanup_orphans(&table, older_than, dry_run, &protected).await?,
+            )
         }
         .await;
         state.release_lease(&lease).await.ok();
@@ -405,6 +421,13 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
             Err(_) => None,
         };
         let wm = view.as_ref().and_then(|v| v.watermark.clone());
+        let pending = match &view {
+            Some(v) => Journal::load(&v.table, cfg.catalog.limits.storage)
+                .await
+                .map(|j| j.entries().len().to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})")),
+            None => "0".to_string(),
+        };
         let behind = match SourceTable::describe(&ch, t).await {
             Ok(s) => {
                 s.rows_after(&ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
@@ -423,6 +446,7 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
             "failure_count": m.map(|r| r.failure_count),
             "last_error": m.and_then(|r| r.last_error_message.clone()),
             "rows_behind": behind,
+            "pending_commits": pending,
         }));
     }
     if json {
@@ -440,6 +464,7 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
                 "failure_count",
                 "last_error",
                 "rows_behind",
+                "pending_commits",
             ] {
                 let v = &r[key];
                 let text = match v {

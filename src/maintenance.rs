@@ -46,8 +46,14 @@ pub async fn referenced_files(table: &Table) -> Result<HashSet<String>> {
     Ok(refs)
 }
 
-/// Finds (and unless `dry_run`, deletes) unreferenced files older than `older_than`.
-pub async fn cleanup_orphans(table: &Table, older_than: Duration, dry_run: bool) -> Result<CleanupReport> {
+/// Finds (and unless `dry_run`, deletes) unreferenced files older than `older_than`. Files
+/// of commit attempts still pending (`protected`, I5) and the attempt journal are kept.
+pub async fn cleanup_orphans(
+    table: &Table,
+    older_than: Duration,
+    dry_run: bool,
+    protected: &[String],
+) -> Result<CleanupReport> {
     let mut report = CleanupReport { table: table.identifier().to_string(), deleted: !dry_run, ..Default::default() };
     let location = table.metadata().location();
     let Some(root) = location.strip_prefix("file://").or_else(|| location.strip_prefix("file:")) else {
@@ -56,7 +62,13 @@ pub async fn cleanup_orphans(table: &Table, older_than: Duration, dry_run: bool)
             message: format!("orphan cleanup only handles local warehouses, not {location}"),
         });
     };
-    let refs: HashSet<PathBuf> = referenced_files(table).await?.iter().map(|p| PathBuf::from(local_path(p))).collect();
+    let mut refs: HashSet<PathBuf> =
+        referenced_files(table).await?.iter().map(|p| PathBuf::from(local_path(p))).collect();
+    refs.extend(protected.iter().map(|p| PathBuf::from(local_path(p))));
+    let journal_dir = PathBuf::from(local_path(&crate::commit::Journal::path_of(table)))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
     report.files_referenced = refs.len();
     let mut stack = vec![PathBuf::from(root)];
     while let Some(dir) = stack.pop() {
@@ -65,7 +77,9 @@ pub async fn cleanup_orphans(table: &Table, older_than: Duration, dry_run: bool)
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
-                stack.push(path);
+                if path != journal_dir {
+                    stack.push(path);
+                }
                 continue;
             }
             report.files_scanned += 1;

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub rows_total: IntCounterVec,
     pub cycles_total: IntCounterVec,
+    pub cycles_interrupted_total: prometheus::IntCounter,
+    pub pending_commits: GaugeVec,
     pub errors_total: IntCounterVec,
     pub lag_minutes: GaugeVec,
     pub watermark_timestamp_seconds: GaugeVec,
@@ -55,9 +57,9 @@ pub struct Metrics {
 }
 
 /// Results of `offload_commit_attempts_total`.
-pub const COMMIT_RESULTS: [&str; 4] = ["committed", "conflict", "unknown_resolved", "error"];
+pub const COMMIT_RESULTS: [&str; 5] = ["committed", "conflict", "unknown_resolved", "pending", "error"];
 /// Outcomes of `offload_runs_total`.
-pub const RUN_OUTCOMES: [&str; 4] = ["success", "noop", "failure", "skipped"];
+pub const RUN_OUTCOMES: [&str; 5] = ["success", "noop", "failure", "skipped", "interrupted"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -82,6 +84,12 @@ impl Metrics {
         for s in CYCLE_STATUSES {
             cycles_total.with_label_values(&[s]);
         }
+        let cycles_interrupted_total = prometheus::IntCounter::new(
+            "offload_cycles_interrupted_total",
+            "Cycles cut short by a shutdown (SIGTERM/SIGINT): neither success nor failure, so not in offload_cycles_total",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(cycles_interrupted_total.clone())).expect("unique metric");
         let errors_total =
             counter("offload_errors_total", "Offload errors by table and type", &["table", "error_type"]);
         let commits_total =
@@ -117,6 +125,12 @@ impl Metrics {
         Self {
             rows_total,
             cycles_total,
+            cycles_interrupted_total,
+            pending_commits: gauge_vec(
+                "offload_pending_commits",
+                "Commit attempts whose outcome is unknown (timeout, 5xx, lost connection); their files are kept until resolved",
+                &["table"],
+            ),
             errors_total,
             lag_minutes: gauge_vec(
                 "offload_lag_minutes",
@@ -215,6 +229,7 @@ impl Metrics {
         self.files_written_total.with_label_values(&[table]);
         self.consecutive_failures.with_label_values(&[table]).set(0.0);
         self.late_rows.with_label_values(&[table]).set(0.0);
+        self.pending_commits.with_label_values(&[table]).set(0.0);
     }
 
     /// Static series of a running service.

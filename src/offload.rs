@@ -6,17 +6,22 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use iceberg::Catalog;
+use iceberg::spec::DataFile;
+use iceberg::table::Table;
+use iceberg::TableIdent;
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::{self, Attempt, TableView};
-use crate::config::TableConfig;
+use crate::commit::{
+    self, Attempt, AttemptFiles, CommitContext, Journal, Position, TableView, Window, sweep_dead_metadata,
+};
+use crate::config::{CatalogLimits, TableConfig};
 use crate::error::{OffloadError, Result};
 use crate::events;
 use crate::fault;
 use crate::metrics::Metrics;
 use crate::sink::{table as target, writer::WindowWriter};
 use crate::source::ClickHouse;
-use crate::source::query::SourceTable;
+use crate::source::query::{Projection, SourceTable};
 use crate::state::StateStore;
 use crate::util::now_epoch_ns;
 
@@ -27,6 +32,13 @@ pub struct Services {
     pub catalog: Arc<dyn Catalog>,
     pub state: Option<StateStore>,
     pub metrics: Arc<Metrics>,
+    pub limits: CatalogLimits,
+}
+
+impl Services {
+    fn commit_context(&self) -> CommitContext {
+        CommitContext { catalog: self.catalog.clone(), limits: self.limits }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -41,6 +53,8 @@ pub struct TableOutcome {
     pub late_rows: Option<i64>,
     /// The watermark's cursor, ns since the epoch.
     pub watermark_ns: Option<i64>,
+    /// Commit attempts of the table whose outcome is still unknown (I5).
+    pub pending_commits: Option<usize>,
 }
 
 /// How many batches may wait between the ClickHouse reader and the Parquet writer:
@@ -64,6 +78,7 @@ impl TableOutcome {
         newer(&mut self.ttl_headroom_seconds, later.ttl_headroom_seconds);
         newer(&mut self.late_rows, later.late_rows);
         newer(&mut self.watermark_ns, later.watermark_ns);
+        newer(&mut self.pending_commits, later.pending_commits);
     }
 }
 
@@ -76,98 +91,169 @@ pub async fn offload_table(
     cancel: &CancellationToken,
     outcome: &mut TableOutcome,
 ) -> Result<()> {
-    let source = until_cancelled(cancel, SourceTable::describe(&svc.ch, cfg)).await?;
-    let projection = source.projection()?;
-    let ident = target::ident(cfg);
-    until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
-    // The watermark as of the last view or commit.
-    let mut position: Option<crate::commit::Position>;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(OffloadError::Cancelled);
-        }
-        // I3: every window starts from the watermark in Iceberg.
+    let mut run = TableRun::start(svc, cfg, cancel, outcome).await?;
+    let result: Result<()> = async {
+        while run.next_window(outcome).await? {}
+        Ok(())
+    }
+    .await;
+    outcome.pending_commits = Some(run.journal.entries().len());
+    events::PendingCommits { table: cfg.name(), count: run.journal.entries().len() }.emit(&svc.metrics);
+    result?;
+    run.measure(outcome).await;
+    Ok(())
+}
+
+/// One table's run within a cycle: what stays the same from window to window.
+struct TableRun<'a> {
+    svc: &'a Services,
+    cfg: &'a TableConfig,
+    cancel: &'a CancellationToken,
+    source: SourceTable,
+    projection: Projection,
+    ident: TableIdent,
+    journal: Journal,
+    /// The view read at the start, used by the first window.
+    first_view: Option<TableView>,
+    /// The watermark as of the last view or commit.
+    position: Option<Position>,
+}
+
+impl<'a> TableRun<'a> {
+    /// Describes the source, makes sure the target exists, and resolves what earlier runs left
+    /// unresolved before anything new is written: pending commits (I5), lost metadata files
+    /// (I8), the operators' mirror (I7).
+    async fn start(
+        svc: &'a Services,
+        cfg: &'a TableConfig,
+        cancel: &'a CancellationToken,
+        outcome: &mut TableOutcome,
+    ) -> Result<Self> {
+        let source = until_cancelled(cancel, SourceTable::describe(&svc.ch, cfg)).await?;
+        let projection = source.projection()?;
+        let ident = target::ident(cfg);
+        until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
         let view = until_cancelled(cancel, TableView::load(&svc.catalog, &ident)).await?;
-        position = view.watermark.clone();
-        target::check_compatible(&view.table, cfg, &projection)
-            .map_err(|message| OffloadError::Schema { table: cfg.source(), message })?;
-        if outcome.windows == 0 {
-            commit::sweep_stray_metadata(&view.table).await;
-            if let Ok(Some(late)) = until_cancelled(cancel, commit::late_rows(&source, &svc.ch, &view)).await {
-                if late > 0 {
-                    events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
-                }
-                outcome.late_rows = Some(late.max(0));
-            }
-            if source.cursor_is_nullable()
-                && let Ok(n) = until_cancelled(cancel, source.null_cursor_rows(&svc.ch)).await
-                && n > 0
-            {
-                events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
-            }
-        }
-        // I1: the window is fixed here, before anything is read.
-        let planned = commit::plan_window(&source, &svc.ch, view.watermark.as_ref(), now_epoch_ns());
-        let Some(window) = until_cancelled(cancel, planned).await? else {
-            if outcome.windows == 0 {
-                outcome.watermark = view.watermark.as_ref().map(|w| w.display());
-                outcome.snapshot_id = view.snapshot_id();
-            }
-            break;
+        let journal = until_cancelled(cancel, Journal::load(&view.table, svc.limits.storage)).await?;
+        let mut run = Self {
+            svc,
+            cfg,
+            cancel,
+            source,
+            projection,
+            ident,
+            journal,
+            position: view.watermark.clone(),
+            first_view: None,
         };
-        let started = Instant::now();
-        let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: cfg.source() };
-        let (sql, params) = source.select(&projection, window.lo.as_ref(), &window.hi);
-        let mut writer = WindowWriter::new(&view.table, &attempt.run_id, cfg.integer_encoding).await?;
-        let read = read_into(svc, &sql, &params, projection.len(), &mut writer, cancel).await;
-        let read_seconds = started.elapsed().as_secs_f64();
-        let rows = writer.rows;
-        let files = writer.close().await?;
-        tracing::debug!(
-            table = cfg.name(),
-            read_seconds,
-            close_seconds = started.elapsed().as_secs_f64() - read_seconds,
-            "window read and written"
-        );
-        let read = read.map_err(|e| source.explain_read_error(e)).and_then(|()| fault::hit("after_files_written"));
-        if let Err(e) = read {
-            // I8: an attempt that will not commit removes what it wrote.
-            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-            commit::delete_files(&view.table, &paths).await;
-            return Err(e);
+        run.settle_journal(&view.table).await;
+        sweep_dead_metadata(&view.table);
+        if let Some(d) = &view.disagreement {
+            events::WatermarkPropertyDisagrees { table: cfg.name(), property: d.property.as_ref(), history: d.history.as_ref() }
+                .emit(&svc.metrics);
         }
-        if rows != window.planned_rows {
-            tracing::warn!(
-                table = cfg.name(),
-                planned = window.planned_rows,
-                read = rows,
-                "the window changed between planning and reading (rows inserted below the settle limit?)"
-            );
+        run.reconcile_mirror(&view).await;
+        run.check_source(&view, outcome).await;
+        outcome.watermark = view.watermark.as_ref().map(|w| w.display());
+        outcome.snapshot_id = view.snapshot_id();
+        run.first_view = Some(view);
+        Ok(run)
+    }
+
+    /// I5: resolves the journal's attempts against the table; attempts found committed count
+    /// their rows now.
+    async fn settle_journal(&mut self, table: &Table) {
+        match self.journal.settle(table).await {
+            Ok(settled) => {
+                for s in settled {
+                    events::PendingResolved {
+                        table: self.cfg.name(),
+                        layer: &self.cfg.layer,
+                        run_id: &s.attempt.run_id,
+                        resolution: s.resolution,
+                        rows: s.attempt.rows,
+                    }
+                    .emit(&self.svc.metrics);
+                }
+            }
+            Err(e) => tracing::warn!(table = self.cfg.name(), "cannot settle the attempt journal: {e}"),
         }
-        if cancel.is_cancelled() {
-            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-            commit::delete_files(&view.table, &paths).await;
+    }
+
+    /// I7: the mirror is corrected from Iceberg at the start of each run, never moved backwards
+    /// by a writer whose view is older than the one that last wrote it.
+    async fn reconcile_mirror(&self, view: &TableView) {
+        let Some(state) = &self.svc.state else { return };
+        let snapshot = match view.origin {
+            commit::WatermarkOrigin::Snapshot(id) => Some(id),
+            _ => view.snapshot_id(),
+        };
+        let sequence = view.table.metadata().last_sequence_number();
+        let w = view.watermark.as_ref();
+        match state.reconcile_watermark(self.cfg.name(), w, snapshot, sequence).await {
+            Ok(Some(before)) => events::MirrorCorrected {
+                table: self.cfg.name(),
+                before: &before,
+                after: &w.map(|w| w.display()).unwrap_or_else(|| "none".into()),
+            }
+            .emit(&self.svc.metrics),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(table = self.cfg.name(), "cannot reconcile the state-store mirror: {e}"),
+        }
+    }
+
+    /// Late rows (I9) and rows that can never be offloaded (NULL cursor): reported, best effort.
+    async fn check_source(&self, view: &TableView, outcome: &mut TableOutcome) {
+        let (svc, cfg) = (self.svc, self.cfg);
+        if let Ok(Some(late)) = until_cancelled(self.cancel, commit::late_rows(&self.source, &svc.ch, view)).await {
+            if late > 0 {
+                events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
+            }
+            outcome.late_rows = Some(late.max(0));
+        }
+        if self.source.cursor_is_nullable()
+            && let Ok(n) = until_cancelled(self.cancel, self.source.null_cursor_rows(&svc.ch)).await
+            && n > 0
+        {
+            events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
+        }
+    }
+
+    /// Plans, reads, writes and commits the next window. Returns whether more settled rows
+    /// may be waiting (the window was bounded).
+    async fn next_window(&mut self, outcome: &mut TableOutcome) -> Result<bool> {
+        if self.cancel.is_cancelled() {
             return Err(OffloadError::Cancelled);
         }
-        if let Err(e) = fault::hit("before_commit") {
-            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-            commit::delete_files(&view.table, &paths).await;
-            return Err(e);
-        }
+        // I3: every window starts from the watermark in Iceberg's history.
+        let view = match self.first_view.take() {
+            Some(v) => v,
+            None => until_cancelled(self.cancel, TableView::load(&self.svc.catalog, &self.ident)).await?,
+        };
+        self.position = view.watermark.clone();
+        target::check_compatible(&view.table, self.cfg, &self.projection)
+            .map_err(|message| OffloadError::Schema { table: self.cfg.source(), message })?;
+        // I1: the window is fixed here, before anything is read.
+        let planned = commit::plan_window(&self.source, &self.svc.ch, view.watermark.as_ref(), now_epoch_ns());
+        let Some(window) = until_cancelled(self.cancel, planned).await? else { return Ok(false) };
+        let started = Instant::now();
+        let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: self.cfg.source() };
+        let (files, rows) = self.write_window(&view, &window, &attempt).await?;
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
-        let committed = match commit::commit_window(&svc.catalog, &view, files, &window, rows, &attempt).await {
-            Ok(c) => c,
-            Err(e) => {
-                let conflict = matches!(e, OffloadError::CommitConflict { .. });
-                events::CommitFailed { table: cfg.name(), conflict, reason: &e.to_string() }.emit(&svc.metrics);
-                return Err(e);
-            }
-        };
+        let cx = self.svc.commit_context();
+        let committed =
+            match commit::commit_window(&cx, &view, &mut self.journal, files, &window, rows, &attempt).await {
+                Ok(c) => c,
+                Err(e) => {
+                    events::CommitFailed { table: self.cfg.name(), error: &e }.emit(&self.svc.metrics);
+                    return Err(e);
+                }
+            };
         let watermark = window.hi.display();
         events::WindowCommitted {
-            table: cfg.name(),
-            layer: &cfg.layer,
+            table: self.cfg.name(),
+            layer: &self.cfg.layer,
             rows,
             files: file_count,
             bytes,
@@ -177,51 +263,98 @@ pub async fn offload_table(
             duration: started.elapsed(),
             resolved_after_error: committed.resolved_after_error,
         }
-        .emit(&svc.metrics);
+        .emit(&self.svc.metrics);
         outcome.rows += rows;
         outcome.windows += 1;
         outcome.snapshot_id = Some(committed.snapshot_id);
         outcome.watermark = Some(watermark);
         outcome.last_window = Some((window.lo.as_ref().map(|p| p.display()), window.hi.display()));
-        position = Some(window.hi.clone());
-        fault::hit("after_commit")?;
-        // I7: the mirror follows the truth; its failure costs nothing but a log line.
-        if let Some(state) = &svc.state {
-            let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
-            if let Err(e) = state
-                .record_window_committed(
-                    cfg.name(),
-                    &wm,
-                    window.hi.tiebreak.as_deref(),
-                    rows as i64,
-                    started.elapsed().as_secs_f64(),
-                    Some(committed.snapshot_id),
-                )
-                .await
-            {
-                tracing::warn!(
-                    table = cfg.name(),
-                    "state store not updated after commit (Iceberg stays authoritative): {e}"
-                );
-            }
+        self.position = Some(window.hi.clone());
+        // Earlier attempts fenced on the snapshot this commit replaced can never land now.
+        if !self.journal.entries().is_empty() {
+            self.settle_journal(&committed.table).await;
         }
-        if !window.bounded {
-            break;
+        fault::hit("after_commit")?;
+        self.mirror_window(&window, rows, started, &committed.table, committed.snapshot_id).await;
+        Ok(window.bounded)
+    }
+
+    /// Reads the window from ClickHouse into Parquet files. A window that will not be
+    /// committed removes what it wrote (I8).
+    async fn write_window(&self, view: &TableView, window: &Window, attempt: &Attempt) -> Result<(Vec<DataFile>, u64)> {
+        let started = Instant::now();
+        let (sql, params) = self.source.select(&self.projection, window.lo.as_ref(), &window.hi);
+        let mut writer = WindowWriter::new(&view.table, &attempt.run_id, self.cfg.integer_encoding).await?;
+        let read = read_into(self.svc, &sql, &params, self.projection.len(), &mut writer, self.cancel).await;
+        let read_seconds = started.elapsed().as_secs_f64();
+        let rows = writer.rows;
+        let files = until_cancelled(self.cancel, writer.close()).await?;
+        tracing::debug!(
+            table = self.cfg.name(),
+            read_seconds,
+            close_seconds = started.elapsed().as_secs_f64() - read_seconds,
+            "window read and written"
+        );
+        let checked = read
+            .map_err(|e| self.source.explain_read_error(e))
+            .and_then(|()| fault::hit("after_files_written"))
+            .and_then(|()| if self.cancel.is_cancelled() { Err(OffloadError::Cancelled) } else { Ok(()) })
+            .and_then(|()| fault::hit("before_commit"));
+        if let Err(e) = checked {
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            AttemptFiles { table: &view.table, run_id: &attempt.run_id, paths: &paths, limit: self.svc.limits.storage }
+                .discard()
+                .await;
+            return Err(e);
+        }
+        if rows != window.planned_rows {
+            tracing::warn!(
+                table = self.cfg.name(),
+                planned = window.planned_rows,
+                read = rows,
+                "the window changed between planning and reading (rows inserted below the settle limit?)"
+            );
+        }
+        Ok((files, rows))
+    }
+
+    /// I7: the mirror follows the truth; its failure costs nothing but a log line.
+    async fn mirror_window(&self, window: &Window, rows: u64, started: Instant, table: &Table, snapshot_id: i64) {
+        let Some(state) = &self.svc.state else { return };
+        let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
+        let recorded = state
+            .record_window_committed(
+                self.cfg.name(),
+                &wm,
+                window.hi.tiebreak.as_deref(),
+                rows as i64,
+                started.elapsed().as_secs_f64(),
+                Some(snapshot_id),
+                table.metadata().last_sequence_number(),
+            )
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(table = self.cfg.name(), "state store not updated after commit (Iceberg stays authoritative): {e}");
         }
     }
-    // Where the table stands: rows still waiting, and how long until the source TTL could
-    // delete the oldest of them. Best effort: these only feed metrics.
-    let wm = position.as_ref();
-    outcome.watermark_ns = wm.map(|w| w.cursor_ns);
-    let best_effort = |what: &str, e: OffloadError| tracing::warn!(table = cfg.name(), "cannot measure {what}: {e}");
-    outcome.rows_behind =
-        until_cancelled(cancel, source.rows_after(&svc.ch, wm)).await.map_err(|e| best_effort("rows behind", e)).ok();
-    outcome.ttl_headroom_seconds = until_cancelled(cancel, source.ttl_headroom_seconds(&svc.ch, wm))
-        .await
-        .map_err(|e| best_effort("TTL headroom", e))
-        .ok()
-        .flatten();
-    Ok(())
+
+    /// Where the table stands: rows still waiting, and how long until the source TTL could
+    /// delete the oldest of them. Best effort: these only feed metrics.
+    async fn measure(&self, outcome: &mut TableOutcome) {
+        let (svc, cfg, cancel) = (self.svc, self.cfg, self.cancel);
+        let wm = self.position.as_ref();
+        outcome.watermark_ns = wm.map(|w| w.cursor_ns);
+        let best_effort = |what: &str, e: OffloadError| tracing::warn!(table = cfg.name(), "cannot measure {what}: {e}");
+        outcome.rows_behind = until_cancelled(cancel, self.source.rows_after(&svc.ch, wm))
+            .await
+            .map_err(|e| best_effort("rows behind", e))
+            .ok();
+        outcome.ttl_headroom_seconds = until_cancelled(cancel, self.source.ttl_headroom_seconds(&svc.ch, wm))
+            .await
+            .map_err(|e| best_effort("TTL headroom", e))
+            .ok()
+            .flatten();
+    }
 }
 
 /// Streams the window from ClickHouse into the writer. Reading runs in its own task so
@@ -273,7 +406,8 @@ fn block_rows(columns: usize) -> usize {
 }
 
 /// Runs a step that may be abandoned: the per-table timeout or a shutdown cancels it.
-/// The commit is never run through this: once started, it completes (I5 resolves it).
+/// The commit is never run through this: once sent, it completes within its own time limit
+/// and I5 resolves it.
 async fn until_cancelled<T>(
     cancel: &CancellationToken,
     step: impl std::future::Future<Output = Result<T>>,

@@ -14,13 +14,15 @@ use crate::config::{Config, TableConfig};
 use crate::error::OffloadError;
 use crate::events;
 use crate::offload::{Services, TableOutcome, offload_table};
-use crate::state::RunRecord;
+use crate::state::{Lease, RunRecord, StateStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CycleStatus {
     Success,
     Partial,
     Failed,
+    /// A shutdown (SIGTERM/SIGINT) cut the cycle short: neither a success nor a failure.
+    Interrupted,
 }
 
 impl CycleStatus {
@@ -29,6 +31,22 @@ impl CycleStatus {
             Self::Success => "success",
             Self::Partial => "partial",
             Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    fn of(tables: &[(String, TableResult)]) -> Self {
+        let count = |f: fn(&TableResult) -> bool| tables.iter().filter(|(_, r)| f(r)).count();
+        let failed = count(|r| matches!(r, TableResult::Failed(_)));
+        let succeeded = count(|r| matches!(r, TableResult::Done(_)));
+        if count(|r| matches!(r, TableResult::Interrupted)) > 0 {
+            Self::Interrupted
+        } else if failed == 0 {
+            Self::Success
+        } else if succeeded > 0 {
+            Self::Partial
+        } else {
+            Self::Failed
         }
     }
 }
@@ -39,6 +57,9 @@ pub enum TableResult {
     Failed(OffloadError),
     /// Another writer holds the table's lease: not a failure of this process.
     Skipped(String),
+    /// A shutdown stopped the table before it finished; nothing half-done was committed and
+    /// the next start resumes from the Iceberg watermark.
+    Interrupted,
 }
 
 #[derive(Debug)]
@@ -94,13 +115,17 @@ impl Scheduler {
         beat(&self.heartbeat);
     }
 
-    /// The longest a healthy cycle can take: every table's timeout and retries, in waves of
-    /// `parallelism`, plus a margin. Past it the loop counts as stuck.
+    /// The longest one table may take in a cycle, retries included: its `table_timeout`, plus
+    /// the allowance for resolving a commit already sent when the time was up (I10).
+    fn table_budget(&self) -> Duration {
+        self.config.service.table_timeout + self.config.catalog.limits.commit_allowance()
+    }
+
+    /// The longest a healthy cycle can take: every table's budget, in waves of `parallelism`,
+    /// plus a margin for the lease and the state store. Past it the loop counts as stuck.
     fn cycle_budget(&self) -> Duration {
-        let s = &self.config.service;
-        let waves = self.config.tables.len().div_ceil(s.parallelism) as u32;
-        let backoff: Duration = (0..s.retries).map(|i| s.retry_backoff * 2u32.pow(i)).sum();
-        (s.table_timeout * (s.retries + 1) + backoff) * waves + Duration::from_secs(60)
+        let waves = self.config.tables.len().div_ceil(self.config.service.parallelism) as u32;
+        self.table_budget() * waves + Duration::from_secs(60)
     }
 
     /// One cycle over every configured table.
@@ -133,22 +158,16 @@ impl Scheduler {
         });
         let tables = join_all(jobs).await;
         ticker.abort();
+        let status = CycleStatus::of(&tables);
         let failed = tables.iter().filter(|(_, r)| matches!(r, TableResult::Failed(_))).count();
-        let skipped = tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_))).count();
-        let succeeded = tables.len() - failed - skipped;
-        let status = if failed == 0 {
-            CycleStatus::Success
-        } else if succeeded > 0 {
-            CycleStatus::Partial
-        } else {
-            CycleStatus::Failed
-        };
+        let skipped = tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_) | TableResult::Interrupted)).count();
+        let succeeded = tables.iter().filter(|(_, r)| matches!(r, TableResult::Done(_))).count();
         let unreachable = report_unreachable(&tables);
         self.ready.store(!unreachable, Ordering::Relaxed);
         let report = CycleReport { cycle_id, status, duration: started.elapsed(), tables };
         events::CycleCompleted {
             cycle_id: &report.cycle_id,
-            status: status.as_str(),
+            status,
             duration: report.duration,
             succeeded,
             failed,
@@ -160,139 +179,96 @@ impl Scheduler {
         report
     }
 
-    /// One table within a cycle: lease, retries, timeout, state mirror.
+    /// One table within a cycle: lease, attempts within the table's time, state mirror.
     async fn run_table(&self, t: &TableConfig, cycle_id: &str) -> TableResult {
-        let svc = &self.services;
-        let svc_cfg = &self.config.service;
         let started = Instant::now();
-        // I6: one writer per table. Correctness never depends on it (I4 does), so a state
-        // store that cannot be reached does not stop the offload.
-        let mut lease = None;
-        if let Some(state) = &svc.state {
-            if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
-                tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
-            } else {
-                let taken = match state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await {
-                    Err(OffloadError::LeaseHeld { holder, .. }) if holder_is_dead(&holder) => {
-                        let l = state.take_over_lease(t.name(), &holder, &self.holder, svc_cfg.lease_ttl).await;
-                        if let Ok(Some(_)) = &l {
-                            tracing::warn!(
-                                table = t.name(),
-                                "took over the lease of {holder}, a process of this host that is gone"
-                            );
-                        }
-                        match l {
-                            Ok(Some(l)) => Ok(l),
-                            Ok(None) => state.acquire_lease(t.name(), &self.holder, svc_cfg.lease_ttl).await,
-                            Err(e) => Err(e),
-                        }
-                    }
-                    other => other,
-                };
-                match taken {
-                    Ok(l) => lease = Some(l),
-                    Err(e @ OffloadError::LeaseHeld { .. }) => {
-                        let reason = e.to_string();
-                        events::TableSkipped { table: t.name(), reason: &reason }.emit(&svc.metrics);
-                        return TableResult::Skipped(reason);
-                    }
-                    Err(e) => tracing::warn!(
-                        table = t.name(),
-                        "cannot take the lease (state store): {e}; continuing, commits stay fenced"
-                    ),
-                }
-                let _ = state.set_status(t.name(), "running").await;
+        let lease = match LeaseGuard::take(&self.services, t, &self.holder, self.config.service.lease_ttl).await {
+            Ok(lease) => lease,
+            Err(reason) => {
+                events::TableSkipped { table: t.name(), reason: &reason }.emit(&self.services.metrics);
+                return TableResult::Skipped(reason);
             }
-        }
-        let renew = lease.clone().map(|l| {
-            let state = svc.state.clone().expect("lease implies state");
-            let ttl = svc_cfg.lease_ttl;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    match state.renew_lease(&l, ttl).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(table = %l.table_name, "lease lost; commits stay fenced (I4)");
-                            break;
-                        }
-                        Err(e) => tracing::warn!(table = %l.table_name, "lease renewal failed: {e}"),
-                    }
-                }
-            })
-        });
+        };
+        let result = self.attempts(t, cycle_id).await;
+        let result = self.finish(t, result, started.elapsed()).await;
+        lease.release().await;
+        result
+    }
 
-        let mut attempt = 0;
+    /// Attempts of one table until it succeeds, fails for good, or its time is up. The time is
+    /// `table_timeout` for all attempts together: after it no window starts and no commit is
+    /// sent; a commit already sent gets the allowance of [`Self::table_budget`] to resolve.
+    async fn attempts(&self, t: &TableConfig, cycle_id: &str) -> Result<TableOutcome, OffloadError> {
+        let svc_cfg = &self.config.service;
+        let deadline = tokio::time::Instant::now() + svc_cfg.table_timeout;
+        let hard_stop = tokio::time::Instant::now() + self.table_budget();
         // What this cycle committed for the table, over all its attempts.
         let mut done = TableOutcome::default();
-        let result = loop {
-            attempt += 1;
+        for attempt in 1.. {
             let attempt_started = Instant::now();
             let cancel = self.shutdown.child_token();
             let timer = {
                 let cancel = cancel.clone();
-                let timeout = svc_cfg.table_timeout;
                 tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
+                    tokio::time::sleep_until(deadline).await;
                     cancel.cancel();
                 })
             };
             let mut this_attempt = TableOutcome::default();
-            let run = offload_table(svc, t, &cancel, &mut this_attempt).await;
+            let run = tokio::time::timeout_at(hard_stop, offload_table(&self.services, t, &cancel, &mut this_attempt))
+                .await
+                .unwrap_or(Err(OffloadError::Timeout(svc_cfg.table_timeout)));
+            timer.abort();
             // The token is cancelled by the timer or by a shutdown; without a shutdown it was the
             // timer (asking the timer task whether it finished races with its last poll).
-            let timed_out = !self.shutdown.is_cancelled();
-            timer.abort();
             let run = match run {
-                Err(OffloadError::Cancelled) if timed_out => Err(OffloadError::Timeout(svc_cfg.table_timeout)),
+                Err(OffloadError::Cancelled) if !self.shutdown.is_cancelled() => {
+                    Err(OffloadError::Timeout(svc_cfg.table_timeout))
+                }
                 other => other,
             };
-            if matches!(run, Err(OffloadError::Cancelled)) {
-                // Shutdown, not a failure: the window was abandoned before its commit and the
-                // next start redoes it from the Iceberg watermark.
-                tracing::info!(table = t.name(), "abandoned for shutdown before its commit");
-                break Err(OffloadError::Cancelled);
-            }
             self.record_run(cycle_id, t, &this_attempt, run.as_ref().err(), attempt_started.elapsed()).await;
             done.absorb(this_attempt);
-            match run {
-                Ok(()) => break Ok(std::mem::take(&mut done)),
-                Err(e) => {
-                    let retry = e.is_transient() && attempt <= svc_cfg.retries && !self.shutdown.is_cancelled();
-                    let message = e.to_string();
-                    events::TableFailed {
-                        table: t.name(),
-                        class: e.class(),
-                        kind: e.kind(),
-                        message: &message,
-                        attempt,
-                        will_retry: retry,
-                        duration: attempt_started.elapsed(),
-                    }
-                    .emit(&svc.metrics);
-                    if !retry {
-                        break Err(e);
-                    }
-                    let backoff = svc_cfg.retry_backoff * 2u32.pow(attempt - 1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.shutdown.cancelled() => break Err(e),
-                    }
-                }
+            let e = match run {
+                Ok(()) => return Ok(done),
+                Err(OffloadError::Cancelled) => return Err(OffloadError::Cancelled),
+                Err(e) => e,
+            };
+            let backoff = svc_cfg.retry_backoff * 2u32.pow(attempt - 1);
+            let in_time = tokio::time::Instant::now() + backoff < deadline;
+            let retry = e.is_transient() && attempt <= svc_cfg.retries && in_time && !self.shutdown.is_cancelled();
+            events::TableFailed {
+                table: t.name(),
+                class: e.class(),
+                kind: e.kind(),
+                message: &e.to_string(),
+                attempt,
+                will_retry: retry,
+                duration: attempt_started.elapsed(),
             }
-        };
-        if let Some(r) = renew {
-            r.abort();
+            .emit(&self.services.metrics);
+            if !retry {
+                return Err(e);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.shutdown.cancelled() => return Err(OffloadError::Cancelled),
+            }
         }
-        let duration = started.elapsed();
-        let result = match result {
+        unreachable!("the attempts loop returns")
+    }
+
+    /// Reports the table's result: metrics, log line and the state-store mirror.
+    async fn finish(&self, t: &TableConfig, result: Result<TableOutcome, OffloadError>, took: Duration) -> TableResult {
+        let svc = &self.services;
+        match result {
             Ok(outcome) => {
                 events::TableOffloaded {
                     table: t.name(),
                     layer: &t.layer,
                     rows: outcome.rows,
                     windows: outcome.windows,
-                    duration,
+                    duration: took,
                     snapshot_id: outcome.snapshot_id,
                     watermark: outcome.watermark.clone(),
                     rows_behind: outcome.rows_behind,
@@ -302,7 +278,7 @@ impl Scheduler {
                 }
                 .emit(&svc.metrics);
                 if let Some(state) = &svc.state {
-                    let r = state.record_table_success(t.name(), duration.as_secs_f64(), outcome.windows > 0).await;
+                    let r = state.record_table_success(t.name(), took.as_secs_f64(), outcome.windows > 0).await;
                     if let Err(e) = r {
                         tracing::warn!(table = t.name(), "state store not updated (Iceberg stays authoritative): {e}");
                     }
@@ -310,22 +286,19 @@ impl Scheduler {
                 TableResult::Done(outcome)
             }
             Err(OffloadError::Cancelled) => {
+                events::TableInterrupted { table: t.name() }.emit(&svc.metrics);
                 if let Some(state) = &svc.state {
                     let _ = state.set_status(t.name(), "interrupted").await;
                 }
-                TableResult::Skipped("abandoned for shutdown".into())
+                TableResult::Interrupted
             }
             Err(e) => {
                 if let Some(state) = &svc.state {
-                    let _ = state.record_failure(t.name(), &e.to_string(), duration.as_secs_f64()).await;
+                    let _ = state.record_failure(t.name(), &e.to_string(), took.as_secs_f64()).await;
                 }
                 TableResult::Failed(e)
             }
-        };
-        if let (Some(state), Some(l)) = (&svc.state, &lease) {
-            let _ = state.release_lease(l).await;
         }
-        result
     }
 
     async fn record_run(
@@ -358,6 +331,7 @@ impl Scheduler {
         }
         match error {
             None => r.status = if outcome.windows == 0 { "no_data".into() } else { "success".into() },
+            Some(OffloadError::Cancelled) => r.status = "interrupted".into(),
             Some(e) => {
                 r.status = "failed".into();
                 r.error_type = Some(e.class().as_str().into());
@@ -396,6 +370,77 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+/// I6: the table's lease for the time of its run, renewed in the background and released at
+/// the end. Correctness never depends on it (I4 does), so a state store that cannot be
+/// reached does not stop the offload.
+struct LeaseGuard {
+    state: Option<StateStore>,
+    lease: Option<Lease>,
+    renew: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LeaseGuard {
+    /// Takes the lease, or says why the table must be skipped (another live holder has it).
+    async fn take(svc: &Services, t: &TableConfig, holder: &str, ttl: Duration) -> Result<Self, String> {
+        let Some(state) = svc.state.clone() else { return Ok(Self { state: None, lease: None, renew: None }) };
+        if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
+            tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
+            return Ok(Self { state: None, lease: None, renew: None });
+        }
+        let lease = match acquire(&state, t.name(), holder, ttl).await {
+            Ok(l) => Some(l),
+            Err(e @ OffloadError::LeaseHeld { .. }) => return Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!(table = t.name(), "cannot take the lease (state store): {e}; continuing, commits stay fenced");
+                None
+            }
+        };
+        let _ = state.set_status(t.name(), "running").await;
+        let renew = lease.clone().map(|l| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match state.renew_lease(&l, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(table = %l.table_name, "lease lost; commits stay fenced (I4)");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(table = %l.table_name, "lease renewal failed: {e}"),
+                    }
+                }
+            })
+        });
+        Ok(Self { state: Some(state), lease, renew })
+    }
+
+    async fn release(self) {
+        if let Some(r) = self.renew {
+            r.abort();
+        }
+        if let (Some(state), Some(l)) = (&self.state, &self.lease) {
+            let _ = state.release_lease(l).await;
+        }
+    }
+}
+
+/// Takes the lease, taking over at once one held by a process of this host that is gone.
+async fn acquire(state: &StateStore, table: &str, holder: &str, ttl: Duration) -> Result<Lease, OffloadError> {
+    match state.acquire_lease(table, holder, ttl).await {
+        Err(OffloadError::LeaseHeld { holder: dead, .. }) if holder_is_dead(&dead) => {
+            match state.take_over_lease(table, &dead, holder, ttl).await? {
+                Some(l) => {
+                    tracing::warn!(table, "took over the lease of {dead}, a process of this host that is gone");
+                    Ok(l)
+                }
+                None => state.acquire_lease(table, holder, ttl).await,
+            }
+        }
+        other => other,
     }
 }
 

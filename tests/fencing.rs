@@ -8,7 +8,7 @@ use arrow_array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use iceberg::spec::{PrimitiveType, Type};
 
-use iceberg_offload::commit::{self, Attempt, Position, TableView, Window};
+use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, Position, TableView, Window};
 use iceberg_offload::config::{CatalogConfig, CatalogKind, PartitionField, TableConfig};
 use iceberg_offload::error::OffloadError;
 use iceberg_offload::sink::{catalog, table as target, writer::WindowWriter};
@@ -83,6 +83,7 @@ async fn catalog_with_table(
         credential: Default::default(),
         properties: Default::default(),
         properties_env: Default::default(),
+        limits: Default::default(),
     };
     let cat = catalog::build(&cfg).await.unwrap();
     let tcfg = table_config();
@@ -146,6 +147,14 @@ async fn a_writer_with_a_stale_view_is_refused_by_a_rest_catalog_too() {
     stale_view_is_refused(dir, cat, ident).await;
 }
 
+fn context(cat: &Arc<dyn iceberg::Catalog>) -> CommitContext {
+    CommitContext { catalog: cat.clone(), limits: Default::default() }
+}
+
+async fn journal(view: &TableView) -> Journal {
+    Journal::load(&view.table, Duration::from_secs(10)).await.unwrap()
+}
+
 async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Catalog>, ident: iceberg::TableIdent) {
     // Two writers read the same view (I3)...
     let stale = TableView::load(&cat, &ident).await.unwrap();
@@ -153,17 +162,25 @@ async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Cat
     // ...the first commits its window...
     let files_a = write(&fresh, "writer-a", 0..10).await;
     let a = Attempt { run_id: "run-a".into(), source: "k2.fence".into() };
-    commit::commit_window(&cat, &fresh, files_a, &window(1_700_000_100), 10, &a).await.unwrap();
+    let cx = context(&cat);
+    let mut j = journal(&fresh).await;
+    commit::commit_window(&cx, &fresh, &mut j, files_a, &window(1_700_000_100), 10, &a).await.unwrap();
     // ...and the second, still holding the old view, must be refused (I4), not rebased.
     let files_b = write(&stale, "writer-b", 0..10).await;
     let paths_b: Vec<String> = files_b.iter().map(|f| f.file_path().to_string()).collect();
     let b = Attempt { run_id: "run-b".into(), source: "k2.fence".into() };
-    let err = commit::commit_window(&cat, &stale, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
+    let err =
+        commit::commit_window(&cx, &stale, &mut j, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
     assert!(matches!(err, OffloadError::CommitConflict { .. }), "expected a conflict, got {err}");
 
     let after = TableView::load(&cat, &ident).await.unwrap();
     assert_eq!(after.table.metadata().snapshots().count(), 1, "only writer A's snapshot exists");
-    assert!(commit::find_snapshot_of_run(&after.table, "run-b").is_none());
+    assert!(commit::snapshot_of_run(after.table.metadata(), "run-b").is_none());
+    assert!(j.entries().is_empty(), "a refused attempt leaves the journal: {:?}", j.entries());
+    assert!(
+        commit::files::metadata_files_ahead(&after.table).is_empty(),
+        "no metadata file above the current version may be left for directory readers"
+    );
     assert_eq!(after.watermark, Some(window(1_700_000_100).hi));
     // I8: the refused attempt's data files are gone.
     for p in &paths_b {
@@ -188,31 +205,40 @@ async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Cat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stray_metadata_files_are_swept() {
+async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     let (_dir, cat, ident) = setup().await;
     let view = TableView::load(&cat, &ident).await.unwrap();
     let files = write(&view, "w", 0..5).await;
     let a = Attempt { run_id: "run-1".into(), source: "k2.fence".into() };
-    let committed = commit::commit_window(&cat, &view, files, &window(1_700_000_100), 5, &a).await.unwrap();
+    let mut j = journal(&view).await;
+    let committed =
+        commit::commit_window(&context(&cat), &view, &mut j, files, &window(1_700_000_100), 5, &a).await.unwrap();
     let current = committed.table.metadata_location().unwrap().trim_start_matches("file://").to_string();
     let meta_dir = std::path::Path::new(&current).parent().unwrap().to_path_buf();
     let current_version: u64 =
         std::path::Path::new(&current).file_name().unwrap().to_str().unwrap()[..5].parse().unwrap();
 
-    // A loser of a compare-and-swap (same version as current), a writer that died an hour
-    // ago (next version, old), and a commit that may be in flight (next version, fresh).
+    // A loser of a compare-and-swap (same version as current: it can never become current),
+    // an old next-version file of a writer we know nothing about, and the next-version file
+    // of an attempt of ours that can never land (its run id inside).
     let lost = meta_dir.join(format!("{current_version:05}-lost.metadata.json"));
-    let dead = meta_dir.join(format!("{:05}-dead.metadata.json", current_version + 1));
-    let in_flight = meta_dir.join(format!("{:05}-inflight.metadata.json", current_version + 1));
-    for p in [&lost, &dead, &in_flight] {
-        std::fs::copy(&current, p).unwrap();
-    }
+    let unknown = meta_dir.join(format!("{:05}-unknown.metadata.json", current_version + 1));
+    let ours = meta_dir.join(format!("{:05}-ours.metadata.json", current_version + 1));
+    std::fs::copy(&current, &lost).unwrap();
+    std::fs::copy(&current, &unknown).unwrap();
+    let text = std::fs::read_to_string(&current).unwrap().replace("\"run-1\"", "\"run-dead\"");
+    std::fs::write(&ours, text).unwrap();
     let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
-    std::fs::File::options().write(true).open(&dead).unwrap().set_modified(two_hours_ago).unwrap();
+    std::fs::File::options().write(true).open(&unknown).unwrap().set_modified(two_hours_ago).unwrap();
 
-    let removed = commit::sweep_stray_metadata(&committed.table).await;
-    assert_eq!(removed, 2);
-    assert!(!lost.exists() && !dead.exists());
-    assert!(in_flight.exists(), "a fresh next-version file may belong to a live commit");
+    assert_eq!(commit::sweep_dead_metadata(&committed.table), 1);
+    assert!(!lost.exists());
+    assert!(unknown.exists() && ours.exists(), "next-version files are never removed by version or age");
+    let removed = commit::AttemptFiles { table: &committed.table, run_id: "run-dead", paths: &[], limit: Duration::from_secs(5) }
+        .discard()
+        .await;
+    assert_eq!(removed, 1);
+    assert!(!ours.exists(), "the metadata file carrying the dead attempt's run id is removed");
+    assert!(unknown.exists(), "another writer's file is never touched");
     assert!(std::path::Path::new(&current).exists());
 }

@@ -144,3 +144,31 @@ def assert_equal_to_source(gw, tmp, db, table, target=None, s3=None):
             assert float(r["sums"][c]) == float(v) and str(r["sums"][c]).rstrip("0").rstrip(".") == str(v).rstrip("0").rstrip("."), \
                 f"{reader}: sum({c}) {r['sums'][c]} vs source {v}"
     return got, src
+
+
+def catalog_metadata_location(tmp, table, catalog="offload"):
+    """The metadata file the SQLite catalog holds as current for `table` (namespace.name)."""
+    import sqlite3
+    ns, name = table.rsplit(".", 1)
+    con = sqlite3.connect(Path(tmp) / "catalog.db")
+    try:
+        row = con.execute("SELECT metadata_location FROM iceberg_tables WHERE catalog_name = ? AND table_namespace = ? "
+                          "AND table_name = ?", (catalog, ns, name)).fetchone()
+    finally:
+        con.close()
+    return row[0] if row else None
+
+
+def metadata_files_ahead(location):
+    """`*.metadata.json` files numbered above the catalog's current one, in its folder: what a
+    directory reader (icebergLocal() without a pinned file) would take as the table (I8)."""
+    path = Path(location[len("file://"):] if location.startswith("file://") else location)
+    current = int(path.name.split("-")[0])
+    return sorted(p.name for p in path.parent.glob("*.metadata.json") if int(p.name.split("-")[0]) > current)
+
+
+def assert_directory_reader_sees_the_catalog(tmp, table="cold.trades"):
+    location = catalog_metadata_location(tmp, table)
+    assert location, f"{table} is not in the catalog"
+    ahead = metadata_files_ahead(location)
+    assert not ahead, f"metadata files above the catalog's current version would be read by directory readers: {ahead}"

@@ -85,13 +85,15 @@ def test_s3_warehouse_cycles_land_every_row_once_for_independent_readers(gateway
 
 
 def test_s3_lost_commit_leaves_no_object_behind(gateway, db, tmp_path, s3):
-    """I8 on S3: an attempt whose commit the catalog reported but did not persist deletes its
-    data files, manifests and manifest list from the bucket; the retry commits the window."""
+    """I5 + I8 on S3: an attempt whose commit the catalog reported but did not persist is pending
+    (files kept); the retry commits the window; then the pending attempt can never land and its
+    data files, manifests and manifest list are deleted from the bucket."""
     create_bronze(gateway, db, "trades")
     insert_bronze(gateway, db, "trades", 30_000, now_ms() - 7_200_000, step_ms=100)
     cfg, s3v = s3_config(tmp_path, gateway, [bronze_table(db, "trades", max_rows_per_commit=10_000)], s3, "lake-lost")
     out = run(cfg, "once", exe=fault_binary(), env={"TEST_S3_SECRET": SECRET, "ICEBERG_OFFLOAD_FAULT": "commit_lost:error:2"})
-    assert out.returncode == 0 and "does not hold it" in out.stderr, out.stdout + out.stderr[-2000:]
+    assert out.returncode == 0 and "does not show the commit when read again" in out.stderr, out.stdout + out.stderr[-2000:]
+    assert "can never land" in out.stderr, out.stderr[-2000:]
     got, src = assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)
     assert src["count"] == 30_000
     # Every Parquet and Avro object in the bucket is one the table references.

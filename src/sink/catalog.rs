@@ -3,15 +3,25 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use iceberg::{Catalog, CatalogBuilder};
+use async_trait::async_trait;
+use iceberg::table::Table;
+use iceberg::{Catalog, CatalogBuilder, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
 use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::SqlCatalogBuilder;
 use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
 
-use crate::config::{CatalogConfig, CatalogKind};
+use crate::config::{CatalogConfig, CatalogKind, CatalogLimits};
 
-/// Builds the catalog. Must run inside the tokio runtime.
+/// Builds the catalog, every call time-limited (I10). Must run inside the tokio runtime.
 pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
+    let inner = build_unlimited(cfg).await?;
+    // Test builds only: faults injected at the catalog boundary for the crash matrix.
+    #[cfg(feature = "fault-injection")]
+    let inner: Arc<dyn Catalog> = Arc::new(crate::fault::FaultyCatalog::new(inner));
+    Ok(Arc::new(TimeLimited { inner, limits: cfg.limits }))
+}
+
+async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
     let mut props: HashMap<String, String> = cfg.properties.clone().into_iter().collect();
     for (key, env) in &cfg.properties_env {
         let value = std::env::var(env)
@@ -64,6 +74,92 @@ pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
                 .map_err(|e| anyhow::anyhow!("cannot open the REST catalog at {}: {e}", cfg.uri))?;
             Ok(Arc::new(catalog))
         }
+    }
+}
+
+/// A catalog call that ran past its time limit (I10). It is the source of the
+/// `iceberg::Error` the call returns, so the commit protocol can tell a timeout (outcome
+/// unknown, I5) from a refusal by its type.
+#[derive(Debug, thiserror::Error)]
+#[error("the catalog did not answer {call} within {after:?}")]
+pub struct CallTimedOut {
+    pub call: &'static str,
+    pub after: std::time::Duration,
+}
+
+/// I10: every catalog call ends within its limit. iceberg-rust's REST client has no timeout
+/// and the SQL catalog's pool waits for a connection as long as the database lets it.
+#[derive(Debug)]
+pub struct TimeLimited {
+    inner: Arc<dyn Catalog>,
+    limits: CatalogLimits,
+}
+
+impl TimeLimited {
+    pub fn new(inner: Arc<dyn Catalog>, limits: CatalogLimits) -> Self {
+        Self { inner, limits }
+    }
+
+    async fn limit<T>(
+        &self,
+        call: &'static str,
+        after: std::time::Duration,
+        f: impl std::future::Future<Output = iceberg::Result<T>>,
+    ) -> iceberg::Result<T> {
+        match tokio::time::timeout(after, f).await {
+            Ok(r) => r,
+            Err(_) => Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("catalog call {call} timed out"))
+                .with_source(CallTimedOut { call, after })),
+        }
+    }
+}
+
+#[async_trait]
+impl Catalog for TimeLimited {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.limit("list_namespaces", self.limits.call, self.inner.list_namespaces(parent)).await
+    }
+    async fn create_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<Namespace> {
+        self.limit("create_namespace", self.limits.call, self.inner.create_namespace(ns, props)).await
+    }
+    async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.limit("get_namespace", self.limits.call, self.inner.get_namespace(ns)).await
+    }
+    async fn namespace_exists(&self, ns: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.limit("namespace_exists", self.limits.call, self.inner.namespace_exists(ns)).await
+    }
+    async fn update_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<()> {
+        self.limit("update_namespace", self.limits.call, self.inner.update_namespace(ns, props)).await
+    }
+    async fn drop_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<()> {
+        self.limit("drop_namespace", self.limits.call, self.inner.drop_namespace(ns)).await
+    }
+    async fn list_tables(&self, ns: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.limit("list_tables", self.limits.call, self.inner.list_tables(ns)).await
+    }
+    async fn create_table(&self, ns: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        self.limit("create_table", self.limits.call, self.inner.create_table(ns, creation)).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        self.limit("load_table", self.limits.call, self.inner.load_table(table)).await
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.limit("drop_table", self.limits.call, self.inner.drop_table(table)).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.limit("purge_table", self.limits.call, self.inner.purge_table(table)).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.limit("table_exists", self.limits.call, self.inner.table_exists(table)).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.limit("rename_table", self.limits.call, self.inner.rename_table(src, dest)).await
+    }
+    async fn register_table(&self, table: &TableIdent, location: String) -> iceberg::Result<Table> {
+        self.limit("register_table", self.limits.call, self.inner.register_table(table, location)).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        self.limit("update_table", self.limits.commit, self.inner.update_table(commit)).await
     }
 }
 
@@ -123,6 +219,7 @@ mod tests {
             credential: Default::default(),
             properties: [("s3.endpoint".to_string(), "http://127.0.0.1:9".to_string())].into(),
             properties_env: Default::default(),
+            limits: Default::default(),
         };
         match build(&cfg).await {
             Ok(c) => {

@@ -61,6 +61,12 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE offload_runs ADD COLUMN finished_at_ms BIGINT",
         ],
     ),
+    (
+        // I7: the table's last sequence number as of the view that last wrote the mirror, so
+        // that a writer with an older view never moves the mirror backwards.
+        3,
+        &["ALTER TABLE offload_watermarks ADD COLUMN iceberg_sequence_number BIGINT"],
+    ),
 ];
 
 fn dialect_sql(stmt: &str, dialect: Dialect) -> String {

@@ -28,6 +28,8 @@ pub struct StateStore {
     pool: AnyPool,
     dialect: Dialect,
     url: String,
+    /// I10: each statement's time limit.
+    timeout: Duration,
 }
 
 /// One row of `offload_watermarks`.
@@ -101,7 +103,7 @@ impl StateStore {
             .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the state store {}: {e}", redact_url(&url)))?;
-        let store = Self { pool, dialect, url: redact_url(&url) };
+        let store = Self { pool, dialect, url: redact_url(&url), timeout: cfg.timeout };
         if dialect == Dialect::Sqlite {
             // Readers (status, watermark show) must not block the scheduler's writes.
             sqlx::query("PRAGMA journal_mode=WAL").execute(&store.pool).await.ok();
@@ -117,6 +119,15 @@ impl StateStore {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// I10: a state-store call that does not answer within `state.timeout` fails as
+    /// unreachable; the offload goes on without the mirror (I3).
+    async fn limited<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(OffloadError::StateUnreachable(format!("no answer within {:?} ({})", self.timeout, self.url))),
+        }
     }
 
     /// `CAST($n AS TIMESTAMPTZ)` on PostgreSQL, `$n` (text) on SQLite.
@@ -135,32 +146,42 @@ impl StateStore {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.limited(async {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Creates the table's row if missing (status `initialized`, as the original seeded).
     pub async fn ensure_table(&self, table: &str, target: &str) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO offload_watermarks (table_name, target_table, last_offload_timestamp, status, created_at, updated_at) \
-             VALUES ($1, $2, {}, 'initialized', {now}, {now}) ON CONFLICT (table_name) DO NOTHING",
-            self.ts(3),
-            now = self.now()
-        );
-        sqlx::query(&sql).bind(table).bind(target).bind("1970-01-01T00:00:00Z").execute(&self.pool).await?;
-        Ok(())
+        self.limited(async {
+            let sql = format!(
+                "INSERT INTO offload_watermarks (table_name, target_table, last_offload_timestamp, status, created_at, updated_at) \
+                 VALUES ($1, $2, {}, 'initialized', {now}, {now}) ON CONFLICT (table_name) DO NOTHING",
+                self.ts(3),
+                now = self.now()
+            );
+            sqlx::query(&sql).bind(table).bind(target).bind("1970-01-01T00:00:00Z").execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Sets the operators' status of a table: `running` when a run starts, `interrupted` when a
     /// shutdown abandoned it before its commit (not a failure, and not left "running").
     pub async fn set_status(&self, table: &str, status: &str) -> Result<()> {
-        let sql =
-            format!("UPDATE offload_watermarks SET status = $1, updated_at = {} WHERE table_name = $2", self.now());
-        sqlx::query(&sql).bind(status).bind(table).execute(&self.pool).await?;
-        Ok(())
+        self.limited(async {
+            let sql =
+                format!("UPDATE offload_watermarks SET status = $1, updated_at = {} WHERE table_name = $2", self.now());
+            sqlx::query(&sql).bind(status).bind(table).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// I7: mirrors the watermark of a window just committed (the table's run goes on).
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_window_committed(
         &self,
         table: &str,
@@ -169,120 +190,196 @@ impl StateStore {
         rows: i64,
         duration_seconds: f64,
         snapshot_id: Option<i64>,
+        sequence_number: i64,
     ) -> Result<()> {
         crate::fault::hit("state_update")?;
-        let sql = format!(
-            "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
-             last_offload_row_count = $3, last_successful_run = {now}, last_run_duration_seconds = $4, \
-             last_snapshot_id = $5, updated_at = {now} WHERE table_name = $6",
-            self.ts(1),
-            now = self.now()
-        );
-        sqlx::query(&sql)
-            .bind(watermark_rfc3339)
-            .bind(max_sequence.map(str::to_string))
-            .bind(rows)
-            .bind(duration_seconds.ceil() as i64)
-            .bind(snapshot_id)
+        self.limited(async {
+            // Never backwards: a writer whose table view is older than the mirror's changes nothing.
+            let sql = format!(
+                "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
+                 last_offload_row_count = $3, last_successful_run = {now}, last_run_duration_seconds = $4, \
+                 last_snapshot_id = $5, iceberg_sequence_number = $6, updated_at = {now} WHERE table_name = $7 \
+                 AND (iceberg_sequence_number IS NULL OR iceberg_sequence_number <= $6)",
+                self.ts(1),
+                now = self.now()
+            );
+            sqlx::query(&sql)
+                .bind(watermark_rfc3339)
+                .bind(max_sequence.map(str::to_string))
+                .bind(rows)
+                .bind(duration_seconds.ceil() as i64)
+                .bind(snapshot_id)
+                .bind(sequence_number)
+                .bind(table)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// I7: sets the mirror's watermark to what Iceberg says, if it says something else (the
+    /// update after a commit failed, another writer, a rollback), unless the mirror was written
+    /// from a newer view of the table (`sequence_number`: the table's last sequence number,
+    /// which never decreases). Returns the mirror's watermark before, when it was corrected.
+    pub async fn reconcile_watermark(
+        &self,
+        table: &str,
+        watermark: Option<&crate::commit::Position>,
+        snapshot_id: Option<i64>,
+        sequence_number: i64,
+    ) -> Result<Option<String>> {
+        self.limited(async {
+            let row = sqlx::query(
+                "SELECT CAST(last_offload_timestamp AS TEXT), last_offload_max_sequence, last_snapshot_id, \
+                 iceberg_sequence_number FROM offload_watermarks WHERE table_name = $1",
+            )
             .bind(table)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        Ok(())
+            let Some(row) = row else { return Ok(None) };
+            let (before_ts, before_seq): (Option<String>, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
+            let (mirror_snapshot, mirror_sequence): (Option<i64>, Option<i64>) = (row.try_get(2)?, row.try_get(3)?);
+            if mirror_snapshot == snapshot_id || mirror_sequence.is_some_and(|s| s > sequence_number) {
+                return Ok(None);
+            }
+            let wm = watermark.map(|w| crate::util::format_epoch_ns(w.cursor_ns)).unwrap_or_else(|| "1970-01-01T00:00:00Z".into());
+            let sql = format!(
+                "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
+                 last_snapshot_id = $3, iceberg_sequence_number = $4, updated_at = {} WHERE table_name = $5 \
+                 AND (iceberg_sequence_number IS NULL OR iceberg_sequence_number <= $4)",
+                self.ts(1),
+                self.now()
+            );
+            let res = sqlx::query(&sql)
+                .bind(wm)
+                .bind(watermark.and_then(|w| w.tiebreak.clone()))
+                .bind(snapshot_id)
+                .bind(sequence_number)
+                .bind(table)
+                .execute(&self.pool)
+                .await?;
+            if res.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let before = match (before_ts, before_seq) {
+                (Some(t), Some(s)) => format!("{t} #{s}"),
+                (Some(t), None) => t,
+                (None, _) => "none".into(),
+            };
+            Ok(Some(before))
+        })
+        .await
     }
 
     /// Closes a successful table run. Windows it committed were mirrored one by one (I7); a run
     /// that found nothing to offload is healthy too, with its watermark unchanged.
     pub async fn record_table_success(&self, table: &str, duration_seconds: f64, committed: bool) -> Result<()> {
-        let sql = format!(
-            "UPDATE offload_watermarks SET status = 'success',{} last_successful_run = {now}, \
-             last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} \
-             WHERE table_name = $2",
-            if committed { "" } else { " last_offload_row_count = 0," },
-            now = self.now()
-        );
-        sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
-        Ok(())
+        self.limited(async {
+            let sql = format!(
+                "UPDATE offload_watermarks SET status = 'success',{} last_successful_run = {now}, \
+                 last_run_duration_seconds = $1, failure_count = 0, last_error_message = NULL, updated_at = {now} \
+                 WHERE table_name = $2",
+                if committed { "" } else { " last_offload_row_count = 0," },
+                now = self.now()
+            );
+            sqlx::query(&sql).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn record_failure(&self, table: &str, message: &str, duration_seconds: f64) -> Result<()> {
-        let message: String = message.chars().take(1000).collect();
-        let sql = format!(
-            "UPDATE offload_watermarks SET status = 'failed', failure_count = failure_count + 1, last_error_message = $1, \
-             last_run_duration_seconds = $2, updated_at = {} WHERE table_name = $3",
-            self.now()
-        );
-        sqlx::query(&sql).bind(message).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
-        Ok(())
+        self.limited(async {
+            let message: String = message.chars().take(1000).collect();
+            let sql = format!(
+                "UPDATE offload_watermarks SET status = 'failed', failure_count = failure_count + 1, last_error_message = $1, \
+                 last_run_duration_seconds = $2, updated_at = {} WHERE table_name = $3",
+                self.now()
+            );
+            sqlx::query(&sql).bind(message).bind(duration_seconds.ceil() as i64).bind(table).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn record_run(&self, r: &RunRecord) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO offload_runs (run_id, cycle_id, table_name, target_table, window_lo, window_hi, rows_written, snapshot_id, \
-             duration_seconds, status, error_type, error_kind, error_message, holder, started_at_ms, finished_at_ms, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, {})",
-            self.now()
-        );
-        sqlx::query(&sql)
-            .bind(&r.run_id)
-            .bind(&r.cycle_id)
-            .bind(&r.table_name)
-            .bind(&r.target_table)
-            .bind(r.window_lo.clone())
-            .bind(r.window_hi.clone())
-            .bind(r.rows)
-            .bind(r.snapshot_id)
-            .bind(r.duration_seconds)
-            .bind(&r.status)
-            .bind(r.error_type.clone())
-            .bind(r.error_kind.clone())
-            .bind(r.error_message.as_ref().map(|m| m.chars().take(2000).collect::<String>()))
-            .bind(&r.holder)
-            .bind(r.started_at_ms)
-            .bind(r.finished_at_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.limited(async {
+            let sql = format!(
+                "INSERT INTO offload_runs (run_id, cycle_id, table_name, target_table, window_lo, window_hi, rows_written, snapshot_id, \
+                 duration_seconds, status, error_type, error_kind, error_message, holder, started_at_ms, finished_at_ms, finished_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, {})",
+                self.now()
+            );
+            sqlx::query(&sql)
+                .bind(&r.run_id)
+                .bind(&r.cycle_id)
+                .bind(&r.table_name)
+                .bind(&r.target_table)
+                .bind(r.window_lo.clone())
+                .bind(r.window_hi.clone())
+                .bind(r.rows)
+                .bind(r.snapshot_id)
+                .bind(r.duration_seconds)
+                .bind(&r.status)
+                .bind(r.error_type.clone())
+                .bind(r.error_kind.clone())
+                .bind(r.error_message.as_ref().map(|m| m.chars().take(2000).collect::<String>()))
+                .bind(&r.holder)
+                .bind(r.started_at_ms)
+                .bind(r.finished_at_ms)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn watermarks(&self) -> Result<Vec<WatermarkRow>> {
-        let rows = sqlx::query(
-            "SELECT table_name, target_table, CAST(last_offload_timestamp AS TEXT), last_offload_max_sequence, \
-             last_offload_row_count, status, CAST(last_successful_run AS TEXT), last_run_duration_seconds, failure_count, \
-             last_error_message, last_snapshot_id, CAST(updated_at AS TEXT) FROM offload_watermarks ORDER BY table_name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(watermark_row).collect()
+        self.limited(async {
+            let rows = sqlx::query(
+                "SELECT table_name, target_table, CAST(last_offload_timestamp AS TEXT), last_offload_max_sequence, \
+                 last_offload_row_count, status, CAST(last_successful_run AS TEXT), last_run_duration_seconds, failure_count, \
+                 last_error_message, last_snapshot_id, CAST(updated_at AS TEXT) FROM offload_watermarks ORDER BY table_name",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(watermark_row).collect()
+        })
+        .await
     }
 
     /// I6: takes the table's lease unless another live holder has it.
     pub async fn acquire_lease(&self, table: &str, holder: &str, ttl: Duration) -> Result<Lease> {
-        let now = now_ms();
-        let res = sqlx::query(
-            "INSERT INTO offload_leases (table_name, holder, expires_at_ms, token) VALUES ($1, $2, $3, 1) \
-             ON CONFLICT (table_name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms, \
-             token = offload_leases.token + 1 \
-             WHERE offload_leases.expires_at_ms < $4 OR offload_leases.holder = excluded.holder",
-        )
-        .bind(table)
-        .bind(holder)
-        .bind(now + ttl.as_millis() as i64)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        let row = sqlx::query("SELECT holder, expires_at_ms, token FROM offload_leases WHERE table_name = $1")
+        self.limited(async {
+            let now = now_ms();
+            let res = sqlx::query(
+                "INSERT INTO offload_leases (table_name, holder, expires_at_ms, token) VALUES ($1, $2, $3, 1) \
+                 ON CONFLICT (table_name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms, \
+                 token = offload_leases.token + 1 \
+                 WHERE offload_leases.expires_at_ms < $4 OR offload_leases.holder = excluded.holder",
+            )
             .bind(table)
-            .fetch_one(&self.pool)
+            .bind(holder)
+            .bind(now + ttl.as_millis() as i64)
+            .bind(now)
+            .execute(&self.pool)
             .await?;
-        let current: String = row.try_get(0)?;
-        let expires: i64 = row.try_get(1)?;
-        let token: i64 = row.try_get(2)?;
-        if res.rows_affected() == 1 && current == holder {
-            Ok(Lease { table_name: table.into(), holder: holder.into(), token })
-        } else {
-            let until = chrono::DateTime::from_timestamp_millis(expires).map(|t| t.to_rfc3339()).unwrap_or_default();
-            Err(OffloadError::LeaseHeld { table: table.into(), holder: current, until })
-        }
+            let row = sqlx::query("SELECT holder, expires_at_ms, token FROM offload_leases WHERE table_name = $1")
+                .bind(table)
+                .fetch_one(&self.pool)
+                .await?;
+            let current: String = row.try_get(0)?;
+            let expires: i64 = row.try_get(1)?;
+            let token: i64 = row.try_get(2)?;
+            if res.rows_affected() == 1 && current == holder {
+                Ok(Lease { table_name: table.into(), holder: holder.into(), token })
+            } else {
+                let until = chrono::DateTime::from_timestamp_millis(expires).map(|t| t.to_rfc3339()).unwrap_or_default();
+                Err(OffloadError::LeaseHeld { table: table.into(), holder: current, until })
+            }
+        })
+        .await
     }
 
     /// Takes over a lease whose holder is known to be dead (a crashed process on this host),
@@ -316,26 +413,32 @@ impl StateStore {
 
     /// Extends a held lease; false if it was lost (expired and taken by another holder).
     pub async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
-        let res = sqlx::query(
-            "UPDATE offload_leases SET expires_at_ms = $1 WHERE table_name = $2 AND holder = $3 AND token = $4",
-        )
-        .bind(now_ms() + ttl.as_millis() as i64)
-        .bind(&lease.table_name)
-        .bind(&lease.holder)
-        .bind(lease.token)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected() == 1)
-    }
-
-    pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
-        sqlx::query("DELETE FROM offload_leases WHERE table_name = $1 AND holder = $2 AND token = $3")
+        self.limited(async {
+            let res = sqlx::query(
+                "UPDATE offload_leases SET expires_at_ms = $1 WHERE table_name = $2 AND holder = $3 AND token = $4",
+            )
+            .bind(now_ms() + ttl.as_millis() as i64)
             .bind(&lease.table_name)
             .bind(&lease.holder)
             .bind(lease.token)
             .execute(&self.pool)
             .await?;
-        Ok(())
+            Ok(res.rows_affected() == 1)
+        })
+        .await
+    }
+
+    pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        self.limited(async {
+            sqlx::query("DELETE FROM offload_leases WHERE table_name = $1 AND holder = $2 AND token = $3")
+                .bind(&lease.table_name)
+                .bind(&lease.holder)
+                .bind(lease.token)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -1,0 +1,218 @@
+//! I5 — the attempt journal: commit attempts whose outcome is not known yet, recorded
+//! durably where any later attempt finds them, even after a crash or a lost state store.
+//!
+//! It is one small JSON file in the table's own location (`offload/attempts.json`), read and
+//! written through the table's `FileIO`, so it works on every warehouse the table does. An
+//! attempt is written to it *before* its commit is sent and removed once its outcome is
+//! known. What is left in it was interrupted or is pending; [`resolve`] decides each from
+//! the table's metadata alone:
+//! - its run id is in a snapshot of the table: it **committed** (its files are live);
+//! - the table's current snapshot is no longer the one it required: it can **never land**
+//!   (every commit is fenced on that snapshot, I4), so its files are deleted;
+//! - otherwise it is still **pending**: its files stay. Offloading the same window again
+//!   meanwhile is safe, since both attempts require the same snapshot and at most one lands.
+//!
+//! A single writer per table (I6) keeps two processes from rewriting the file at once; if
+//! they ever did, a record could be lost, which leaves unreferenced files for `cleanup`,
+//! never a deleted live file.
+
+use std::time::Duration;
+
+use iceberg::io::FileIO;
+use iceberg::spec::TableMetadata;
+use iceberg::table::Table;
+use serde::{Deserialize, Serialize};
+
+use super::files::AttemptFiles;
+use super::{Position, SUMMARY_RUN_ID};
+use crate::error::{OffloadError, PendingCause, Result};
+
+/// One commit attempt whose outcome is not known yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingAttempt {
+    pub run_id: String,
+    /// The snapshot the commit was fenced on (I4): the only parent it can ever land on.
+    pub required_snapshot: Option<i64>,
+    /// The Parquet files it wrote.
+    pub data_files: Vec<String>,
+    /// Manifests, manifest list and metadata file of its commit, when known.
+    #[serde(default)]
+    pub commit_files: Vec<String>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub window_hi: Position,
+    pub started_at_ms: i64,
+    /// `None` while the commit is in flight; why the outcome is unknown once it returned.
+    pub cause: Option<PendingCause>,
+}
+
+impl PendingAttempt {
+    pub fn files(&self) -> Vec<String> {
+        self.commit_files.iter().chain(&self.data_files).cloned().collect()
+    }
+}
+
+/// What the table's metadata says about a pending attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Its run id is in this snapshot: it landed.
+    Committed(i64),
+    /// The table moved past the snapshot it required, which is still in the metadata: had
+    /// it landed, its snapshot would be there too. It never can now.
+    Impossible,
+    /// The table moved on and the snapshot it required was expired: whether it landed
+    /// cannot be proven. Its files are left to `iceberg-offload cleanup`, which deletes only
+    /// files that no snapshot references.
+    Undecidable,
+    /// The table is still at the snapshot it required: it may still land.
+    Pending,
+}
+
+/// I5: decides an attempt from the table's metadata alone.
+pub fn resolve(meta: &TableMetadata, attempt: &PendingAttempt) -> Resolution {
+    if let Some(id) = snapshot_of_run(meta, &attempt.run_id) {
+        return Resolution::Committed(id);
+    }
+    let current = meta.current_snapshot().map(|s| s.snapshot_id());
+    if current == attempt.required_snapshot {
+        return Resolution::Pending;
+    }
+    // Had it landed, its snapshot would be a child of the required one and younger than it;
+    // snapshots expire oldest first, so while the required one is kept, so would ours be.
+    let history_kept = match attempt.required_snapshot {
+        Some(required) => meta.snapshot_by_id(required).is_some(),
+        // It required an empty table: it would have been the first snapshot, and another is.
+        None => meta.snapshots().any(|s| s.parent_snapshot_id().is_none()),
+    };
+    if history_kept { Resolution::Impossible } else { Resolution::Undecidable }
+}
+
+/// The snapshot whose summary carries this run id, if any (in or out of the current ancestry:
+/// a rolled-back snapshot still references its files).
+pub fn snapshot_of_run(meta: &TableMetadata, run_id: &str) -> Option<i64> {
+    meta.snapshots()
+        .find(|s| s.summary().additional_properties.get(SUMMARY_RUN_ID).map(String::as_str) == Some(run_id))
+        .map(|s| s.snapshot_id())
+}
+
+/// What [`Journal::settle`] did with one attempt.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub attempt: PendingAttempt,
+    pub resolution: Resolution,
+}
+
+/// The table's journal of pending attempts.
+pub struct Journal {
+    table: String,
+    io: FileIO,
+    path: String,
+    entries: Vec<PendingAttempt>,
+    limit: Duration,
+}
+
+impl Journal {
+    pub fn path_of(table: &Table) -> String {
+        format!("{}/offload/attempts.json", table.metadata().location().trim_end_matches('/'))
+    }
+
+    /// Reads the table's journal (empty when there is none). A journal that cannot be parsed
+    /// is set aside (renamed `.unreadable`), reported, and replaced: its attempts' files stay
+    /// for `cleanup`, which never deletes a referenced file.
+    pub async fn load(table: &Table, limit: Duration) -> Result<Self> {
+        let io = table.file_io().clone();
+        let path = Self::path_of(table);
+        let mut journal = Self { table: table.identifier().to_string(), io, path, entries: vec![], limit };
+        if !journal.storage(journal.io.exists(&journal.path)).await? {
+            return Ok(journal);
+        }
+        let input = journal.io.new_input(&journal.path)?;
+        let bytes = journal.storage(input.read()).await?;
+        match serde_json::from_slice::<Vec<PendingAttempt>>(&bytes) {
+            Ok(entries) => journal.entries = entries,
+            Err(e) => {
+                tracing::error!(table = %table.identifier(), path = %journal.path,
+                    "the attempt journal cannot be read ({e}); it is set aside and its attempts' files are left to `iceberg-offload cleanup`");
+                let aside = journal.io.new_output(format!("{}.unreadable", journal.path))?;
+                journal.storage(aside.write(bytes)).await?;
+            }
+        }
+        Ok(journal)
+    }
+
+    /// The table's name, `namespace.table`.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub fn entries(&self) -> &[PendingAttempt] {
+        &self.entries
+    }
+
+    /// Records an attempt before its commit is sent (write-ahead).
+    pub async fn add(&mut self, attempt: PendingAttempt) -> Result<()> {
+        self.entries.retain(|a| a.run_id != attempt.run_id);
+        self.entries.push(attempt);
+        self.save().await
+    }
+
+    /// Marks an attempt pending, with why its outcome is unknown and the commit files learnt.
+    pub async fn mark_pending(&mut self, run_id: &str, cause: PendingCause, commit_files: Vec<String>) -> Result<()> {
+        for a in self.entries.iter_mut().filter(|a| a.run_id == run_id) {
+            a.cause = Some(cause);
+            a.commit_files.extend(commit_files.iter().cloned());
+        }
+        self.save().await
+    }
+
+    /// Removes an attempt whose outcome is known.
+    pub async fn remove(&mut self, run_id: &str) -> Result<()> {
+        let before = self.entries.len();
+        self.entries.retain(|a| a.run_id != run_id);
+        if self.entries.len() == before { Ok(()) } else { self.save().await }
+    }
+
+    /// I5 + I8: resolves every recorded attempt against the table. Committed ones are
+    /// dropped from the journal; those that can never land have their files deleted first;
+    /// those still pending stay.
+    pub async fn settle(&mut self, table: &Table) -> Result<Vec<Settled>> {
+        let mut settled = vec![];
+        let mut keep = vec![];
+        for attempt in std::mem::take(&mut self.entries) {
+            let resolution = resolve(table.metadata(), &attempt);
+            match resolution {
+                Resolution::Pending => keep.push(attempt),
+                Resolution::Impossible => {
+                    let paths = attempt.files();
+                    AttemptFiles { table, run_id: &attempt.run_id, paths: &paths, limit: self.limit }.discard().await;
+                    settled.push(Settled { attempt, resolution });
+                }
+                Resolution::Committed(_) | Resolution::Undecidable => settled.push(Settled { attempt, resolution }),
+            }
+        }
+        self.entries = keep;
+        if !settled.is_empty() {
+            self.save().await?;
+        }
+        Ok(settled)
+    }
+
+    async fn save(&self) -> Result<()> {
+        if self.entries.is_empty() {
+            return self.storage(self.io.delete(&self.path)).await;
+        }
+        let json = serde_json::to_vec_pretty(&self.entries).expect("attempts serialise");
+        let out = self.io.new_output(&self.path)?;
+        self.storage(out.write(json.into())).await
+    }
+
+    async fn storage<T>(&self, f: impl std::future::Future<Output = iceberg::Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.limit, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(OffloadError::Iceberg(
+                iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("storage: {} timed out", self.path))
+                    .with_source(crate::sink::catalog::CallTimedOut { call: "storage", after: self.limit }),
+            )),
+        }
+    }
+}

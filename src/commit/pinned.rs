@@ -1,0 +1,93 @@
+//! I4 — Fenced commit: the catalog's compare-and-swap requires the snapshot whose `W` the
+//! attempt read, so a stale writer is refused instead of rebased.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use iceberg::table::Table;
+use iceberg::{Catalog, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
+
+/// I4: a catalog whose `load_table` returns the table exactly as the attempt read it.
+///
+/// iceberg-rust's `Transaction::commit` reloads the table and re-applies its actions on
+/// the newest metadata, which silently rebases a stale append. With this decorator the
+/// reload returns our pinned view, so the commit's requirements name the snapshot we
+/// read, and the catalog's compare-and-swap refuses it if anything was committed since.
+/// Conflicts are marked non-retryable: retrying a pinned commit can never succeed.
+#[derive(Debug)]
+pub struct PinnedCatalog {
+    inner: Arc<dyn Catalog>,
+    pinned: Table,
+    /// Set when the commit reaches the catalog: before that, a failure is certain to have
+    /// changed nothing (I5 needs to know).
+    sent: AtomicBool,
+}
+
+impl PinnedCatalog {
+    pub fn new(inner: Arc<dyn Catalog>, pinned: Table) -> Self {
+        Self { inner, pinned, sent: AtomicBool::new(false) }
+    }
+
+    /// Whether the commit was handed to the catalog.
+    pub fn sent(&self) -> bool {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Catalog for PinnedCatalog {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        ns: &NamespaceIdent,
+        props: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
+        self.inner.create_namespace(ns, props).await
+    }
+    async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.inner.get_namespace(ns).await
+    }
+    async fn namespace_exists(&self, ns: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(ns).await
+    }
+    async fn update_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<()> {
+        self.inner.update_namespace(ns, props).await
+    }
+    async fn drop_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(ns).await
+    }
+    async fn list_tables(&self, ns: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.inner.list_tables(ns).await
+    }
+    async fn create_table(&self, ns: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        self.inner.create_table(ns, creation).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        if table == self.pinned.identifier() { Ok(self.pinned.clone()) } else { self.inner.load_table(table).await }
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+    async fn register_table(&self, table: &TableIdent, location: String) -> iceberg::Result<Table> {
+        self.inner.register_table(table, location).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        self.sent.store(true, Ordering::SeqCst);
+        self.inner.update_table(commit).await.map_err(|e| {
+            if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts { e.with_retryable(false) } else { e }
+        })
+    }
+}

@@ -1,0 +1,373 @@
+//! `commit_window`'s branches against a scripted catalog double (RisingWave's exactly-once
+//! sink tests do the same): the double wraps a real SQLite SQL catalog and, for each commit,
+//! does what the script says — refuse, fail and apply (now, later or never), hang, or report
+//! a success it did not persist. Each test names the invariant it checks (docs/exactly-once.md).
+//!
+//! Faults from outside the process (a proxy in front of a REST catalog, a connection dropped
+//! during PostgreSQL's COMMIT, a lock held by another process) are in tests/test_catalog_faults.py.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use async_trait::async_trait;
+use iceberg::spec::{DataFile, PrimitiveType, Type};
+use iceberg::table::Table;
+use iceberg::{Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
+
+use iceberg_offload::commit::{
+    self, Attempt, CommitContext, Journal, Position, Resolution, TableView, Window, snapshot_of_run,
+};
+use iceberg_offload::config::{CatalogConfig, CatalogKind, CatalogLimits, PartitionField, TableConfig};
+use iceberg_offload::error::{OffloadError, PendingCause};
+use iceberg_offload::sink::{catalog, table as target, writer::WindowWriter};
+
+/// What the double does with the next commit.
+#[derive(Debug, Clone)]
+enum Step {
+    Pass,
+    /// A definite refusal: what a compare-and-swap that lost looks like (409).
+    Refuse,
+    /// Applies the commit, then answers as a 504 would.
+    ApplyThenFail,
+    /// Answers as a 504 would at once, and applies the commit after the delay.
+    FailThenApplyAfter(Duration),
+    /// Answers as a 504 would and never applies it.
+    FailNeverApply,
+    /// Never answers.
+    Hang,
+    /// Reports success without persisting (iceberg-catalog-sql's ignored SQL COMMIT error).
+    ReportSuccessWithoutPersisting,
+    /// Answers 504, and the reload that follows fails too.
+    FailAndReloadFails,
+}
+
+#[derive(Debug)]
+struct ScriptedCatalog {
+    inner: Arc<dyn Catalog>,
+    script: Mutex<VecDeque<Step>>,
+    fail_next_load: Mutex<bool>,
+}
+
+fn server_error() -> iceberg::Error {
+    iceberg::Error::new(ErrorKind::Unexpected, "A server-side gateway timeout occurred; the commit state is unknown.")
+}
+
+#[async_trait]
+impl Catalog for ScriptedCatalog {
+    async fn list_namespaces(&self, p: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(p).await
+    }
+    async fn create_namespace(&self, ns: &NamespaceIdent, p: HashMap<String, String>) -> iceberg::Result<Namespace> {
+        self.inner.create_namespace(ns, p).await
+    }
+    async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.inner.get_namespace(ns).await
+    }
+    async fn namespace_exists(&self, ns: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(ns).await
+    }
+    async fn update_namespace(&self, ns: &NamespaceIdent, p: HashMap<String, String>) -> iceberg::Result<()> {
+        self.inner.update_namespace(ns, p).await
+    }
+    async fn drop_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(ns).await
+    }
+    async fn list_tables(&self, ns: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.inner.list_tables(ns).await
+    }
+    async fn create_table(&self, ns: &NamespaceIdent, c: TableCreation) -> iceberg::Result<Table> {
+        self.inner.create_table(ns, c).await
+    }
+    async fn load_table(&self, t: &TableIdent) -> iceberg::Result<Table> {
+        if std::mem::take(&mut *self.fail_next_load.lock().unwrap()) {
+            return Err(iceberg::Error::new(ErrorKind::Unexpected, "503 Service Unavailable"));
+        }
+        self.inner.load_table(t).await
+    }
+    async fn drop_table(&self, t: &TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(t).await
+    }
+    async fn purge_table(&self, t: &TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(t).await
+    }
+    async fn table_exists(&self, t: &TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(t).await
+    }
+    async fn rename_table(&self, a: &TableIdent, b: &TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(a, b).await
+    }
+    async fn register_table(&self, t: &TableIdent, l: String) -> iceberg::Result<Table> {
+        self.inner.register_table(t, l).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        let step = self.script.lock().unwrap().pop_front().unwrap_or(Step::Pass);
+        match step {
+            Step::Pass => self.inner.update_table(commit).await,
+            Step::Refuse => Err(iceberg::Error::new(ErrorKind::CatalogCommitConflicts, "409: requirement failed")),
+            Step::ApplyThenFail => {
+                self.inner.update_table(commit).await?;
+                Err(server_error())
+            }
+            Step::FailThenApplyAfter(delay) => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = inner.update_table(commit).await;
+                });
+                Err(server_error())
+            }
+            Step::FailNeverApply => Err(server_error()),
+            Step::Hang => std::future::pending().await,
+            Step::ReportSuccessWithoutPersisting => {
+                let current = self.inner.load_table(commit.identifier()).await?;
+                commit.apply(current)
+            }
+            Step::FailAndReloadFails => {
+                *self.fail_next_load.lock().unwrap() = true;
+                Err(server_error())
+            }
+        }
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    catalog: Arc<ScriptedCatalog>,
+    ident: TableIdent,
+    limits: CatalogLimits,
+}
+
+impl Fixture {
+    async fn new(script: Vec<Step>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CatalogConfig {
+            kind: CatalogKind::Sql,
+            name: "offload".into(),
+            uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
+            warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
+            password: Default::default(),
+            token: Default::default(),
+            credential: Default::default(),
+            properties: Default::default(),
+            properties_env: Default::default(),
+            limits: Default::default(),
+        };
+        let inner = catalog::build(&cfg).await.unwrap();
+        let tcfg = table_config();
+        target::ensure(&inner, &tcfg, &projection()).await.unwrap();
+        let catalog = Arc::new(ScriptedCatalog {
+            inner,
+            script: Mutex::new(script.into()),
+            fail_next_load: Mutex::new(false),
+        });
+        let limits = CatalogLimits { commit: Duration::from_millis(1500), ..Default::default() };
+        Fixture { _dir: dir, catalog, ident: target::ident(&tcfg), limits }
+    }
+
+    fn cx(&self) -> CommitContext {
+        CommitContext { catalog: self.catalog.clone(), limits: self.limits }
+    }
+
+    async fn view(&self) -> TableView {
+        TableView::load(&(self.catalog.clone() as Arc<dyn Catalog>), &self.ident).await.unwrap()
+    }
+
+    async fn journal(&self, view: &TableView) -> Journal {
+        Journal::load(&view.table, Duration::from_secs(5)).await.unwrap()
+    }
+
+    /// Writes ten rows and commits them as the window ending at `hi_s`.
+    async fn attempt(
+        &self,
+        view: &TableView,
+        journal: &mut Journal,
+        run_id: &str,
+        hi_s: i64,
+    ) -> (Vec<String>, Result<commit::Committed, OffloadError>) {
+        let files = write(view, run_id, (hi_s - 10)..hi_s).await;
+        let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+        let attempt = Attempt { run_id: run_id.into(), source: "k2.scripted".into() };
+        let result = commit::commit_window(&self.cx(), view, journal, files, &window(hi_s), 10, &attempt).await;
+        (paths, result)
+    }
+
+    async fn exist(&self, paths: &[String]) -> Vec<bool> {
+        let table = self.view().await.table;
+        let mut out = vec![];
+        for p in paths {
+            out.push(table.file_io().exists(p).await.unwrap());
+        }
+        out
+    }
+}
+
+fn table_config() -> TableConfig {
+    TableConfig {
+        source_db: "k2".into(),
+        source_table: "scripted".into(),
+        target_namespace: "cold".into(),
+        target_table: "scripted".into(),
+        layer: "bronze".into(),
+        cursor: "ts".into(),
+        tiebreak: None,
+        settle_delay: Duration::from_secs(0),
+        max_rows_per_commit: 1000,
+        max_partitions_per_commit: 8,
+        uint64: Default::default(),
+        integer_encoding: Default::default(),
+        partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
+        columns: None,
+    }
+}
+
+fn projection() -> Vec<(String, String, Type, bool)> {
+    vec![
+        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
+        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
+    ]
+}
+
+async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec<DataFile> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new("id", DataType::Int64, false),
+    ]));
+    let ts = TimestampMicrosecondArray::from(ids.clone().map(|i| i * 1_000_000).collect::<Vec<_>>()).with_timezone("UTC");
+    let batch =
+        RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap();
+    let mut w = WindowWriter::new(&view.table, prefix, Default::default()).await.unwrap();
+    w.write(batch).await.unwrap();
+    w.close().await.unwrap()
+}
+
+fn window(hi_s: i64) -> Window {
+    Window { lo: None, hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None }, planned_rows: 10, bounded: false }
+}
+
+fn pending_cause(r: &Result<commit::Committed, OffloadError>) -> Option<PendingCause> {
+    match r {
+        Err(OffloadError::CommitPending { cause, .. }) => Some(*cause),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_a_definite_refusal_deletes_the_files_at_once() {
+    let f = Fixture::new(vec![Step::Refuse]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "refused", 100).await;
+    assert!(matches!(result, Err(OffloadError::CommitConflict { .. })), "{result:?}");
+    assert_eq!(f.exist(&paths).await, vec![false; paths.len()], "I8: a refused attempt's files are deleted");
+    assert!(journal.entries().is_empty());
+    assert!(f.view().await.snapshot_id().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_an_error_after_the_commit_applied_is_resolved_as_committed() {
+    let f = Fixture::new(vec![Step::ApplyThenFail]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "applied", 100).await;
+    let committed = result.expect("resolved as committed");
+    assert!(committed.resolved_after_error);
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()], "a landed commit's files are never deleted");
+    assert!(journal.entries().is_empty());
+    assert_eq!(f.view().await.watermark, Some(window(100).hi));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_a_504_applied_later_keeps_the_files_and_resolves_as_committed() {
+    let f = Fixture::new(vec![Step::FailThenApplyAfter(Duration::from_millis(700))]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "late", 100).await;
+    assert_eq!(pending_cause(&result), Some(PendingCause::ServerError), "{result:?}");
+    assert_eq!(journal.entries().len(), 1, "the pending attempt is recorded durably");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The catalog applied it meanwhile: the files must still be there.
+    let after = f.view().await;
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()], "the table references these files now");
+    let mut reread = f.journal(&after).await;
+    assert_eq!(reread.entries().len(), 1, "the journal survives the process (read back from the table location)");
+    let settled = reread.settle(&after.table).await.unwrap();
+    assert!(matches!(settled[0].resolution, Resolution::Committed(_)), "{settled:?}");
+    assert!(reread.entries().is_empty());
+    assert_eq!(after.watermark, Some(window(100).hi));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_a_504_never_applied_stays_pending_until_a_retry_lands_then_its_files_go() {
+    let f = Fixture::new(vec![Step::FailNeverApply, Step::Pass]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (first, result) = f.attempt(&view, &mut journal, "lost", 100).await;
+    assert_eq!(pending_cause(&result), Some(PendingCause::ServerError));
+    assert_eq!(f.exist(&first).await, vec![true; first.len()], "unknown outcome: nothing deleted");
+    // The same window again, fenced on the same snapshot: at most one of the two can land.
+    let retry_view = f.view().await;
+    assert_eq!(retry_view.snapshot_id(), view.snapshot_id());
+    let (second, result) = f.attempt(&retry_view, &mut journal, "retry", 100).await;
+    let committed = result.expect("the retry commits");
+    let settled = journal.settle(&committed.table).await.unwrap();
+    assert_eq!(settled.len(), 1);
+    assert_eq!(settled[0].resolution, Resolution::Impossible, "the table moved past the snapshot it required");
+    assert_eq!(f.exist(&first).await, vec![false; first.len()], "files of an attempt that can never land are deleted");
+    assert_eq!(f.exist(&second).await, vec![true; second.len()]);
+    assert!(journal.entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i10_a_commit_that_never_answers_times_out_and_is_pending() {
+    let f = Fixture::new(vec![Step::Hang]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let started = std::time::Instant::now();
+    let (paths, result) = f.attempt(&view, &mut journal, "hung", 100).await;
+    assert!(started.elapsed() < f.limits.commit + Duration::from_secs(5), "bounded by commit_timeout");
+    assert_eq!(pending_cause(&result), Some(PendingCause::Timeout), "{result:?}");
+    assert_eq!(result.as_ref().unwrap_err().class().as_str(), "timeout");
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()]);
+    assert_eq!(journal.entries()[0].cause, Some(PendingCause::Timeout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_a_success_the_catalog_does_not_show_is_pending_not_deleted() {
+    let f = Fixture::new(vec![Step::ReportSuccessWithoutPersisting]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "unconfirmed", 100).await;
+    assert_eq!(pending_cause(&result), Some(PendingCause::Unconfirmed), "{result:?}");
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()]);
+    let entry = &journal.entries()[0];
+    assert!(!entry.commit_files.is_empty(), "the manifests and metadata file of the reported commit are recorded");
+    assert!(snapshot_of_run(f.view().await.table.metadata(), "unconfirmed").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_when_the_table_cannot_be_read_again_nothing_is_deleted() {
+    let f = Fixture::new(vec![Step::FailAndReloadFails]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "blind", 100).await;
+    assert_eq!(pending_cause(&result), Some(PendingCause::ServerError), "{result:?}");
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()]);
+    assert_eq!(journal.entries().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i3_the_watermark_comes_from_the_snapshot_history() {
+    let f = Fixture::new(vec![]).await;
+    for (i, hi) in [100, 200].into_iter().enumerate() {
+        let view = f.view().await;
+        let mut journal = f.journal(&view).await;
+        f.attempt(&view, &mut journal, &format!("w{i}"), hi).await.1.unwrap();
+    }
+    let view = f.view().await;
+    assert_eq!(view.watermark, Some(window(200).hi));
+    assert!(matches!(view.origin, commit::WatermarkOrigin::Snapshot(_)));
+    assert!(view.disagreement.is_none());
+}
