@@ -124,6 +124,12 @@ class FaultProxy:
                     server.sendall(data)
         except OSError:
             pass
+        # The client is gone: pass its end-of-stream on, or the server keeps the connection
+        # (PostgreSQL runs out of connection slots after a few hundred runs).
+        try:
+            server.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def _down(self, server, client, state):
         try:

@@ -190,7 +190,9 @@ impl<'a> TableRun<'a> {
         };
         let sequence = view.table.metadata().last_sequence_number();
         let w = view.watermark.as_ref();
-        match state.reconcile_watermark(self.cfg.name(), w, snapshot, sequence).await {
+        let meta = view.table.metadata();
+        let in_table = |id: i64| meta.snapshot_by_id(id).is_some();
+        match state.reconcile_watermark(self.cfg.name(), w, snapshot, sequence, &in_table).await {
             Ok(Some(before)) => events::MirrorCorrected {
                 table: self.cfg.name(),
                 before: &before,

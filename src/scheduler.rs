@@ -121,11 +121,13 @@ impl Scheduler {
         self.config.service.table_timeout + self.config.catalog.limits.commit_allowance()
     }
 
-    /// The longest a healthy cycle can take: every table's budget, in waves of `parallelism`,
-    /// plus a margin for the lease and the state store. Past it the loop counts as stuck.
+    /// The longest a healthy cycle can take: every table's budget and its state-store calls
+    /// around it (lease, status, run history: each within `state.timeout`), in waves of
+    /// `parallelism`, plus a margin. Past it the loop counts as stuck.
     fn cycle_budget(&self) -> Duration {
         let waves = self.config.tables.len().div_ceil(self.config.service.parallelism) as u32;
-        self.table_budget() * waves + Duration::from_secs(60)
+        let state_calls = self.config.state.timeout * (8 + self.config.service.retries);
+        (self.table_budget() + state_calls) * waves + Duration::from_secs(60)
     }
 
     /// One cycle over every configured table.

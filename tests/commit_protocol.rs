@@ -15,6 +15,7 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use async_trait::async_trait;
 use iceberg::spec::{DataFile, PrimitiveType, Type};
 use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
 
 use iceberg_offload::commit::{
@@ -42,6 +43,9 @@ enum Step {
     ReportSuccessWithoutPersisting,
     /// Answers 504, and the reload that follows fails too.
     FailAndReloadFails,
+    /// Applies the commit, and answers 409: a proxy that re-sent the request after a lost
+    /// answer, the copy refused because the original landed.
+    ApplyThenRefuse,
 }
 
 #[derive(Debug)]
@@ -124,6 +128,10 @@ impl Catalog for ScriptedCatalog {
             Step::ReportSuccessWithoutPersisting => {
                 let current = self.inner.load_table(commit.identifier()).await?;
                 commit.apply(current)
+            }
+            Step::ApplyThenRefuse => {
+                self.inner.update_table(commit).await?;
+                Err(iceberg::Error::new(ErrorKind::CatalogCommitConflicts, "409: requirement failed"))
             }
             Step::FailAndReloadFails => {
                 *self.fail_next_load.lock().unwrap() = true;
@@ -370,4 +378,41 @@ async fn i3_the_watermark_comes_from_the_snapshot_history() {
     assert_eq!(view.watermark, Some(window(200).hi));
     assert!(matches!(view.origin, commit::WatermarkOrigin::Snapshot(_)));
     assert!(view.disagreement.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_a_refusal_of_a_resent_copy_does_not_delete_the_files_of_the_original_that_landed() {
+    let f = Fixture::new(vec![Step::ApplyThenRefuse]).await;
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    let (paths, result) = f.attempt(&view, &mut journal, "resent", 100).await;
+    assert!(result.expect("found in the table despite the 409").resolved_after_error);
+    assert_eq!(f.exist(&paths).await, vec![true; paths.len()], "the landed commit's files are kept");
+    assert!(commit::files::metadata_files_ahead(&f.view().await.table).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i5_an_attempt_whose_required_history_was_expired_is_undecidable_not_impossible() {
+    let f = Fixture::new(vec![Step::Pass, Step::FailNeverApply]).await;
+    // A first window, then an attempt fenced on it whose outcome stays unknown.
+    let view = f.view().await;
+    let mut journal = f.journal(&view).await;
+    f.attempt(&view, &mut journal, "first", 100).await.1.unwrap();
+    let required = f.view().await;
+    let (pending, result) = f.attempt(&required, &mut journal, "unknown", 200).await;
+    assert_eq!(pending_cause(&result), Some(PendingCause::ServerError));
+    // Two more windows, then every snapshot but the newest is expired.
+    for (run, hi) in [("second", 200), ("third", 300)] {
+        let v = f.view().await;
+        f.attempt(&v, &mut journal, run, hi).await.1.unwrap();
+    }
+    let table = f.view().await.table;
+    let tx = Transaction::new(&table);
+    let tx = tx.expire_snapshots().retain_last(1).expire_older_than_ms(i64::MAX).apply(tx).unwrap();
+    let expired = tx.commit(f.catalog.as_ref()).await.unwrap();
+    assert_eq!(expired.metadata().snapshots().count(), 1);
+    let settled = journal.settle(&expired).await.unwrap();
+    let unknown = settled.iter().find(|s| s.attempt.run_id == "unknown").expect("settled");
+    assert_eq!(unknown.resolution, Resolution::Undecidable, "the history back to its required snapshot is gone");
+    assert_eq!(f.exist(&pending).await, vec![true; pending.len()], "unprovable: its files are left to cleanup");
 }

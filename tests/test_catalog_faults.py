@@ -26,6 +26,7 @@ from harness import (PASSWORD, PYTHON, ROOT, assert_directory_reader_sees_the_ca
 from tcp_proxy import FaultProxy
 
 REST_TRIALS = int(os.environ.get("CATALOG_FAULT_TRIALS", "50"))
+PG_TRIALS = int(os.environ.get("PG_FAULT_TRIALS", "50"))
 
 
 @pytest.fixture()
@@ -177,7 +178,7 @@ def test_postgres_catalog_connection_dropped_during_commit(gateway, db, tmp_path
     rng = random.Random(7)
     seq, modes, logs = 1_000_000, [], ""
     try:
-        for trial in range(12):
+        for trial in range(PG_TRIALS):
             k2data.insert_bronze_arriving_now(gateway.sql, db, "trades", 1_000, seq_start=seq)
             seq += 1_000
             time.sleep(1.1)
@@ -196,14 +197,16 @@ def test_postgres_catalog_connection_dropped_during_commit(gateway, db, tmp_path
                 assert got[reader]["distinct_keys"] == src["distinct_keys"], (trial, mode, reader)
             location = psql(password, name, "SELECT metadata_location FROM iceberg_tables")
             assert not metadata_files_ahead(location), (trial, mode, metadata_files_ahead(location))
-        assert proxy.matched >= 12, f"the COMMIT messages were not seen by the proxy ({proxy.matched})"
+        assert proxy.matched >= PG_TRIALS, f"the COMMIT messages were not seen by the proxy ({proxy.matched})"
         # A COMMIT dropped before the server saw it: reported as success by iceberg-catalog-sql,
         # not confirmed, kept pending, then resolved once the retry landed.
         assert "does not show the commit when read again" in logs and "can never land" in logs, logs[-4000:]
         p = run(cfg, "once", env=env)
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
         got = pg_verify(password, name, tmp_path)
-        assert got["pyiceberg"]["count"] == 1_000 + 12 * 1_000 == got["clickhouse"]["count"]
+        assert got["pyiceberg"]["count"] == 1_000 + PG_TRIALS * 1_000 == got["clickhouse"]["count"]
+        print(f"\n{PG_TRIALS} trials, COMMIT dropped before/after the server got it: "
+              f"{modes.count('drop')}/{modes.count('drop_after')}")
         assert got["pyiceberg"]["duplicates"] == 0
     finally:
         proxy.close()

@@ -30,7 +30,7 @@ impl AttemptFiles<'_> {
     pub async fn discard(&self) -> usize {
         let ident = self.table.identifier();
         let mut removed = 0;
-        for path in metadata_files_of_run(self.table, self.run_id) {
+        for path in metadata_files_of_run(self.table, self.run_id).into_iter().chain(commit_files_named(self.table, self.run_id)) {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     removed += 1;
@@ -52,16 +52,25 @@ impl AttemptFiles<'_> {
 }
 
 /// Deletes `*.metadata.json` files that can never become current: not the current file,
-/// not in the metadata log, and numbered at or below the current version. A commit based
-/// on an older version can no longer win its compare-and-swap, so these are lost commits
-/// (ours or another writer's), whatever they contain. Local warehouses only.
+/// not in the metadata log, and numbered within the versions the log covers, up to the
+/// current one. A commit based on an older version can no longer win its compare-and-swap,
+/// so these are lost commits (ours or another writer's), whatever they contain. Files
+/// numbered below the log's oldest entry are old history the log no longer lists
+/// (`write.metadata.previous-versions-max`), not ours to delete. Local warehouses only.
 pub fn sweep_dead_metadata(table: &Table) -> usize {
     let Some(dir) = local_metadata_dir(table) else { return 0 };
     let Some(current) = table.metadata_location() else { return 0 };
     let current_version = version_of(&file_name(current)).unwrap_or(0);
+    let oldest_logged = table
+        .metadata()
+        .metadata_log()
+        .iter()
+        .filter_map(|m| version_of(&file_name(&m.metadata_file)))
+        .min()
+        .unwrap_or(current_version);
     let mut removed = 0;
     for (name, path) in stray_metadata_files(table, &dir) {
-        if version_of(&name).is_some_and(|v| v <= current_version) {
+        if version_of(&name).is_some_and(|v| (oldest_logged..=current_version).contains(&v)) {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     removed += 1;
@@ -111,6 +120,24 @@ fn metadata_files_of_run(table: &Table, run_id: &str) -> Vec<PathBuf> {
         .into_iter()
         .filter(|(_, path)| std::fs::read(path).is_ok_and(|bytes| contains(&bytes, needle.as_bytes())))
         .map(|(_, path)| path)
+        .collect()
+}
+
+/// Manifests and manifest lists of this attempt's commit: iceberg-rust names them after the
+/// commit uuid, which is the run id (`commit::append`).
+fn commit_files_named(table: &Table, run_id: &str) -> Vec<PathBuf> {
+    if uuid::Uuid::parse_str(run_id).is_err() {
+        return vec![];
+    }
+    let Some(dir) = local_metadata_dir(table) else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.ends_with(".avro") && name.contains(run_id)
+        })
+        .map(|e| e.path())
         .collect()
 }
 

@@ -57,12 +57,12 @@ impl PendingAttempt {
 pub enum Resolution {
     /// Its run id is in this snapshot: it landed.
     Committed(i64),
-    /// The table moved past the snapshot it required, which is still in the metadata: had
-    /// it landed, its snapshot would be there too. It never can now.
+    /// The table moved past the snapshot it required, along an unbroken history that does
+    /// not contain it: it never can land now.
     Impossible,
-    /// The table moved on and the snapshot it required was expired: whether it landed
-    /// cannot be proven. Its files are left to `iceberg-offload cleanup`, which deletes only
-    /// files that no snapshot references.
+    /// The table moved on, but its history back to the snapshot the attempt required is not
+    /// complete (expired snapshots): whether it landed cannot be proven. Its files are left to
+    /// `iceberg-offload cleanup`, which deletes only files that no snapshot references.
     Undecidable,
     /// The table is still at the snapshot it required: it may still land.
     Pending,
@@ -77,14 +77,30 @@ pub fn resolve(meta: &TableMetadata, attempt: &PendingAttempt) -> Resolution {
     if current == attempt.required_snapshot {
         return Resolution::Pending;
     }
-    // Had it landed, its snapshot would be a child of the required one and younger than it;
-    // snapshots expire oldest first, so while the required one is kept, so would ours be.
-    let history_kept = match attempt.required_snapshot {
-        Some(required) => meta.snapshot_by_id(required).is_some(),
-        // It required an empty table: it would have been the first snapshot, and another is.
-        None => meta.snapshots().any(|s| s.parent_snapshot_id().is_none()),
-    };
-    if history_kept { Resolution::Impossible } else { Resolution::Undecidable }
+    // Fenced on `required`, it can only ever land as a child of it. If the current snapshot
+    // descends from `required` through snapshots all still in the metadata (none of them ours,
+    // or its run id would have been found), the table took another path from there, and a
+    // snapshot of ours, if it ever existed, is referenced by nothing on that path.
+    if descends_unbroken(meta, current, attempt.required_snapshot) {
+        Resolution::Impossible
+    } else {
+        Resolution::Undecidable
+    }
+}
+
+/// Whether `from`'s ancestry reaches `to` (`None`: the table's first snapshot) without a
+/// snapshot missing from the metadata on the way.
+fn descends_unbroken(meta: &TableMetadata, from: Option<i64>, to: Option<i64>) -> bool {
+    let mut next = from;
+    for _ in 0..=meta.snapshots().len() {
+        if next == to {
+            return true;
+        }
+        let Some(id) = next else { return false };
+        let Some(snapshot) = meta.snapshot_by_id(id) else { return false };
+        next = snapshot.parent_snapshot_id();
+    }
+    false
 }
 
 /// The snapshot whose summary carries this run id, if any (in or out of the current ancestry:
@@ -109,6 +125,8 @@ pub struct Journal {
     path: String,
     entries: Vec<PendingAttempt>,
     limit: Duration,
+    /// The bytes of a journal that could not be parsed, set aside at the first write.
+    unreadable: Option<bytes::Bytes>,
 }
 
 impl Journal {
@@ -117,12 +135,14 @@ impl Journal {
     }
 
     /// Reads the table's journal (empty when there is none). A journal that cannot be parsed
-    /// is set aside (renamed `.unreadable`), reported, and replaced: its attempts' files stay
-    /// for `cleanup`, which never deletes a referenced file.
+    /// is reported, and copied to `attempts.json.unreadable` before it is next written: its
+    /// attempts' files stay for `cleanup`, which never deletes a referenced file. Reading
+    /// writes nothing.
     pub async fn load(table: &Table, limit: Duration) -> Result<Self> {
         let io = table.file_io().clone();
         let path = Self::path_of(table);
-        let mut journal = Self { table: table.identifier().to_string(), io, path, entries: vec![], limit };
+        let mut journal =
+            Self { table: table.identifier().to_string(), io, path, entries: vec![], limit, unreadable: None };
         if !journal.storage(journal.io.exists(&journal.path)).await? {
             return Ok(journal);
         }
@@ -132,9 +152,8 @@ impl Journal {
             Ok(entries) => journal.entries = entries,
             Err(e) => {
                 tracing::error!(table = %table.identifier(), path = %journal.path,
-                    "the attempt journal cannot be read ({e}); it is set aside and its attempts' files are left to `iceberg-offload cleanup`");
-                let aside = journal.io.new_output(format!("{}.unreadable", journal.path))?;
-                journal.storage(aside.write(bytes)).await?;
+                    "the attempt journal cannot be read ({e}); it is set aside at the next write and its attempts' files are left to `iceberg-offload cleanup`");
+                journal.unreadable = Some(bytes);
             }
         }
         Ok(journal)
@@ -149,11 +168,17 @@ impl Journal {
         &self.entries
     }
 
-    /// Records an attempt before its commit is sent (write-ahead).
+    /// Records an attempt before its commit is sent (write-ahead). If the record cannot be
+    /// written, the journal is left as it was and the commit must not be sent.
     pub async fn add(&mut self, attempt: PendingAttempt) -> Result<()> {
+        let run_id = attempt.run_id.clone();
         self.entries.retain(|a| a.run_id != attempt.run_id);
         self.entries.push(attempt);
-        self.save().await
+        let saved = self.save().await;
+        if saved.is_err() {
+            self.entries.retain(|a| a.run_id != run_id);
+        }
+        saved
     }
 
     /// Marks an attempt pending, with why its outcome is unknown and the commit files learnt.
@@ -197,11 +222,20 @@ impl Journal {
         Ok(settled)
     }
 
-    async fn save(&self) -> Result<()> {
+    async fn save(&mut self) -> Result<()> {
+        if let Some(bytes) = self.unreadable.take() {
+            let aside = self.io.new_output(format!("{}.unreadable", self.path))?;
+            self.storage(aside.write(bytes)).await?;
+        }
         if self.entries.is_empty() {
             return self.storage(self.io.delete(&self.path)).await;
         }
         let json = serde_json::to_vec_pretty(&self.entries).expect("attempts serialise");
+        if let Some(local) = local_path(&self.path) {
+            // Never a truncated journal on a local disk: write aside, then rename over it.
+            return self.storage(write_atomically(local, json)).await;
+        }
+        // Object stores replace an object whole.
         let out = self.io.new_output(&self.path)?;
         self.storage(out.write(json.into())).await
     }
@@ -215,4 +249,27 @@ impl Journal {
             )),
         }
     }
+}
+
+fn local_path(uri: &str) -> Option<std::path::PathBuf> {
+    uri.strip_prefix("file://").or_else(|| uri.strip_prefix("file:")).map(std::path::PathBuf::from)
+}
+
+/// Writes `bytes` to a temporary file next to `path`, syncs it, and renames it over `path`.
+async fn write_atomically(path: std::path::PathBuf, bytes: Vec<u8>) -> iceberg::Result<()> {
+    let io_error = |e: std::io::Error| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "attempt journal").with_source(e);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("attempt journal: {e}")))?
+    .map_err(io_error)
 }

@@ -166,11 +166,16 @@ pub async fn commit_window(
     rows: u64,
     attempt: &Attempt,
 ) -> Result<Committed> {
+    let commit_uuid = uuid::Uuid::parse_str(&attempt.run_id).ok();
     let record = PendingAttempt {
         run_id: attempt.run_id.clone(),
         required_snapshot: view.snapshot_id(),
         data_files: files.iter().map(|f| f.file_path().to_string()).collect(),
-        commit_files: vec![],
+        // The manifest iceberg-rust will write for this commit is named after its commit uuid,
+        // which is the run id: known before the commit, so deletable on any storage.
+        commit_files: commit_uuid
+            .map(|u| vec![format!("{}/metadata/{u}-m0.avro", view.table.metadata().location().trim_end_matches('/'))])
+            .unwrap_or_default(),
         rows,
         bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
         window_hi: window.hi.clone(),
@@ -182,7 +187,7 @@ pub async fn commit_window(
         discard(cx, &view.table, &record).await;
         return Err(e);
     }
-    let tx = match append(view, files, window, rows, attempt) {
+    let tx = match append(view, files, window, rows, attempt, commit_uuid) {
         Ok(tx) => tx,
         Err(e) => return not_committed(cx, &view.table, journal, &record, e).await,
     };
@@ -197,7 +202,14 @@ pub async fn commit_window(
 }
 
 /// I2: one fast append carrying the window's files and, atomically, its watermark.
-fn append(view: &TableView, files: Vec<DataFile>, window: &Window, rows: u64, attempt: &Attempt) -> Result<Transaction> {
+fn append(
+    view: &TableView,
+    files: Vec<DataFile>,
+    window: &Window,
+    rows: u64,
+    attempt: &Attempt,
+    commit_uuid: Option<uuid::Uuid>,
+) -> Result<Transaction> {
     let summary = HashMap::from([
         (SUMMARY_RUN_ID.to_string(), attempt.run_id.clone()),
         (PROP_WATERMARK.to_string(), format_epoch_ns(window.hi.cursor_ns)),
@@ -215,8 +227,12 @@ fn append(view: &TableView, files: Vec<DataFile>, window: &Window, rows: u64, at
         .apply(tx)?;
     // File names are unique per attempt, so the duplicate check (which reads every
     // manifest of the table) is unnecessary.
-    Ok(tx
-        .fast_append()
+    let mut action = tx.fast_append();
+    if let Some(u) = commit_uuid {
+        // Manifests and manifest list carry the run id in their names (I8: findable).
+        action = action.set_commit_uuid(u);
+    }
+    Ok(action
         .with_check_duplicate(false)
         .add_data_files(files)
         .set_snapshot_properties(summary)
@@ -260,6 +276,8 @@ impl Failure {
 }
 
 /// I5 after a failed commit call: read the table again, the only witness of what happened.
+/// Even a refusal is checked against it: a proxy that re-sends a commit the catalog already
+/// applied gets a 409 for the copy, and the files of the applied one must stay.
 async fn after_failure(
     cx: &CommitContext,
     view: &TableView,
@@ -268,13 +286,10 @@ async fn after_failure(
     failure: Failure,
 ) -> Result<Committed> {
     let ident = view.table.identifier().clone();
-    let (cause, source) = match failure {
+    let (cause, source, refused) = match failure {
         Failure::NotSent(e) => return not_committed(cx, &view.table, journal, &record, e).await,
-        Failure::Refused(e) => {
-            let error = OffloadError::CommitConflict { table: ident.to_string(), source: Box::new(e) };
-            return not_committed(cx, &view.table, journal, &record, error).await;
-        }
-        Failure::Unknown(cause, source) => (cause, source),
+        Failure::Refused(e) => (PendingCause::ServerError, Some(e), true),
+        Failure::Unknown(cause, source) => (cause, source, false),
     };
     let reloaded = match cx.catalog.load_table(&ident).await {
         Ok(t) => t,
@@ -283,25 +298,23 @@ async fn after_failure(
             return pending(journal, record, cause, vec![], source).await;
         }
     };
+    let conflict = |source: Option<iceberg::Error>| OffloadError::CommitConflict {
+        table: ident.to_string(),
+        source: Box::new(
+            source.unwrap_or_else(|| iceberg::Error::new(ErrorKind::CatalogCommitConflicts, cause.to_string())),
+        ),
+    };
     match resolve(reloaded.metadata(), &record) {
         Resolution::Committed(snapshot_id) => {
             tracing::warn!(table = %ident, run_id = %record.run_id, snapshot_id, cause = cause.as_str(),
                 "the commit call failed but the snapshot is in the table: resolved as committed");
             committed(journal, &record, snapshot_id, true, reloaded).await
         }
+        // A definite refusal with the table still where it was: nothing landed, nothing will.
+        Resolution::Pending if refused => not_committed(cx, &reloaded, journal, &record, conflict(source)).await,
         Resolution::Pending => pending(journal, record, cause, vec![], source).await,
-        resolution @ (Resolution::Impossible | Resolution::Undecidable) => {
-            let error = OffloadError::CommitConflict {
-                table: ident.to_string(),
-                source: Box::new(
-                    source.unwrap_or_else(|| iceberg::Error::new(ErrorKind::CatalogCommitConflicts, cause.to_string())),
-                ),
-            };
-            match resolution {
-                Resolution::Impossible => not_committed(cx, &reloaded, journal, &record, error).await,
-                _ => unproven(journal, &reloaded, &record, error).await,
-            }
-        }
+        Resolution::Impossible => not_committed(cx, &reloaded, journal, &record, conflict(source)).await,
+        Resolution::Undecidable => unproven(journal, &reloaded, &record, conflict(source)).await,
     }
 }
 
@@ -326,6 +339,7 @@ async fn confirm(
     match resolution {
         Some((Resolution::Committed(snapshot_id), table)) => committed(journal, &record, snapshot_id, false, table).await,
         Some((resolution @ (Resolution::Impossible | Resolution::Undecidable), table)) => {
+            // It cannot have landed where the table now stands (I4): the table moved on.
             let mut record = record;
             record.commit_files = own_commit_files(cx, &reported, &record.run_id).await;
             let error = OffloadError::CommitConflict {

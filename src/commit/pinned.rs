@@ -15,7 +15,8 @@ use iceberg::{Catalog, Namespace, NamespaceIdent, TableCommit, TableCreation, Ta
 /// the newest metadata, which silently rebases a stale append. With this decorator the
 /// reload returns our pinned view, so the commit's requirements name the snapshot we
 /// read, and the catalog's compare-and-swap refuses it if anything was committed since.
-/// Conflicts are marked non-retryable: retrying a pinned commit can never succeed.
+/// Every error is marked non-retryable: retrying a pinned commit can never succeed, and an
+/// unknown outcome is resolved by I5, not by sending the commit again.
 #[derive(Debug)]
 pub struct PinnedCatalog {
     inner: Arc<dyn Catalog>,
@@ -86,8 +87,8 @@ impl Catalog for PinnedCatalog {
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
         self.sent.store(true, Ordering::SeqCst);
-        self.inner.update_table(commit).await.map_err(|e| {
-            if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts { e.with_retryable(false) } else { e }
-        })
+        // Never retried inside iceberg-rust: a pinned commit that conflicted cannot succeed, and
+        // any other failure must reach I5 (a retry could re-send a commit that already landed).
+        self.inner.update_table(commit).await.map_err(|e| e.with_retryable(false))
     }
 }

@@ -221,13 +221,16 @@ impl StateStore {
     /// I7: sets the mirror's watermark to what Iceberg says, if it says something else (the
     /// update after a commit failed, another writer, a rollback), unless the mirror was written
     /// from a newer view of the table (`sequence_number`: the table's last sequence number,
-    /// which never decreases). Returns the mirror's watermark before, when it was corrected.
+    /// which never decreases). A mirror naming a snapshot the table does not have (`in_table`
+    /// says no: the table was recreated, or the snapshot expired) is corrected regardless.
+    /// Returns the mirror's watermark before, when it was corrected.
     pub async fn reconcile_watermark(
         &self,
         table: &str,
         watermark: Option<&crate::commit::Position>,
         snapshot_id: Option<i64>,
         sequence_number: i64,
+        in_table: &(dyn Fn(i64) -> bool + Sync),
     ) -> Result<Option<String>> {
         self.limited(async {
             let row = sqlx::query(
@@ -240,14 +243,15 @@ impl StateStore {
             let Some(row) = row else { return Ok(None) };
             let (before_ts, before_seq): (Option<String>, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
             let (mirror_snapshot, mirror_sequence): (Option<i64>, Option<i64>) = (row.try_get(2)?, row.try_get(3)?);
-            if mirror_snapshot == snapshot_id || mirror_sequence.is_some_and(|s| s > sequence_number) {
+            let foreign = mirror_snapshot.is_some_and(|id| !in_table(id));
+            if mirror_snapshot == snapshot_id || (!foreign && mirror_sequence.is_some_and(|s| s > sequence_number)) {
                 return Ok(None);
             }
             let wm = watermark.map(|w| crate::util::format_epoch_ns(w.cursor_ns)).unwrap_or_else(|| "1970-01-01T00:00:00Z".into());
             let sql = format!(
                 "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
                  last_snapshot_id = $3, iceberg_sequence_number = $4, updated_at = {} WHERE table_name = $5 \
-                 AND (iceberg_sequence_number IS NULL OR iceberg_sequence_number <= $4)",
+                 AND (iceberg_sequence_number IS NULL OR iceberg_sequence_number <= $4 OR $6)",
                 self.ts(1),
                 self.now()
             );
@@ -257,6 +261,7 @@ impl StateStore {
                 .bind(snapshot_id)
                 .bind(sequence_number)
                 .bind(table)
+                .bind(foreign)
                 .execute(&self.pool)
                 .await?;
             if res.rows_affected() == 0 {
@@ -391,24 +396,27 @@ impl StateStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>> {
-        let res = sqlx::query(
-            "UPDATE offload_leases SET holder = $1, expires_at_ms = $2, token = token + 1 WHERE table_name = $3 AND holder = $4",
-        )
-        .bind(holder)
-        .bind(now_ms() + ttl.as_millis() as i64)
-        .bind(table)
-        .bind(dead_holder)
-        .execute(&self.pool)
-        .await?;
-        if res.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
+        self.limited(async {
+            let res = sqlx::query(
+                "UPDATE offload_leases SET holder = $1, expires_at_ms = $2, token = token + 1 WHERE table_name = $3 AND holder = $4",
+            )
+            .bind(holder)
+            .bind(now_ms() + ttl.as_millis() as i64)
             .bind(table)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Some(Lease { table_name: table.into(), holder: holder.into(), token }))
+            .bind(dead_holder)
+            .execute(&self.pool)
+            .await?;
+            if res.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
+                .bind(table)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+            Ok(Some(Lease { table_name: table.into(), holder: holder.into(), token }))
+        })
+        .await
     }
 
     /// Extends a held lease; false if it was lost (expired and taken by another holder).
