@@ -26,6 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FAULTS = ("504_then_apply", "drop_then_apply", "504", "drop", "slow", "hang")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # clients killed mid-request (the soak's SIGKILLs) are expected
+
+
 class CatalogProxy:
     def __init__(self, upstream_url, host="127.0.0.1"):
         u = urllib.parse.urlparse(upstream_url)
@@ -36,7 +41,7 @@ class CatalogProxy:
         self.faulted = []
         self.late = []  # threads forwarding late requests
         self.hang_all = False
-        self.server = ThreadingHTTPServer((host, 0), self._handler())
+        self.server = _QuietServer((host, 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"

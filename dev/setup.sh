@@ -20,13 +20,14 @@ fi
 # Debian packages the tests run for real: ClickHouse 18.16 (the only one Debian ships: the
 # service must refuse it clearly), PostgreSQL 15 (state store and SQL catalog), Prometheus
 # with promtool and Alertmanager with amtool (rules, routing and the end-to-end alert flow),
-# and systemd-analyze (the unit file).
+# systemd-analyze (the unit file) and faketime (a host clock that disagrees with ClickHouse's).
 missing=()
 [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server)
 [ -d /usr/lib/postgresql/15/bin ] || missing+=(postgresql-15)
 [ -x /usr/bin/promtool ] || missing+=(prometheus)
 [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
 [ -x /usr/bin/systemd-analyze ] || missing+=(systemd)
+[ -x /usr/bin/faketime ] || missing+=(faketime)   # the service's clock set off from ClickHouse's (tests)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -4,7 +4,9 @@
 * pyiceberg through the same SQL catalog (count, sums, distinct keys, duplicates);
 * ClickHouse's icebergLocal() through chdb, reading the table directory as a directory
   reader does (it picks the highest-numbered metadata file, so a stray one shows up);
-  icebergS3() for a warehouse on S3 (`--s3-endpoint`, `--s3-key`, secret in $VERIFY_S3_SECRET).
+  icebergS3() for a warehouse on S3 (`--s3-endpoint`, `--s3-key`, secret in $VERIFY_S3_SECRET);
+* DuckDB's iceberg_scan() on the metadata file the catalog holds (local warehouses), with the
+  iceberg and avro extensions from PyPI, loaded from their wheels (no network).
 
 Usage: verify_iceberg.py --catalog-uri sqlite:////abs/catalog.db --warehouse file:///abs/wh \
          --table cold.t --key symbol,sequence_number --sum price [--sum quantity] [--rows]
@@ -26,7 +28,8 @@ def pyiceberg_read(args):
     catalog = SqlCatalog(args.catalog_name, uri=uri, warehouse=args.warehouse, **s3_properties(args))
     table = catalog.load_table(args.table)
     arrow = table.scan().to_arrow()
-    out = {"count": arrow.num_rows, "location": table.location(), "properties": dict(table.properties)}
+    out = {"count": arrow.num_rows, "location": table.location(), "properties": dict(table.properties),
+           "metadata_location": table.metadata_location}
     out["schema"] = {f.name: str(f.field_type) + ("" if f.required else "?") for f in table.schema().fields}
     out["partition_spec"] = [f"{f.transform}({table.schema().find_column_name(f.source_id)})" for f in table.spec().fields]
     out["snapshots"] = [dict(s.summary.additional_properties) | {"operation": str(s.summary.operation)} for s in table.snapshots()]
@@ -79,6 +82,26 @@ def clickhouse_read(args, location):
     return out
 
 
+def duckdb_read(args, metadata_location):
+    import glob
+    import duckdb
+    import duckdb_extension_avro
+    import duckdb_extension_iceberg
+
+    con = duckdb.connect()
+    for mod in (duckdb_extension_avro, duckdb_extension_iceberg):
+        ext = glob.glob(os.path.join(os.path.dirname(mod.__file__), "extensions", "*", "*.duckdb_extension"))[0]
+        con.execute(f"LOAD '{ext}'")
+    path = metadata_location[len("file://"):] if metadata_location.startswith("file://") else metadata_location
+    source = f"iceberg_scan('{path}')"
+    keys = args.key.split(",") if args.key else []
+    distinct = f", count(DISTINCT ({', '.join(keys)}))" if keys else ", 0"
+    sums = "".join(f", CAST(sum({c}) AS VARCHAR)" for c in args.sum)
+    row = con.execute(f"SELECT count(*){distinct}{sums} FROM {source}").fetchone()
+    return {"count": int(row[0]), "distinct_keys": int(row[1]),
+            "sums": {c: (v if v is not None else "0") for c, v in zip(args.sum, row[2:])}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalog-uri", required=True)
@@ -89,12 +112,15 @@ def main():
     ap.add_argument("--sum", action="append", default=[])
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--no-clickhouse", action="store_true")
+    ap.add_argument("--no-duckdb", action="store_true")
     ap.add_argument("--s3-endpoint", default="")
     ap.add_argument("--s3-key", default="")
     args = ap.parse_args()
     out = {"pyiceberg": pyiceberg_read(args)}
     if not args.no_clickhouse:
         out["clickhouse"] = clickhouse_read(args, out["pyiceberg"]["location"])
+    if not args.s3_endpoint and not args.no_duckdb:
+        out["duckdb"] = duckdb_read(args, out["pyiceberg"]["metadata_location"])
     json.dump(out, sys.stdout)
 
 

@@ -132,6 +132,8 @@ struct RawClickHouse {
     compression: Option<String>,
     #[serde(default)]
     query_timeout: Option<String>,
+    #[serde(default)]
+    max_clock_skew: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +301,9 @@ pub struct ClickHouseConfig {
     /// Arrow IPC compression asked of ClickHouse: `lz4` (default, good over a network) or `none`.
     pub compression: String,
     pub query_timeout: Duration,
+    /// How far this host's clock may be from ClickHouse's before a table fails (I1: windows
+    /// are cut on ClickHouse's clock; a larger skew means a broken time service somewhere).
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -549,6 +554,7 @@ impl Config {
             ca_file: ch.ca_file.map(|f| resolve_path(base, &f)),
             compression,
             query_timeout: dur("clickhouse.query_timeout", ch.query_timeout.as_deref().unwrap_or("10m"))?,
+            max_clock_skew: dur("clickhouse.max_clock_skew", ch.max_clock_skew.as_deref().unwrap_or("15m"))?,
         };
 
         let c = raw.catalog;

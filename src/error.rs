@@ -113,6 +113,27 @@ pub enum OffloadError {
         #[source]
         source: Option<Box<iceberg::Error>>,
     },
+    /// I11: the configuration changed what the watermark is measured on.
+    #[error(
+        "table {table}: its watermark was measured on {field} {recorded}, the configuration now says {configured}; continuing would skip or repeat rows. Put the configuration back, offload into a new target, or move the watermark on purpose: `iceberg-offload watermark set {name} --to current` (re-records it for the new configuration; add --to <position> to move it too) shows what would change, and --apply does it"
+    )]
+    WatermarkMeasuredOnOther {
+        table: String,
+        name: String,
+        field: &'static str,
+        recorded: String,
+        configured: String,
+    },
+    /// I1: this host's clock and ClickHouse's disagree by more than `clickhouse.max_clock_skew`.
+    #[error(
+        "table {table}: ClickHouse's clock is {skew_seconds:+.1} s from this host's, more than clickhouse.max_clock_skew ({max:?}) allows; windows are cut on ClickHouse's clock, but a skew this large means a broken time service: fix NTP on one of them, or raise the bound"
+    )]
+    ClockSkew { table: String, skew_seconds: f64, max: std::time::Duration },
+    /// I1: ClickHouse answered with fewer rows than the window holds. Nothing was committed.
+    #[error(
+        "table {table}: the window read {read} rows where {planned} were planned, so ClickHouse returned an incomplete result (a limit of the user's profile that does not fail the query, a replica or part that lost rows between planning and reading?); nothing was committed. If the server limits results, set tables[].max_rows_per_commit below that limit or lift it for this user"
+    )]
+    IncompleteWindow { table: String, planned: u64, read: u64 },
     #[error("Iceberg catalog unreachable: {0}")]
     CatalogUnreachable(String),
     #[error("Iceberg: {0}")]
@@ -177,6 +198,9 @@ impl OffloadError {
             Self::Schema { .. } => "schema",
             Self::CommitConflict { .. } => "commit_conflict",
             Self::CommitPending { .. } => "commit_pending",
+            Self::IncompleteWindow { .. } => "incomplete_window",
+            Self::ClockSkew { .. } => "clock_skew",
+            Self::WatermarkMeasuredOnOther { .. } => "watermark_measured_on_other",
             Self::CatalogUnreachable(_) => "catalog_unreachable",
             Self::Iceberg(_) => "iceberg",
             Self::CatalogAuth(_) => "catalog_auth",

@@ -358,6 +358,61 @@ impl LastSuccessRecalled<'_> {
     }
 }
 
+/// The source's columns changed during a run: the window in hand is read again with them.
+pub struct SourceColumnsChanged<'a> {
+    pub table: &'a str,
+}
+
+impl SourceColumnsChanged<'_> {
+    pub fn emit(&self, _m: &Metrics) {
+        tracing::info!(
+            table = self.table,
+            "the columns of {} changed while it was offloaded; the window is read again with them",
+            self.table
+        );
+    }
+}
+
+/// ClickHouse's clock minus this host's, measured at each table's run (I1).
+pub struct ClockSkew {
+    pub seconds: f64,
+}
+
+impl ClockSkew {
+    pub fn emit(&self, m: &Metrics) {
+        m.clock_skew_seconds.set(self.seconds);
+        if self.seconds.abs() >= 1.0 {
+            tracing::info!(
+                clock_skew_seconds = self.seconds,
+                "ClickHouse's clock is {:+.1} s from this host's; windows are cut on ClickHouse's clock",
+                self.seconds
+            );
+        }
+    }
+}
+
+/// A window read more rows than were planned: rows arrived below the settle limit after the
+/// window was planned. They are in the window's range, so they are taken (I1).
+pub struct WindowGrew<'a> {
+    pub table: &'a str,
+    pub planned: u64,
+    pub read: u64,
+}
+
+impl WindowGrew<'_> {
+    pub fn emit(&self, _m: &Metrics) {
+        tracing::warn!(
+            table = self.table,
+            planned = self.planned,
+            read = self.read,
+            "{} rows arrived in the window of {} after it was planned (below the settle limit: later than settle_delay \
+             allows); they are offloaded with it",
+            self.read - self.planned,
+            self.table
+        );
+    }
+}
+
 pub struct LateRows<'a> {
     pub table: &'a str,
     pub rows: i64,

@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML file and the embedded defaults;
 //! - [`source`]: ClickHouse over HTTP, streamed as Arrow;
 //! - [`sink`]: Iceberg catalog, table management and Parquet writing;
-//! - [`commit`]: the exactly-once commit protocol (invariants I1–I9 of `exactly-once.md`);
+//! - [`window`]: positions, cursor units, the settle limit and the SQL bounds of a window;
+//! - [`commit`]: the exactly-once commit protocol (`docs/exactly-once.md`);
 //! - [`offload`]: the offload of one table, window by window;
 //! - [`scheduler`]: cycles, parallelism, timeouts, retries, signals;
 //! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
@@ -29,3 +30,4 @@ pub mod state;
 pub mod status;
 pub mod systemd;
 pub mod util;
+pub mod window;

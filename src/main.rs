@@ -98,6 +98,19 @@ enum WatermarkCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Moves a table's watermark on purpose, or re-records it for a changed configuration
+    /// (source, cursor, tiebreak). A dry run unless --apply: prints what would change.
+    Set {
+        /// The table, as named in metrics and logs (the source table name).
+        table: String,
+        /// `current` (keep W, record it for the configuration as it is now), or a position:
+        /// an RFC 3339 time, optionally followed by ` #<tiebreak>` (as `watermark show` prints it).
+        #[arg(long, default_value = "current")]
+        to: String,
+        /// Commit the change (an empty snapshot carrying the new watermark), under the table's lease.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,7 +169,7 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
             None
         }
     };
-    Ok(Services { ch, catalog, state, metrics, limits: cfg.catalog.limits })
+    Ok(Services { ch, catalog, state, metrics, limits: cfg.catalog.limits, max_clock_skew: cfg.clickhouse.max_clock_skew })
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
@@ -234,6 +247,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(if report.healthy { exit::OK } else { exit::ERROR })
         }
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
+        Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
+            watermark_set(&cfg, &table, &to, apply).await
+        }
     }
 }
 
@@ -350,6 +366,109 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
     Ok(if ok { exit::OK } else { exit::ERROR })
 }
 
+/// `watermark set`: I11's way out, on purpose and logged. The move is one commit through the
+/// commit protocol (fenced, journaled), with no files and the marker `offload.watermark-moved`.
+async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyhow::Result<u8> {
+    use iceberg_offload::commit::{self, Attempt, CommitContext, Position, Window};
+    let t = cfg.tables.iter().find(|t| t.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
+        anyhow::anyhow!("no table named {name:?} in the configuration; tables: {}", names.join(", "))
+    })?;
+    let ch = ClickHouse::new(&cfg.clickhouse)?;
+    ch.check_version().await?;
+    let catalog = catalog::build(&cfg.catalog).await?;
+    let source = SourceTable::describe(&ch, t).await?;
+    let view = TableView::of(catalog.load_table(&target::ident(t)).await.context("loading the target table")?)?;
+    let measure = source.measure();
+    let target_w = if to == "current" {
+        view.watermark.clone().ok_or_else(|| anyhow::anyhow!("{name} has no watermark yet; give --to <position>"))?
+    } else {
+        Position::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?
+    };
+    if target_w.tiebreak.is_some() && measure.tiebreak.is_none() {
+        anyhow::bail!("--to {to:?} has a tiebreak, but {name} is configured without one; give a bare time");
+    }
+    // Never past what is settled (rows could still arrive below it), and a position ClickHouse
+    // can read (a tiebreak must parse as the column's type).
+    let settle_ns = t.settle_delay.as_nanos() as i64;
+    let limit = match source.unit() {
+        commit::CursorUnit::Day { .. } => source.last_settled_day(&ch, settle_ns).await?,
+        unit => unit.settled_limit(iceberg_offload::util::now_epoch_ns() + ch.clock_offset_ns().await?.1, settle_ns),
+    };
+    if target_w.cursor_ns > limit {
+        anyhow::bail!(
+            "--to {} is later than what is settled now ({}): rows may still arrive below it",
+            target_w.display(),
+            Position::at(limit).display()
+        );
+    }
+    source.count(&ch, None, &target_w).await.with_context(|| {
+        format!(
+            "ClickHouse cannot read the position {} for {name} (a tiebreak that is not a value of its type?); \
+             give a bare time with --to",
+            target_w.display()
+        )
+    })?;
+    let show = |p: Option<&Position>| p.map(|p| p.display()).unwrap_or_else(|| "none".into());
+    println!("table {name} ({} → {})", t.source(), t.target());
+    println!("  watermark now:    {}", show(view.watermark.as_ref()));
+    let measured = match &view.measured_on {
+        commit::MeasuredOn::Nothing => "nothing (no watermark yet)".to_string(),
+        commit::MeasuredOn::Recorded(m) => m.to_json(),
+        commit::MeasuredOn::Legacy { source, cursor, has_tiebreak } => format!(
+            "source {}, cursor {}, {} (recorded before offload.measure existed)",
+            source.as_deref().unwrap_or("?"),
+            cursor.as_deref().unwrap_or("?"),
+            if *has_tiebreak { "with a tiebreak" } else { "no tiebreak" }
+        ),
+    };
+    println!("  measured on now:  {measured}");
+    println!("  watermark after:  {}", target_w.display());
+    println!("  measured on after: {}", measure.to_json());
+    if let Some(w) = &view.watermark {
+        // Which way it moves, by what the source holds between the two positions.
+        let forward = source.count(&ch, Some(w), &target_w).await?;
+        let backward = source.count(&ch, Some(&target_w), w).await?;
+        if forward > 0 {
+            println!("  effect: {forward} source rows between the two will never be offloaded");
+        } else if backward > 0 {
+            println!(
+                "  effect: {backward} source rows between the two will be offloaded again; those already in Iceberg \
+                 would be duplicated (delete them there first)"
+            );
+        } else {
+            println!("  effect: no source row lies between the two positions");
+        }
+    }
+    if !apply {
+        println!("dry run: nothing changed; add --apply to commit it");
+        return Ok(exit::OK);
+    }
+    let state = StateStore::open(&cfg.state).await?;
+    let lease = state
+        .acquire_lease(t.name(), &format!("watermark-set:{}", std::process::id()), cfg.service.lease_ttl)
+        .await?;
+    let result = async {
+        let mut journal = commit::Journal::load(&view.table, cfg.catalog.limits.storage).await?;
+        let window = Window { lo: view.watermark.clone(), hi: target_w.clone(), planned_rows: 0, bounded: false };
+        let attempt = Attempt { operator_move: true, ..Attempt::new(measure) };
+        let cx = CommitContext { catalog: catalog.clone(), limits: cfg.catalog.limits };
+        commit::commit_window(&cx, &view, &mut journal, vec![], &window, 0, &attempt).await
+    }
+    .await;
+    state.release_lease(&lease).await.ok();
+    let committed = result?;
+    tracing::warn!(
+        table = name,
+        before = show(view.watermark.as_ref()),
+        after = target_w.display(),
+        snapshot_id = committed.snapshot_id,
+        "watermark of {name} moved by an operator (watermark set)"
+    );
+    println!("applied: snapshot {}", committed.snapshot_id);
+    Ok(exit::OK)
+}
+
 async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Result<u8> {
     let older_than =
         iceberg_offload::util::parse_duration(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
@@ -408,6 +527,9 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
 
 async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
     let ch = ClickHouse::new(&cfg.clickhouse)?;
+    if let Err(e) = ch.check_version().await {
+        tracing::warn!("ClickHouse: {e}");
+    }
     let catalog = catalog::build(&cfg.catalog).await?;
     let state = StateStore::open(&cfg.state).await.ok();
     let mirror = match &state {

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub cycles_total: IntCounterVec,
     pub cycles_interrupted_total: prometheus::IntCounter,
     pub pending_commits: GaugeVec,
+    pub clock_skew_seconds: Gauge,
     pub errors_total: IntCounterVec,
     pub lag_minutes: GaugeVec,
     pub watermark_timestamp_seconds: GaugeVec,
@@ -126,6 +127,10 @@ impl Metrics {
             rows_total,
             cycles_total,
             cycles_interrupted_total,
+            clock_skew_seconds: gauge(
+                "offload_clock_skew_seconds",
+                "ClickHouse's clock minus this host's, at the last table run (windows are cut on ClickHouse's clock)",
+            ),
             pending_commits: gauge_vec(
                 "offload_pending_commits",
                 "Commit attempts whose outcome is unknown (timeout, 5xx, lost connection); their files are kept until resolved",

@@ -33,6 +33,8 @@ pub struct Services {
     pub state: Option<StateStore>,
     pub metrics: Arc<Metrics>,
     pub limits: CatalogLimits,
+    /// `clickhouse.max_clock_skew`.
+    pub max_clock_skew: std::time::Duration,
 }
 
 impl Services {
@@ -117,6 +119,8 @@ struct TableRun<'a> {
     first_view: Option<TableView>,
     /// The watermark as of the last view or commit.
     position: Option<Position>,
+    /// ClickHouse's clock minus this host's (I1: windows are cut on the source's clock).
+    clock_offset_ns: i64,
 }
 
 impl<'a> TableRun<'a> {
@@ -131,9 +135,16 @@ impl<'a> TableRun<'a> {
     ) -> Result<Self> {
         let source = until_cancelled(cancel, SourceTable::describe(&svc.ch, cfg)).await?;
         let projection = source.projection()?;
+        let clock_offset_ns = until_cancelled(cancel, measure_clock(svc, cfg)).await?;
         let ident = target::ident(cfg);
-        until_cancelled(cancel, target::ensure(&svc.catalog, cfg, &projection)).await?;
-        let view = until_cancelled(cancel, TableView::load(&svc.catalog, &ident)).await?;
+        // I11 before anything changes the target: W means something only on the source,
+        // cursor and tiebreak it was measured on.
+        let existing = until_cancelled(cancel, target::load_existing(&svc.catalog, cfg)).await?;
+        if let Some(table) = &existing {
+            check_measured_on(&TableView::of(table.clone())?, &source, cfg)?;
+        }
+        let table = until_cancelled(cancel, target::ensure_from(&svc.catalog, cfg, &projection, existing)).await?;
+        let view = TableView::of(table)?;
         let journal = until_cancelled(cancel, Journal::load(&view.table, svc.limits.storage)).await?;
         let mut run = Self {
             svc,
@@ -145,6 +156,7 @@ impl<'a> TableRun<'a> {
             journal,
             position: view.watermark.clone(),
             first_view: None,
+            clock_offset_ns,
         };
         run.settle_journal(&view.table).await;
         sweep_dead_metadata(&view.table);
@@ -233,14 +245,27 @@ impl<'a> TableRun<'a> {
             None => until_cancelled(self.cancel, TableView::load(&self.svc.catalog, &self.ident)).await?,
         };
         self.position = view.watermark.clone();
+        // I11 at every window: another writer may have moved W, or the source changed types.
+        check_measured_on(&view, &self.source, self.cfg)?;
         target::check_compatible(&view.table, self.cfg, &self.projection)
             .map_err(|message| OffloadError::Schema { table: self.cfg.source(), message })?;
         // I1: the window is fixed here, before anything is read.
-        let planned = commit::plan_window(&self.source, &self.svc.ch, view.watermark.as_ref(), now_epoch_ns());
+        let source_now = now_epoch_ns() + self.clock_offset_ns;
+        let planned = commit::plan_window(&self.source, &self.svc.ch, view.watermark.as_ref(), source_now);
         let Some(window) = until_cancelled(self.cancel, planned).await? else { return Ok(false) };
         let started = Instant::now();
-        let attempt = Attempt { run_id: uuid::Uuid::now_v7().to_string(), source: self.cfg.source() };
+        let attempt = Attempt::new(self.source.measure());
         let (files, rows) = self.write_window(&view, &window, &attempt).await?;
+        // A column added to the source while the window was read is not in it: read the window
+        // again with it, so that no committed row has NULL where the source has a value.
+        let changed = until_cancelled(self.cancel, self.refresh_source()).await;
+        if !matches!(changed, Ok(false)) {
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            AttemptFiles { table: &view.table, run_id: &attempt.run_id, paths: &paths, limit: self.svc.limits.storage }
+                .discard()
+                .await;
+            return changed;
+        }
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
         let cx = self.svc.commit_context();
@@ -281,6 +306,23 @@ impl<'a> TableRun<'a> {
         Ok(window.bounded)
     }
 
+    /// Describes the source again; when its columns changed, takes the new projection and adds
+    /// new columns to the target (schema evolution) before the next window is read.
+    async fn refresh_source(&mut self) -> Result<bool> {
+        let now = SourceTable::describe(&self.svc.ch, self.cfg).await?;
+        let same = now.columns.len() == self.source.columns.len()
+            && now.columns.iter().zip(&self.source.columns).all(|(a, b)| a.name == b.name && a.ch_type == b.ch_type);
+        if same {
+            return Ok(false);
+        }
+        let projection = now.projection()?;
+        target::ensure(&self.svc.catalog, self.cfg, &projection).await?;
+        events::SourceColumnsChanged { table: self.cfg.name() }.emit(&self.svc.metrics);
+        self.source = now;
+        self.projection = projection;
+        Ok(true)
+    }
+
     /// Reads the window from ClickHouse into Parquet files. A window that will not be
     /// committed removes what it wrote (I8).
     async fn write_window(&self, view: &TableView, window: &Window, attempt: &Attempt) -> Result<(Vec<DataFile>, u64)> {
@@ -309,13 +351,22 @@ impl<'a> TableRun<'a> {
                 .await;
             return Err(e);
         }
-        if rows != window.planned_rows {
-            tracing::warn!(
-                table = self.cfg.name(),
-                planned = window.planned_rows,
-                read = rows,
-                "the window changed between planning and reading (rows inserted below the settle limit?)"
-            );
+        // I1, complete reads: the rows read are the rows planned. Fewer means ClickHouse
+        // returned part of the window (a server profile, a row policy, a lagging replica):
+        // committing it would move W past rows never read.
+        if rows < window.planned_rows {
+            let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+            AttemptFiles { table: &view.table, run_id: &attempt.run_id, paths: &paths, limit: self.svc.limits.storage }
+                .discard()
+                .await;
+            return Err(OffloadError::IncompleteWindow {
+                table: self.cfg.source(),
+                planned: window.planned_rows,
+                read: rows,
+            });
+        }
+        if rows > window.planned_rows {
+            events::WindowGrew { table: self.cfg.name(), planned: window.planned_rows, read: rows }.emit(&self.svc.metrics);
         }
         Ok((files, rows))
     }
@@ -323,12 +374,10 @@ impl<'a> TableRun<'a> {
     /// I7: the mirror follows the truth; its failure costs nothing but a log line.
     async fn mirror_window(&self, window: &Window, rows: u64, started: Instant, table: &Table, snapshot_id: i64) {
         let Some(state) = &self.svc.state else { return };
-        let wm = crate::util::format_epoch_ns(window.hi.cursor_ns);
         let recorded = state
             .record_window_committed(
                 self.cfg.name(),
-                &wm,
-                window.hi.tiebreak.as_deref(),
+                &window.hi,
                 rows as i64,
                 started.elapsed().as_secs_f64(),
                 Some(snapshot_id),
@@ -357,6 +406,34 @@ impl<'a> TableRun<'a> {
             .ok()
             .flatten();
     }
+}
+
+/// I11: refuses a view whose `W` was measured on another source, cursor or tiebreak than the
+/// table is read with now.
+fn check_measured_on(view: &TableView, source: &SourceTable, cfg: &TableConfig) -> Result<()> {
+    match view.measured_on.difference(&source.measure()) {
+        None => Ok(()),
+        Some((field, recorded, configured)) => Err(OffloadError::WatermarkMeasuredOnOther {
+            table: cfg.source(),
+            name: cfg.name().to_string(),
+            field,
+            recorded,
+            configured,
+        }),
+    }
+}
+
+/// ClickHouse's clock against this host's: exported, and a table fails when they are further
+/// apart than `clickhouse.max_clock_skew`.
+async fn measure_clock(svc: &Services, cfg: &TableConfig) -> Result<i64> {
+    let (skew, offset) = svc.ch.clock_offset_ns().await?;
+    let skew_seconds = skew as f64 / 1e9;
+    events::ClockSkew { seconds: skew_seconds }.emit(&svc.metrics);
+    let max = svc.max_clock_skew;
+    if skew.unsigned_abs() as u128 > max.as_nanos() {
+        return Err(OffloadError::ClockSkew { table: cfg.source(), skew_seconds, max });
+    }
+    Ok(offset)
 }
 
 /// Streams the window from ClickHouse into the writer. Reading runs in its own task so

@@ -197,7 +197,7 @@ impl Fixture {
     ) -> (Vec<String>, Result<commit::Committed, OffloadError>) {
         let files = write(view, run_id, (hi_s - 10)..hi_s).await;
         let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-        let attempt = Attempt { run_id: run_id.into(), source: "k2.scripted".into() };
+        let attempt = Attempt { run_id: run_id.into(), measure: measure("k2.scripted"), operator_move: false };
         let result = commit::commit_window(&self.cx(), view, journal, files, &window(hi_s), 10, &attempt).await;
         (paths, result)
     }
@@ -415,4 +415,14 @@ async fn i5_an_attempt_whose_required_history_was_expired_is_undecidable_not_imp
     let unknown = settled.iter().find(|s| s.attempt.run_id == "unknown").expect("settled");
     assert_eq!(unknown.resolution, Resolution::Undecidable, "the history back to its required snapshot is gone");
     assert_eq!(f.exist(&pending).await, vec![true; pending.len()], "unprovable: its files are left to cleanup");
+}
+
+fn measure(source: &str) -> iceberg_offload::window::Measure {
+    iceberg_offload::window::Measure {
+        source: source.into(),
+        cursor: "ts".into(),
+        cursor_type: "DateTime64(6)".into(),
+        tiebreak: None,
+        tiebreak_type: None,
+    }
 }

@@ -161,14 +161,14 @@ async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Cat
     let fresh = TableView::load(&cat, &ident).await.unwrap();
     // ...the first commits its window...
     let files_a = write(&fresh, "writer-a", 0..10).await;
-    let a = Attempt { run_id: "run-a".into(), source: "k2.fence".into() };
+    let a = Attempt { run_id: "run-a".into(), measure: measure("k2.fence"), operator_move: false };
     let cx = context(&cat);
     let mut j = journal(&fresh).await;
     commit::commit_window(&cx, &fresh, &mut j, files_a, &window(1_700_000_100), 10, &a).await.unwrap();
     // ...and the second, still holding the old view, must be refused (I4), not rebased.
     let files_b = write(&stale, "writer-b", 0..10).await;
     let paths_b: Vec<String> = files_b.iter().map(|f| f.file_path().to_string()).collect();
-    let b = Attempt { run_id: "run-b".into(), source: "k2.fence".into() };
+    let b = Attempt { run_id: "run-b".into(), measure: measure("k2.fence"), operator_move: false };
     let err =
         commit::commit_window(&cx, &stale, &mut j, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
     assert!(matches!(err, OffloadError::CommitConflict { .. }), "expected a conflict, got {err}");
@@ -209,7 +209,7 @@ async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     let (_dir, cat, ident) = setup().await;
     let view = TableView::load(&cat, &ident).await.unwrap();
     let files = write(&view, "w", 0..5).await;
-    let a = Attempt { run_id: "run-1".into(), source: "k2.fence".into() };
+    let a = Attempt { run_id: "run-1".into(), measure: measure("k2.fence"), operator_move: false };
     let mut j = journal(&view).await;
     let committed =
         commit::commit_window(&context(&cat), &view, &mut j, files, &window(1_700_000_100), 5, &a).await.unwrap();
@@ -241,4 +241,14 @@ async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     assert!(!ours.exists(), "the metadata file carrying the dead attempt's run id is removed");
     assert!(unknown.exists(), "another writer's file is never touched");
     assert!(std::path::Path::new(&current).exists());
+}
+
+fn measure(source: &str) -> iceberg_offload::window::Measure {
+    iceberg_offload::window::Measure {
+        source: source.into(),
+        cursor: "ts".into(),
+        cursor_type: "DateTime64(6)".into(),
+        tiebreak: None,
+        tiebreak_type: None,
+    }
 }

@@ -39,17 +39,16 @@ use iceberg::spec::{DataFile, ManifestList};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 pub use self::files::{AttemptFiles, sweep_dead_metadata};
 pub use self::journal::{Journal, PendingAttempt, Resolution, Settled, resolve, snapshot_of_run};
 pub use self::pinned::PinnedCatalog;
-pub use self::view::{TableView, WatermarkOrigin};
+pub use self::view::{MeasuredOn, TableView, WatermarkOrigin};
 use crate::config::CatalogLimits as CommitLimits;
 use crate::error::{OffloadError, PendingCause, Result, catalog_timed_out, cause_of, is_connection_error};
 use crate::source::ClickHouse;
 use crate::source::query::SourceTable;
-use crate::util::format_epoch_ns;
+pub use crate::window::{CursorUnit, Measure, Position, Window};
 
 /// Table property: the watermark as RFC 3339 UTC (for people).
 pub const PROP_WATERMARK: &str = "offload.watermark";
@@ -61,38 +60,13 @@ pub const SUMMARY_WINDOW_LO: &str = "offload.window-lo";
 pub const SUMMARY_WINDOW_HI: &str = "offload.window-hi";
 pub const SUMMARY_ROWS: &str = "offload.rows";
 pub const SUMMARY_SOURCE: &str = "offload.source";
+/// Snapshot summary marker and table property: what `W` was measured on (I11).
+pub const PROP_MEASURE: &str = "offload.measure";
+/// Snapshot summary marker of a watermark moved by an operator (`watermark set`).
+pub const SUMMARY_MOVED: &str = "offload.watermark-moved";
 
-/// A position in a source table: the cursor (ns since the epoch, UTC) and, when the
-/// table has a tiebreak column, its value. `tiebreak: None` means "every row at this cursor".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
-    pub cursor_ns: i64,
-    pub tiebreak: Option<String>,
-}
-
-impl Position {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("position serialises")
-    }
-    pub fn display(&self) -> String {
-        match &self.tiebreak {
-            Some(t) => format!("{} #{t}", format_epoch_ns(self.cursor_ns)),
-            None => format_epoch_ns(self.cursor_ns),
-        }
-    }
-}
-
-/// One planned window: rows with `lo < position <= hi`.
-#[derive(Debug, Clone)]
-pub struct Window {
-    pub lo: Option<Position>,
-    pub hi: Position,
-    pub planned_rows: u64,
-    /// Whether the window was cut by `max_rows_per_commit` (more rows are already settled).
-    pub bounded: bool,
-}
-
-/// I1: plans the next window after `lo`, or `None` when no settled row is waiting.
+/// I1: plans the next window after `lo`, or `None` when no settled row is waiting. `now_ns`
+/// is the source's clock (ClickHouse's `now64()`, I1), not this host's.
 pub async fn plan_window(
     source: &SourceTable,
     ch: &ClickHouse,
@@ -100,8 +74,13 @@ pub async fn plan_window(
     now_ns: i64,
 ) -> Result<Option<Window>> {
     let settle_ns = source.table.settle_delay.as_nanos() as i64;
-    // Whole milliseconds keep watermarks readable; any precision would be correct.
-    let limit_ns = (now_ns - settle_ns).div_euclid(1_000_000) * 1_000_000;
+    // A cursor value counts once the whole unit it stands for (a day, a second, …) is older
+    // than the settle delay, on the source's clock. A date's day ends at midnight where the
+    // rows are dated: ClickHouse's time zone, so ClickHouse says which day is over.
+    let limit_ns = match source.unit() {
+        CursorUnit::Day { .. } => source.last_settled_day(ch, settle_ns).await?,
+        unit => unit.settled_limit(now_ns, settle_ns),
+    };
     if lo.is_some_and(|lo| lo.cursor_ns >= limit_ns) {
         return Ok(None);
     }
@@ -134,7 +113,16 @@ pub async fn plan_window(
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub run_id: String,
-    pub source: String,
+    /// What the window's positions are measured on (I11).
+    pub measure: Measure,
+    /// An operator moving `W` on purpose (`watermark set`): no files, marked as such.
+    pub operator_move: bool,
+}
+
+impl Attempt {
+    pub fn new(measure: Measure) -> Self {
+        Self { run_id: uuid::Uuid::now_v7().to_string(), measure, operator_move: false }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -212,18 +200,24 @@ fn append(
 ) -> Result<Transaction> {
     let summary = HashMap::from([
         (SUMMARY_RUN_ID.to_string(), attempt.run_id.clone()),
-        (PROP_WATERMARK.to_string(), format_epoch_ns(window.hi.cursor_ns)),
+        (PROP_WATERMARK.to_string(), window.hi.cursor_rfc3339()),
         (PROP_POSITION.to_string(), window.hi.to_json()),
         (SUMMARY_WINDOW_LO.to_string(), window.lo.as_ref().map(Position::to_json).unwrap_or_else(|| "null".into())),
         (SUMMARY_WINDOW_HI.to_string(), window.hi.to_json()),
         (SUMMARY_ROWS.to_string(), rows.to_string()),
-        (SUMMARY_SOURCE.to_string(), attempt.source.clone()),
+        (SUMMARY_SOURCE.to_string(), attempt.measure.source.clone()),
+        (PROP_MEASURE.to_string(), attempt.measure.to_json()),
     ]);
+    let mut summary = summary;
+    if attempt.operator_move {
+        summary.insert(SUMMARY_MOVED.to_string(), "true".to_string());
+    }
     let tx = Transaction::new(&view.table);
     let tx = tx
         .update_table_properties()
-        .set(PROP_WATERMARK.to_string(), format_epoch_ns(window.hi.cursor_ns))
+        .set(PROP_WATERMARK.to_string(), window.hi.cursor_rfc3339())
         .set(PROP_POSITION.to_string(), window.hi.to_json())
+        .set(PROP_MEASURE.to_string(), attempt.measure.to_json())
         .apply(tx)?;
     // File names are unique per attempt, so the duplicate check (which reads every
     // manifest of the table) is unnecessary.

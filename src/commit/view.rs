@@ -13,7 +13,8 @@ use iceberg::spec::TableMetadata;
 use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 
-use super::{PROP_POSITION, Position};
+use super::{PROP_MEASURE, PROP_POSITION, Position, SUMMARY_SOURCE};
+use crate::window::Measure;
 use crate::error::{OffloadError, Result};
 
 /// Where an attempt's `W` came from.
@@ -42,6 +43,47 @@ pub struct TableView {
     pub origin: WatermarkOrigin,
     /// Set when the table property says something else than the history (after a rollback).
     pub disagreement: Option<PropertyDisagrees>,
+    /// What `W` was measured on (I11), as recorded with it.
+    pub measured_on: MeasuredOn,
+}
+
+/// What `W` was measured on, as recorded with it (I11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeasuredOn {
+    /// No watermark yet.
+    Nothing,
+    /// Recorded in full (`offload.measure`).
+    Recorded(Measure),
+    /// Written before `offload.measure` existed: the source and cursor names, and whether
+    /// `W` has a tiebreak.
+    Legacy { source: Option<String>, cursor: Option<String>, has_tiebreak: bool },
+}
+
+impl MeasuredOn {
+    /// The first thing in which the configuration (`now`) differs from what `W` was measured
+    /// on: (field, recorded, configured).
+    pub fn difference(&self, now: &Measure) -> Option<(&'static str, String, String)> {
+        match self {
+            Self::Nothing => None,
+            // A tiebreak added while W has none: W's cursor value is wholly offloaded, so the
+            // new order inside a cursor value starts fresh after it.
+            Self::Recorded(m) if m.tiebreak.is_none() && now.tiebreak.is_some() => {
+                let widened = Measure { tiebreak: None, tiebreak_type: None, ..now.clone() };
+                m.difference(&widened)
+            }
+            Self::Recorded(m) => m.difference(now),
+            Self::Legacy { source, cursor, has_tiebreak } => {
+                if let Some(s) = source.as_ref().filter(|s| **s != now.source) {
+                    return Some(("source", s.clone(), now.source.clone()));
+                }
+                if let Some(c) = cursor.as_ref().filter(|c| **c != now.cursor) {
+                    return Some(("cursor", c.clone(), now.cursor.clone()));
+                }
+                // A W cut inside a cursor value needs the tiebreak it was cut on.
+                (*has_tiebreak && now.tiebreak.is_none()).then(|| ("tiebreak", "a tiebreak".into(), "none".into()))
+            }
+        }
+    }
 }
 
 impl TableView {
@@ -65,11 +107,33 @@ impl TableView {
         };
         let disagreement = (origin != WatermarkOrigin::Property && property.is_some() && property != watermark)
             .then(|| PropertyDisagrees { property: property.clone(), history: watermark.clone() });
-        Ok(Self { table, watermark, origin, disagreement })
+        let measured_on = measured_on(meta, &origin, watermark.as_ref());
+        Ok(Self { table, watermark, origin, disagreement, measured_on })
     }
 
     pub fn snapshot_id(&self) -> Option<i64> {
         self.table.metadata().current_snapshot().map(|s| s.snapshot_id())
+    }
+}
+
+/// I11: what `W` was measured on, from the snapshot that carries it, or from the table
+/// properties when `W` came from there.
+fn measured_on(meta: &TableMetadata, origin: &WatermarkOrigin, w: Option<&Position>) -> MeasuredOn {
+    let Some(w) = w else { return MeasuredOn::Nothing };
+    let (recorded, source) = match origin {
+        WatermarkOrigin::Snapshot(id) => {
+            let summary = meta.snapshot_by_id(*id).map(|s| &s.summary().additional_properties);
+            (summary.and_then(|p| p.get(PROP_MEASURE)).cloned(), summary.and_then(|p| p.get(SUMMARY_SOURCE)).cloned())
+        }
+        _ => (meta.properties().get(PROP_MEASURE).cloned(), meta.properties().get("offload.source").cloned()),
+    };
+    match recorded.and_then(|json| serde_json::from_str::<Measure>(&json).ok()) {
+        Some(m) => MeasuredOn::Recorded(m),
+        None => MeasuredOn::Legacy {
+            source: source.or_else(|| meta.properties().get("offload.source").cloned()),
+            cursor: meta.properties().get("offload.cursor").cloned(),
+            has_tiebreak: w.tiebreak.is_some(),
+        },
     }
 }
 

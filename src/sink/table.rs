@@ -40,10 +40,31 @@ pub fn schema_from_projection(projection: &Projection) -> std::result::Result<Sc
 
 /// Loads the target table, creating it (and its namespace) when missing.
 pub async fn ensure(catalog: &Arc<dyn Catalog>, cfg: &TableConfig, projection: &Projection) -> Result<Table> {
+    let existing = load_existing(catalog, cfg).await?;
+    ensure_from(catalog, cfg, projection, existing).await
+}
+
+/// The target table if it exists.
+pub async fn load_existing(catalog: &Arc<dyn Catalog>, cfg: &TableConfig) -> Result<Option<Table>> {
+    let id = ident(cfg);
+    if !catalog.table_exists(&id).await? {
+        return Ok(None);
+    }
+    Ok(Some(catalog.load_table(&id).await?))
+}
+
+/// [`ensure`] from what [`load_existing`] found: new source columns added, compatibility
+/// checked, or the table created.
+pub async fn ensure_from(
+    catalog: &Arc<dyn Catalog>,
+    cfg: &TableConfig,
+    projection: &Projection,
+    existing: Option<Table>,
+) -> Result<Table> {
     let id = ident(cfg);
     let schema_err = |message: String| OffloadError::Schema { table: cfg.source(), message };
-    if catalog.table_exists(&id).await? {
-        let table = add_new_source_columns(catalog, catalog.load_table(&id).await?, cfg, projection).await?;
+    if let Some(table) = existing {
+        let table = add_new_source_columns(catalog, table, cfg, projection).await?;
         check_compatible(&table, cfg, projection).map_err(schema_err)?;
         return Ok(table);
     }

@@ -16,6 +16,50 @@ use crate::error::{OffloadError, Result};
 /// stable Arrow types, and query parameters over HTTP.
 pub const MIN_SERVER_VERSION: (u32, u32) = (23, 3);
 
+/// I1, complete reads: settings sent with every query, so that whatever a server profile
+/// sets, ClickHouse fails a query instead of returning part of its result. Limits a profile
+/// sets (`max_result_rows`, `max_rows_to_read`, `max_execution_time`, …) are kept; only what
+/// happens when one is reached changes, from "return what you have" to "fail". All exist in
+/// ClickHouse 23.3, the oldest server supported.
+pub const COMPLETE_RESULTS: &[(&str, &str)] = &[
+    // `break` returns the rows read so far as if the result were whole.
+    ("result_overflow_mode", "throw"),
+    ("read_overflow_mode", "throw"),
+    ("read_overflow_mode_leaf", "throw"),
+    ("timeout_overflow_mode", "throw"),
+    ("timeout_overflow_mode_leaf", "throw"),
+    ("sort_overflow_mode", "throw"),
+    ("set_overflow_mode", "throw"),
+    ("join_overflow_mode", "throw"),
+    ("distinct_overflow_mode", "throw"),
+    ("transfer_overflow_mode", "throw"),
+    // `any` aggregates only the keys seen before the limit: counts would be short.
+    ("group_by_overflow_mode", "throw"),
+    // A profile-wide LIMIT/OFFSET applies to every SELECT.
+    ("limit", "0"),
+    ("offset", "0"),
+    // A distributed table must not silently leave out shards it cannot reach.
+    ("skip_unavailable_shards", "0"),
+    // A cached result may predate rows that arrived since; counts must be fresh.
+    ("use_query_cache", "0"),
+    // Extra filters a profile may add to every table or result.
+    ("additional_table_filters", "{}"),
+    ("additional_result_filter", ""),
+    // Extremes add rows to text results.
+    ("extremes", "0"),
+    // The window's WHERE compares columns, not the SELECT list's converted values that carry
+    // the same names (`toString(uuid) AS uuid`).
+    ("prefer_column_name_to_alias", "1"),
+    // A Distributed table must not read a replica that lags behind (a short window).
+    ("fallback_to_stale_replicas_for_distributed_queries", "0"),
+    // One result, merged across shards: `count()` is one number.
+    ("distributed_group_by_no_merge", "0"),
+];
+
+/// Of [`COMPLETE_RESULTS`], those without which a result could be wrong rather than merely
+/// unguarded: a server that lacks one is refused.
+const REQUIRED: &[&str] = &["prefer_column_name_to_alias", "result_overflow_mode", "limit", "offset"];
+
 #[derive(Clone)]
 pub struct ClickHouse {
     http: reqwest::Client,
@@ -23,6 +67,9 @@ pub struct ClickHouse {
     user: String,
     password: String,
     compression: String,
+    /// The settings of [`COMPLETE_RESULTS`] this server knows (a setting it does not know, no
+    /// profile of it can set either); all of them until [`ClickHouse::check_version`] asked.
+    complete: std::sync::Arc<std::sync::OnceLock<Vec<(&'static str, &'static str)>>>,
 }
 
 impl std::fmt::Debug for ClickHouse {
@@ -51,6 +98,7 @@ impl ClickHouse {
             user: cfg.user.clone(),
             password,
             compression: cfg.compression.clone(),
+            complete: Default::default(),
         })
     }
 
@@ -63,6 +111,16 @@ impl ClickHouse {
         sql: &str,
         params: &[(String, String)],
         settings: &[(&str, &str)],
+    ) -> Result<reqwest::Response> {
+        let complete = self.complete.get().map(Vec::as_slice).unwrap_or(COMPLETE_RESULTS);
+        self.send_with(sql, params, complete.iter().chain(settings)).await
+    }
+
+    async fn send_with<'a>(
+        &self,
+        sql: &str,
+        params: &[(String, String)],
+        settings: impl Iterator<Item = &'a (&'a str, &'a str)>,
     ) -> Result<reqwest::Response> {
         let mut query: Vec<(String, String)> = params.iter().map(|(k, v)| (format!("param_{k}"), v.clone())).collect();
         for (k, v) in settings {
@@ -117,9 +175,28 @@ impl ClickHouse {
         Ok(text.lines().filter(|l| !l.is_empty()).map(|l| l.split('\t').map(unescape_tsv).collect()).collect())
     }
 
+    /// The server's clock against this host's (I1): (the skew, ns from the middle of the round
+    /// trip, for people; the offset to plan with, ns). The server read its clock somewhere in the
+    /// round trip, so `server − after` is never later than the truth; and windows are cut on
+    /// the earlier of the two clocks, since the rows' cursors come from producers whose clocks
+    /// neither knows (a ClickHouse ahead of them would shorten the settle delay).
+    pub async fn clock_offset_ns(&self) -> Result<(i64, i64)> {
+        let before = crate::util::now_epoch_ns();
+        let text = self.query_text("SELECT toUnixTimestamp64Nano(now64(9))", &[]).await?;
+        let after = crate::util::now_epoch_ns();
+        let server: i64 = text
+            .trim()
+            .parse()
+            .map_err(|_| OffloadError::ClickHouseStream(format!("unexpected server time {text:?}")))?;
+        Ok((server - before / 2 - after / 2, (server - after).min(0)))
+    }
+
     /// The server version, refused with a clear message when too old.
     pub async fn check_version(&self) -> Result<String> {
-        let version = self.query_text("SELECT version()", &[]).await?.trim().to_string();
+        // Without COMPLETE_RESULTS: a server too old to know some of those settings must still
+        // tell its version, so that it is refused by name.
+        let response = self.send_with("SELECT version() FORMAT TabSeparated", &[], std::iter::empty()).await?;
+        let version = response.text().await.map_err(|e| self.transport_error(e))?.trim().to_string();
         let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
         let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
         if (major, minor) < MIN_SERVER_VERSION {
@@ -129,7 +206,32 @@ impl ClickHouse {
                 self.url, MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
             )));
         }
+        self.learn_settings().await?;
         Ok(version)
+    }
+
+    /// Keeps the settings of [`COMPLETE_RESULTS`] that this server has (older servers lack
+    /// some `*_leaf` ones, and would refuse every query that names them).
+    async fn learn_settings(&self) -> Result<()> {
+        let names: Vec<String> = COMPLETE_RESULTS.iter().map(|(k, _)| format!("'{k}'")).collect();
+        let params = [("names".to_string(), format!("[{}]", names.join(",")))];
+        let sql = "SELECT name FROM system.settings WHERE has({names:Array(String)}, name) FORMAT TabSeparated";
+        let response = self.send_with(sql, &params, std::iter::empty()).await?;
+        let text = response.text().await.map_err(|e| self.transport_error(e))?;
+        let known: std::collections::HashSet<&str> = text.lines().map(str::trim).collect();
+        let kept: Vec<_> = COMPLETE_RESULTS.iter().copied().filter(|(k, _)| known.contains(k)).collect();
+        if kept.len() < COMPLETE_RESULTS.len() {
+            let missing: Vec<&str> = COMPLETE_RESULTS.iter().map(|(k, _)| *k).filter(|k| !known.contains(k)).collect();
+            if let Some(required) = missing.iter().find(|k| REQUIRED.contains(k)) {
+                return Err(OffloadError::UnsupportedServer(format!(
+                    "ClickHouse at {} has no setting {required}, which iceberg-offload needs to read windows exactly",
+                    self.url
+                )));
+            }
+            tracing::info!("ClickHouse at {} does not have the settings {missing:?}; they are not sent", self.url);
+        }
+        let _ = self.complete.set(kept);
+        Ok(())
     }
 
     /// Streams a query's result as Arrow record batches, decoded incrementally: memory holds

@@ -1,8 +1,8 @@
 //! The SQL of one source table. Identifiers come from the validated configuration and
 //! `system.columns` and are quoted; every value (window bounds, names) is a query parameter.
 
-use crate::commit::Position;
 use crate::config::{TableConfig, Uint64As};
+use crate::window::{Bounds, CursorUnit, Position, escape_bytes, unhex};
 use crate::error::{OffloadError, Result};
 use crate::source::ClickHouse;
 use crate::source::types::ChType;
@@ -24,6 +24,8 @@ pub struct SourceTable {
     pub columns: Vec<SourceColumn>,
     /// ClickHouse type name of the tiebreak column, for its query parameter.
     pub tiebreak_type: Option<String>,
+    /// ClickHouse type name of the cursor column (wrappers removed).
+    pub cursor_type: String,
     /// The TTL expression of the table, if it has one (for operators: data leaves the hot tier).
     pub ttl: Option<String>,
 }
@@ -66,7 +68,7 @@ impl SourceTable {
             Some(list) => list.iter().map(|n| find(n, "columns").cloned()).collect::<Result<Vec<_>>>()?,
         };
         let cursor = find(&table.cursor, "cursor")?;
-        if !cursor.parsed.is_time() {
+        if !cursor.parsed.is_time() || CursorUnit::of_type(&strip_wrappers(&cursor.ch_type)).is_none() {
             return Err(schema_err(format!(
                 "cursor column {:?} has type {}; the cursor must be a Date, DateTime or DateTime64 column \
                  (the settle delay is measured on it)",
@@ -79,7 +81,7 @@ impl SourceTable {
                 let col = find(tb, "tiebreak")?;
                 if !col.parsed.is_tiebreak() || col.parsed.unwrap().1 {
                     return Err(schema_err(format!(
-                        "tiebreak column {:?} has type {}; it must be a non-Nullable integer, decimal, String or UUID",
+                        "tiebreak column {:?} has type {}; it must be a non-Nullable integer, decimal, String, FixedString or UUID",
                         col.name, col.ch_type
                     )));
                 }
@@ -105,7 +107,8 @@ impl SourceTable {
             .and_then(|r| r.into_iter().next())
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty());
-        Ok(SourceTable { table: table.clone(), columns, tiebreak_type, ttl })
+        let cursor_type = strip_wrappers(&cursor.ch_type);
+        Ok(SourceTable { table: table.clone(), columns, tiebreak_type, cursor_type, ttl })
     }
 
     /// The SELECT list and Iceberg type of every offloaded column.
@@ -130,6 +133,19 @@ impl SourceTable {
     /// Turns ClickHouse's refusal of an `accurateCast` into an error that names the table,
     /// the columns it may concern and what to do (`uint64 = "long"`: a value above 2^63-1).
     pub fn explain_read_error(&self, e: OffloadError) -> OffloadError {
+        // TOO_MANY_ROWS / TOO_MANY_ROWS_OR_BYTES: a limit of the user's profile, reached because
+        // every query insists on an error instead of a truncated result (COMPLETE_RESULTS).
+        if let OffloadError::ClickHouse { code: code @ (158 | 396), message } = &e {
+            return OffloadError::ClickHouse {
+                code: *code,
+                message: format!(
+                    "{message} — table {}: the server limits the rows a query may return or read; nothing of \
+                     this window was committed. Set tables[].max_rows_per_commit below that limit, or lift it \
+                     for this user",
+                    self.table.source()
+                ),
+            };
+        }
         let OffloadError::ClickHouse { code: 70, message } = &e else { return e };
         if self.table.uint64 != Uint64As::Long || !message.contains("cannot be safely converted into type") {
             return e;
@@ -159,34 +175,53 @@ impl SourceTable {
         ns_since_epoch(&quote_ident(&self.table.cursor))
     }
 
+    /// What positions of this table are measured on (I11).
+    pub fn measure(&self) -> crate::window::Measure {
+        crate::window::Measure {
+            source: self.table.source(),
+            cursor: self.table.cursor.clone(),
+            cursor_type: self.cursor_type.clone(),
+            tiebreak: self.table.tiebreak.clone(),
+            tiebreak_type: self.tiebreak_type.clone(),
+        }
+    }
+
+    /// The last day whose rows are settled, as midnight UTC of that date (how a `Date` bound is
+    /// kept): the day before the one ClickHouse, in its own time zone, is in at `now − settle`.
+    pub async fn last_settled_day(&self, ch: &ClickHouse, settle_ns: i64) -> Result<i64> {
+        let sql = "SELECT toUnixTimestamp64Nano(toDateTime64(toDate(now64(9) - toIntervalNanosecond({settle:Int64})) - 1, 9, 'UTC'))";
+        let text = ch.query_text(sql, &[("settle".into(), settle_ns.to_string())]).await?;
+        text.trim().parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected date {text:?}")))
+    }
+
+    /// What one cursor value stands for (I1: settled only when the whole unit has passed).
+    pub fn unit(&self) -> CursorUnit {
+        CursorUnit::of_type(&self.cursor_type).expect("checked by describe")
+    }
+
+    /// How windows of this table are bounded in SQL.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            cursor: quote_ident(&self.table.cursor),
+            unit: self.unit(),
+            tiebreak: self
+                .table
+                .tiebreak
+                .as_deref()
+                .map(|tb| (quote_ident(tb), self.tiebreak_type.clone().unwrap_or_else(|| "String".into()))),
+        }
+    }
+
     /// `position > lo AND position <= hi` on (cursor, tiebreak), with its parameters.
     pub fn window_predicate(&self, lo: Option<&Position>, hi: &Position) -> (String, Vec<(String, String)>) {
-        let c = quote_ident(&self.table.cursor);
-        let mut params = vec![];
-        let mut terms = vec![];
-        let tb = self.table.tiebreak.as_deref().map(quote_ident);
-        let tb_type = self.tiebreak_type.clone().unwrap_or_else(|| "String".into());
-        if let Some(lo) = lo {
-            params.push(("lo_c".into(), lo.cursor_ns.to_string()));
-            let at = "fromUnixTimestamp64Nano({lo_c:Int64}, 'UTC')";
-            match (&tb, &lo.tiebreak) {
-                (Some(tb), Some(t)) => {
-                    params.push(("lo_t".into(), t.clone()));
-                    terms.push(format!("({c} > {at} OR ({c} = {at} AND {tb} > {{lo_t:{tb_type}}}))"));
-                }
-                _ => terms.push(format!("{c} > {at}")),
-            }
-        }
-        params.push(("hi_c".into(), hi.cursor_ns.to_string()));
-        let at = "fromUnixTimestamp64Nano({hi_c:Int64}, 'UTC')";
-        match (&tb, &hi.tiebreak) {
-            (Some(tb), Some(t)) => {
-                params.push(("hi_t".into(), t.clone()));
-                terms.push(format!("({c} < {at} OR ({c} = {at} AND {tb} <= {{hi_t:{tb_type}}}))"));
-            }
-            _ => terms.push(format!("{c} <= {at}")),
-        }
-        (terms.join(" AND "), params)
+        self.bounds().predicate(lo, Some(hi))
+    }
+
+    /// The tiebreak of a row as a bound (escaped text, see [`Position`]): strings are read as
+    /// hex, so every byte comes back exactly.
+    fn tiebreak_as_text(&self, tb: &str) -> String {
+        let bytes_like = self.tiebreak_type.as_deref().is_some_and(|t| t == "String" || t.starts_with("FixedString("));
+        if bytes_like { format!("hex({})", quote_ident(tb)) } else { format!("toString({})", quote_ident(tb)) }
     }
 
     /// Rows in the window and the position of its last row (`None` when empty).
@@ -230,10 +265,7 @@ impl SourceTable {
     ) -> Result<Position> {
         let (pred, mut params) = self.window_predicate(lo, hi);
         let (tb_expr, order) = match &self.table.tiebreak {
-            Some(tb) => (
-                format!("toString({})", quote_ident(tb)),
-                format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb)),
-            ),
+            Some(tb) => (self.tiebreak_as_text(tb), format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb))),
             None => ("''".to_string(), quote_ident(&self.table.cursor)),
         };
         params.push(("offset".into(), (n - 1).to_string()));
@@ -249,10 +281,16 @@ impl SourceTable {
         let cursor_ns = row[0]
             .parse()
             .map_err(|_| OffloadError::ClickHouseStream(format!("unexpected cursor value {:?}", row[0])))?;
-        Ok(Position {
-            cursor_ns,
-            tiebreak: self.table.tiebreak.as_ref().map(|_| row.get(1).cloned().unwrap_or_default()),
-        })
+        let text = row.get(1).cloned().unwrap_or_default();
+        let tiebreak = match &self.table.tiebreak {
+            None => None,
+            Some(tb) if self.tiebreak_as_text(tb).starts_with("hex(") => Some(escape_bytes(&unhex(&text).ok_or_else(|| {
+                OffloadError::ClickHouseStream(format!("unexpected hex tiebreak value {text:?}"))
+            })?)),
+            // Numbers, decimals and UUIDs print as plain ASCII, which is their escaped form.
+            Some(_) => Some(text),
+        };
+        Ok(Position { cursor_ns, tiebreak })
     }
 
     /// Whether the cursor column is Nullable (its NULL rows are never eligible).
@@ -268,17 +306,17 @@ impl SourceTable {
 
     /// Rows after `lo` (all of them, settled or not): how far behind the table is.
     pub async fn rows_after(&self, ch: &ClickHouse, lo: Option<&Position>) -> Result<u64> {
-        // 2262-01-01, the last instant DateTime64(9) can hold.
-        let hi = Position { cursor_ns: 9_214_646_400_000_000_000, tiebreak: None };
-        self.count(ch, lo, &hi).await
+        let (pred, params) = self.bounds().predicate(lo, None);
+        let sql = format!("SELECT count() FROM {} WHERE {pred}", self.from());
+        let text = ch.query_text(&sql, &params).await?;
+        text.trim().parse().map_err(|_| OffloadError::ClickHouseStream(format!("unexpected count {text:?}")))
     }
 
     /// Seconds until the source TTL may delete the oldest row after `lo`; `+Inf` when no row
     /// waits; `None` when the table has no TTL (or one we cannot evaluate).
     pub async fn ttl_headroom_seconds(&self, ch: &ClickHouse, lo: Option<&Position>) -> Result<Option<f64>> {
         let Some(expr) = self.ttl.as_deref().and_then(ttl_expression) else { return Ok(None) };
-        let hi = Position { cursor_ns: 9_214_646_400_000_000_000, tiebreak: None };
-        let (pred, params) = self.window_predicate(lo, &hi);
+        let (pred, params) = self.bounds().predicate(lo, None);
         // The expression comes from the server's own table definition (system.tables).
         let sql = format!(
             "SELECT count(), toUnixTimestamp(min({expr})) - toUnixTimestamp(now()) FROM {} WHERE {pred}",

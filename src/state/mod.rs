@@ -16,6 +16,7 @@ use sqlx::{AnyPool, Row};
 use crate::config::StateConfig;
 use crate::error::{OffloadError, Result};
 use crate::sink::catalog::{ensure_sqlite_parent, redact_url, with_password};
+use crate::window::Position;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Dialect {
@@ -181,12 +182,10 @@ impl StateStore {
     }
 
     /// I7: mirrors the watermark of a window just committed (the table's run goes on).
-    #[allow(clippy::too_many_arguments)]
     pub async fn record_window_committed(
         &self,
         table: &str,
-        watermark_rfc3339: &str,
-        max_sequence: Option<&str>,
+        watermark: &Position,
         rows: i64,
         duration_seconds: f64,
         snapshot_id: Option<i64>,
@@ -204,8 +203,8 @@ impl StateStore {
                 now = self.now()
             );
             sqlx::query(&sql)
-                .bind(watermark_rfc3339)
-                .bind(max_sequence.map(str::to_string))
+                .bind(watermark.cursor_rfc3339())
+                .bind(watermark.tiebreak.clone())
                 .bind(rows)
                 .bind(duration_seconds.ceil() as i64)
                 .bind(snapshot_id)
@@ -227,7 +226,7 @@ impl StateStore {
     pub async fn reconcile_watermark(
         &self,
         table: &str,
-        watermark: Option<&crate::commit::Position>,
+        watermark: Option<&Position>,
         snapshot_id: Option<i64>,
         sequence_number: i64,
         in_table: &(dyn Fn(i64) -> bool + Sync),
@@ -247,7 +246,7 @@ impl StateStore {
             if mirror_snapshot == snapshot_id || (!foreign && mirror_sequence.is_some_and(|s| s > sequence_number)) {
                 return Ok(None);
             }
-            let wm = watermark.map(|w| crate::util::format_epoch_ns(w.cursor_ns)).unwrap_or_else(|| "1970-01-01T00:00:00Z".into());
+            let wm = watermark.map(Position::cursor_rfc3339).unwrap_or_else(|| "1970-01-01T00:00:00Z".into());
             let sql = format!(
                 "UPDATE offload_watermarks SET last_offload_timestamp = {}, last_offload_max_sequence = $2, \
                  last_snapshot_id = $3, iceberg_sequence_number = $4, updated_at = {} WHERE table_name = $5 \
