@@ -6,24 +6,20 @@
 //! Faults from outside the process (a proxy in front of a REST catalog, a connection dropped
 //! during PostgreSQL's COMMIT, a lock held by another process) are in tests/test_catalog_faults.py.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow_array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
-use async_trait::async_trait;
-use iceberg::spec::{DataFile, PrimitiveType, Type};
+use iceberg::spec::DataFile;
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
-use iceberg::{Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
+use iceberg::{Catalog, ErrorKind, TableCommit, TableIdent};
 
 use iceberg_offload::commit::{
-    self, Attempt, CommitContext, Journal, Position, Resolution, TableView, Window, snapshot_of_run,
+    self, Attempt, CommitContext, Journal, Resolution, TableView, snapshot_of_run,
 };
-use iceberg_offload::config::{CatalogConfig, CatalogKind, CatalogLimits, PartitionField, TableConfig};
+use iceberg_offload::config::CatalogLimits;
 use iceberg_offload::error::{OffloadError, PendingCause};
-use iceberg_offload::sink::{catalog, table as target, writer::WindowWriter};
 
 /// What the double does with the next commit.
 #[derive(Debug, Clone)]
@@ -59,52 +55,12 @@ fn server_error() -> iceberg::Error {
     iceberg::Error::new(ErrorKind::Unexpected, "A server-side gateway timeout occurred; the commit state is unknown.")
 }
 
-#[async_trait]
-impl Catalog for ScriptedCatalog {
-    async fn list_namespaces(&self, p: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(p).await
-    }
-    async fn create_namespace(&self, ns: &NamespaceIdent, p: HashMap<String, String>) -> iceberg::Result<Namespace> {
-        self.inner.create_namespace(ns, p).await
-    }
-    async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
-        self.inner.get_namespace(ns).await
-    }
-    async fn namespace_exists(&self, ns: &NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(ns).await
-    }
-    async fn update_namespace(&self, ns: &NamespaceIdent, p: HashMap<String, String>) -> iceberg::Result<()> {
-        self.inner.update_namespace(ns, p).await
-    }
-    async fn drop_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(ns).await
-    }
-    async fn list_tables(&self, ns: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
-        self.inner.list_tables(ns).await
-    }
-    async fn create_table(&self, ns: &NamespaceIdent, c: TableCreation) -> iceberg::Result<Table> {
-        self.inner.create_table(ns, c).await
-    }
+iceberg_offload::forward_catalog!(ScriptedCatalog, inner, {
     async fn load_table(&self, t: &TableIdent) -> iceberg::Result<Table> {
         if std::mem::take(&mut *self.fail_next_load.lock().unwrap()) {
             return Err(iceberg::Error::new(ErrorKind::Unexpected, "503 Service Unavailable"));
         }
         self.inner.load_table(t).await
-    }
-    async fn drop_table(&self, t: &TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(t).await
-    }
-    async fn purge_table(&self, t: &TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(t).await
-    }
-    async fn table_exists(&self, t: &TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(t).await
-    }
-    async fn rename_table(&self, a: &TableIdent, b: &TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(a, b).await
-    }
-    async fn register_table(&self, t: &TableIdent, l: String) -> iceberg::Result<Table> {
-        self.inner.register_table(t, l).await
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
         let step = self.script.lock().unwrap().pop_front().unwrap_or(Step::Pass);
@@ -139,7 +95,7 @@ impl Catalog for ScriptedCatalog {
             }
         }
     }
-}
+});
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -151,28 +107,14 @@ struct Fixture {
 impl Fixture {
     async fn new(script: Vec<Step>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = CatalogConfig {
-            kind: CatalogKind::Sql,
-            name: "offload".into(),
-            uri: format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display()),
-            warehouse: Some(format!("file://{}/warehouse", dir.path().display())),
-            password: Default::default(),
-            token: Default::default(),
-            credential: Default::default(),
-            properties: Default::default(),
-            properties_env: Default::default(),
-            limits: Default::default(),
-        };
-        let inner = catalog::build(&cfg).await.unwrap();
-        let tcfg = table_config();
-        target::ensure(&inner, &tcfg, &projection()).await.unwrap();
+        let (inner, ident) = common::sqlite_catalog(dir.path(), "scripted").await;
         let catalog = Arc::new(ScriptedCatalog {
             inner,
             script: Mutex::new(script.into()),
             fail_next_load: Mutex::new(false),
         });
         let limits = CatalogLimits { commit: Duration::from_millis(1500), ..Default::default() };
-        Fixture { _dir: dir, catalog, ident: target::ident(&tcfg), limits }
+        Fixture { _dir: dir, catalog, ident, limits }
     }
 
     fn cx(&self) -> CommitContext {
@@ -212,47 +154,11 @@ impl Fixture {
     }
 }
 
-fn table_config() -> TableConfig {
-    TableConfig {
-        source_db: "k2".into(),
-        source_table: "scripted".into(),
-        target_namespace: "cold".into(),
-        target_table: "scripted".into(),
-        layer: "bronze".into(),
-        cursor: "ts".into(),
-        tiebreak: None,
-        settle_delay: Duration::from_secs(0),
-        max_rows_per_commit: 1000,
-        max_partitions_per_commit: 8,
-        uint64: Default::default(),
-        integer_encoding: Default::default(),
-        partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
-        columns: None,
-    }
-}
-
-fn projection() -> Vec<(String, String, Type, bool)> {
-    vec![
-        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
-        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
-    ]
-}
+mod common;
+use common::{measure, window};
 
 async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec<DataFile> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
-        Field::new("id", DataType::Int64, false),
-    ]));
-    let ts = TimestampMicrosecondArray::from(ids.clone().map(|i| i * 1_000_000).collect::<Vec<_>>()).with_timezone("UTC");
-    let batch =
-        RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap();
-    let mut w = WindowWriter::new(&view.table, prefix, Default::default()).await.unwrap();
-    w.write(batch).await.unwrap();
-    w.close().await.unwrap()
-}
-
-fn window(hi_s: i64) -> Window {
-    Window { lo: None, hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None }, planned_rows: 10, bounded: false }
+    common::write(view, prefix, ids, 0).await
 }
 
 fn pending_cause(r: &Result<commit::Committed, OffloadError>) -> Option<PendingCause> {
@@ -415,14 +321,4 @@ async fn i5_an_attempt_whose_required_history_was_expired_is_undecidable_not_imp
     let unknown = settled.iter().find(|s| s.attempt.run_id == "unknown").expect("settled");
     assert_eq!(unknown.resolution, Resolution::Undecidable, "the history back to its required snapshot is gone");
     assert_eq!(f.exist(&pending).await, vec![true; pending.len()], "unprovable: its files are left to cleanup");
-}
-
-fn measure(source: &str) -> iceberg_offload::window::Measure {
-    iceberg_offload::window::Measure {
-        source: source.into(),
-        cursor: "ts".into(),
-        cursor_type: "DateTime64(6)".into(),
-        tiebreak: None,
-        tiebreak_type: None,
-    }
 }

@@ -4,98 +4,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
-use iceberg::spec::{PrimitiveType, Type};
-
-use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, Position, TableView, Window};
-use iceberg_offload::config::{CatalogConfig, CatalogKind, PartitionField, TableConfig};
+use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, TableView};
+use iceberg_offload::config::CatalogKind;
 use iceberg_offload::error::OffloadError;
-use iceberg_offload::sink::{catalog, table as target, writer::WindowWriter};
 
-fn table_config() -> TableConfig {
-    TableConfig {
-        source_db: "k2".into(),
-        source_table: "fence".into(),
-        target_namespace: "cold".into(),
-        target_table: "fence".into(),
-        layer: "bronze".into(),
-        cursor: "ts".into(),
-        tiebreak: None,
-        settle_delay: Duration::from_secs(0),
-        max_rows_per_commit: 1000,
-        max_partitions_per_commit: 8,
-        uint64: Default::default(),
-        integer_encoding: Default::default(),
-        partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
-        columns: None,
-    }
-}
-
-fn batch(ids: std::ops::Range<i64>) -> RecordBatch {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
-        Field::new("id", DataType::Int64, false),
-    ]));
-    let ts =
-        TimestampMicrosecondArray::from(ids.clone().map(|i| 1_700_000_000_000_000 + i * 1_000_000).collect::<Vec<_>>())
-            .with_timezone("UTC");
-    RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap()
-}
+mod common;
+use common::{catalog_with_table, measure, window};
 
 async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>) -> Vec<iceberg::spec::DataFile> {
-    let mut w = WindowWriter::new(&view.table, prefix, Default::default()).await.unwrap();
-    w.write(batch(ids)).await.unwrap();
-    w.close().await.unwrap()
-}
-
-fn window(hi_s: i64) -> Window {
-    Window {
-        lo: None,
-        hi: Position { cursor_ns: hi_s * 1_000_000_000, tiebreak: None },
-        planned_rows: 0,
-        bounded: false,
-    }
+    common::write(view, prefix, ids, 1_700_000_000).await
 }
 
 /// A SQLite catalog in a temporary folder with the empty target table created.
 async fn setup() -> (tempfile::TempDir, Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
     let dir = tempfile::tempdir().unwrap();
-    let uri = format!("sqlite://{}/catalog.db?mode=rwc", dir.path().display());
-    let warehouse = Some(format!("file://{}/warehouse", dir.path().display()));
-    let (cat, ident) = catalog_with_table(CatalogKind::Sql, uri, warehouse).await;
+    let (cat, ident) = common::sqlite_catalog(dir.path(), "fence").await;
     (dir, cat, ident)
-}
-
-/// The catalog, and in it the empty target table.
-async fn catalog_with_table(
-    kind: CatalogKind,
-    uri: String,
-    warehouse: Option<String>,
-) -> (Arc<dyn iceberg::Catalog>, iceberg::TableIdent) {
-    let cfg = CatalogConfig {
-        kind,
-        name: "offload".into(),
-        uri,
-        warehouse,
-        password: Default::default(),
-        token: Default::default(),
-        credential: Default::default(),
-        properties: Default::default(),
-        properties_env: Default::default(),
-        limits: Default::default(),
-    };
-    let cat = catalog::build(&cfg).await.unwrap();
-    let tcfg = table_config();
-    target::ensure(&cat, &tcfg, &projection()).await.unwrap();
-    (cat, target::ident(&tcfg))
-}
-
-fn projection() -> Vec<(String, String, Type, bool)> {
-    vec![
-        ("ts".to_string(), "ts".to_string(), Type::Primitive(PrimitiveType::Timestamptz), false),
-        ("id".to_string(), "id".to_string(), Type::Primitive(PrimitiveType::Long), false),
-    ]
 }
 
 /// The test tooling's REST catalog server (dev/rest_catalog.py: the REST spec in front of
@@ -131,7 +55,7 @@ async fn setup_rest() -> (tempfile::TempDir, RestServer, Arc<dyn iceberg::Catalo
         assert!(std::time::Instant::now() < deadline, "the REST catalog server did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (cat, ident) = catalog_with_table(CatalogKind::Rest, format!("http://127.0.0.1:{port}"), None).await;
+    let (cat, ident) = catalog_with_table(CatalogKind::Rest, format!("http://127.0.0.1:{port}"), None, "fence").await;
     (dir, server, cat, ident)
 }
 
@@ -241,14 +165,4 @@ async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     assert!(!ours.exists(), "the metadata file carrying the dead attempt's run id is removed");
     assert!(unknown.exists(), "another writer's file is never touched");
     assert!(std::path::Path::new(&current).exists());
-}
-
-fn measure(source: &str) -> iceberg_offload::window::Measure {
-    iceberg_offload::window::Measure {
-        source: source.into(),
-        cursor: "ts".into(),
-        cursor_type: "DateTime64(6)".into(),
-        tiebreak: None,
-        tiebreak_type: None,
-    }
 }

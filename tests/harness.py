@@ -174,3 +174,45 @@ def assert_directory_reader_sees_the_catalog(tmp, table="cold.trades"):
     assert location, f"{table} is not in the catalog"
     ahead = metadata_files_ahead(location)
     assert not ahead, f"metadata files above the catalog's current version would be read by directory readers: {ahead}"
+
+
+def start_rest_catalog(tmp, token=""):
+    """dev/rest_catalog.py (the REST spec in front of pyiceberg's SQL catalog) on `tmp`'s
+    catalog.db and warehouse; returns (url, process) once it answers."""
+    import urllib.error
+    import urllib.request
+    tmp = Path(tmp)
+    port = free_port()
+    cmd = [PYTHON, str(ROOT / "dev" / "rest_catalog.py"), "--port", str(port), "--catalog-uri",
+           f"sqlite:///{tmp / 'catalog.db'}", "--warehouse", f"file://{tmp / 'warehouse'}"]
+    if token:
+        cmd += ["--token", token]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/v1/config", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # answering (401 without the token)
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the REST catalog server did not start")
+            time.sleep(0.2)
+    return url, proc
+
+
+def start_once_until_first_window(config):
+    """Starts `once` and returns (process, stderr lines so far) when its first window is committed."""
+    env = dict(os.environ, TEST_CH_PASSWORD=PASSWORD)
+    proc = subprocess.Popen([binary(), "--config", str(config), "once"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    while True:
+        line = proc.stderr.readline()
+        lines.append(line)
+        assert line, "the service ended before its first window:\n" + "".join(lines)[-3000:]
+        if "committed window" in line:
+            return proc, lines

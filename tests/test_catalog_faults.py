@@ -14,15 +14,14 @@ import signal
 import sqlite3
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 import k2data
 from catalog_proxy import CatalogProxy
 from harness import (PASSWORD, PYTHON, ROOT, assert_directory_reader_sees_the_catalog, assert_equal_to_source, binary,
-                     bronze_table, create_bronze, free_port, insert_bronze, metadata_files_ahead, now_ms, run,
-                     write_config)
+                     bronze_table, create_bronze, insert_bronze, metadata_files_ahead, now_ms, run,
+                     start_once_until_first_window, start_rest_catalog, write_config)
 from tcp_proxy import FaultProxy
 
 REST_TRIALS = int(os.environ.get("CATALOG_FAULT_TRIALS", "50"))
@@ -31,22 +30,7 @@ PG_TRIALS = int(os.environ.get("PG_FAULT_TRIALS", "50"))
 
 @pytest.fixture()
 def rest_proxy(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([PYTHON, str(ROOT / "dev" / "rest_catalog.py"), "--port", str(port),
-                             "--catalog-uri", f"sqlite:///{tmp_path / 'catalog.db'}",
-                             "--warehouse", f"file://{tmp_path / 'warehouse'}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/v1/config", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the REST catalog server did not start")
-            time.sleep(0.2)
+    url, proc = start_rest_catalog(tmp_path)
     proxy = CatalogProxy(url)
     yield proxy
     proxy.hang_all = False
@@ -294,16 +278,7 @@ def test_sigterm_during_a_cycle_is_interrupted_not_success(gateway, db, tmp_path
     create_bronze(gateway, db, "trades")
     insert_bronze(gateway, db, "trades", 200_000, now_ms() - 7_200_000, step_ms=10)
     cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", max_rows_per_commit=5_000)], tmp_path)
-    env = dict(os.environ, TEST_CH_PASSWORD=PASSWORD)
-    proc = subprocess.Popen([binary(), "--config", str(cfg), "once"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    err = []
-    while True:
-        line = proc.stderr.readline()
-        err.append(line)
-        assert line, "".join(err)[-3000:]
-        if "committed window" in line:
-            break
+    proc, err = start_once_until_first_window(cfg)
     proc.send_signal(signal.SIGTERM)
     out, rest = proc.communicate(timeout=120)
     logs = "".join(err) + rest

@@ -2,38 +2,20 @@
 protocol (bearer token from the environment) to dev/rest_catalog.py, which puts the REST spec
 in front of pyiceberg's SQL catalog, so requirement checks and compare-and-swap are pyiceberg's.
 What lands is read back by pyiceberg and ClickHouse icebergLocal()."""
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
 import k2data
-from harness import (PYTHON, ROOT, assert_equal_to_source, bronze_table, create_bronze, free_port, insert_bronze, now_ms,
-                     run, write_config)
+from harness import (assert_equal_to_source, bronze_table, create_bronze, insert_bronze, now_ms, run,
+                     start_rest_catalog, write_config)
 
 TOKEN = "rest-token-Hq27vB"
 
 
 @pytest.fixture()
 def rest(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([PYTHON, str(ROOT / "dev" / "rest_catalog.py"), "--port", str(port),
-                             "--catalog-uri", f"sqlite:///{tmp_path / 'catalog.db'}",
-                             "--warehouse", f"file://{tmp_path / 'warehouse'}", "--token", TOKEN],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/v1/config", timeout=1)
-        except urllib.error.HTTPError:
-            break  # answering (401 without the token)
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the REST catalog server did not start")
-            time.sleep(0.2)
+    url, proc = start_rest_catalog(tmp_path, token=TOKEN)
     yield url
     proc.terminate()
     proc.wait(10)

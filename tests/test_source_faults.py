@@ -2,7 +2,6 @@
 service — a server-side settings profile, a clock that is off, awkward values, configuration
 changes — and every row must land once, checked by pyiceberg and ClickHouse icebergLocal()."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from harness import (PASSWORD, PYTHON, assert_directory_reader_sees_the_catalog, binary, assert_equal_to_source, bronze_table, create_bronze,
+from harness import (PYTHON, assert_directory_reader_sees_the_catalog, start_once_until_first_window, assert_equal_to_source, bronze_table, create_bronze,
                      insert_bronze, now_ms, run, verify, write_config)
 
 
@@ -211,10 +210,7 @@ def test_a_changed_tiebreak_cursor_or_source_is_refused_until_the_watermark_is_m
     base = bronze_table(db, "trades", max_rows_per_commit=150)
     cfg = write_config(tmp_path / "c.toml", gateway, [base], tmp_path)
     # Stopped (SIGTERM) after its first window: W ends mid-timestamp, on a tiebreak.
-    proc = subprocess.Popen([binary(), "--config", str(cfg), "once"], env=dict(os.environ, TEST_CH_PASSWORD=PASSWORD),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while "committed window" not in (line := proc.stderr.readline()):
-        assert line, "the service ended before its first window"
+    proc, _ = start_once_until_first_window(cfg)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert_equal_to_source(gateway, tmp_path, db, "trades")
@@ -258,11 +254,7 @@ def test_a_column_added_to_the_source_mid_backfill_has_its_values_from_the_next_
     create_bronze(gateway, db, "trades")
     insert_bronze(gateway, db, "trades", 200_000, now_ms() - 7_200_000, step_ms=10)
     cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", max_rows_per_commit=10_000)], tmp_path)
-    env = dict(os.environ, TEST_CH_PASSWORD=PASSWORD)
-    proc = subprocess.Popen([binary(), "--config", str(cfg), "once"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while "committed window" not in (line := proc.stderr.readline()):
-        assert line, "the service ended before its first window"
+    proc, _ = start_once_until_first_window(cfg)
     gateway.sql(f"ALTER TABLE {db}.trades ADD COLUMN venue String DEFAULT 'main'")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err[-3000:]

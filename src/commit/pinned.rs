@@ -1,13 +1,11 @@
 //! I4 — Fenced commit: the catalog's compare-and-swap requires the snapshot whose `W` the
 //! attempt read, so a stale writer is refused instead of rebased.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_trait::async_trait;
 use iceberg::table::Table;
-use iceberg::{Catalog, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
+use iceberg::{Catalog, TableCommit, TableIdent};
 
 /// I4: a catalog whose `load_table` returns the table exactly as the attempt read it.
 ///
@@ -37,53 +35,9 @@ impl PinnedCatalog {
     }
 }
 
-#[async_trait]
-impl Catalog for PinnedCatalog {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
-    }
-    async fn create_namespace(
-        &self,
-        ns: &NamespaceIdent,
-        props: HashMap<String, String>,
-    ) -> iceberg::Result<Namespace> {
-        self.inner.create_namespace(ns, props).await
-    }
-    async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {
-        self.inner.get_namespace(ns).await
-    }
-    async fn namespace_exists(&self, ns: &NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(ns).await
-    }
-    async fn update_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<()> {
-        self.inner.update_namespace(ns, props).await
-    }
-    async fn drop_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(ns).await
-    }
-    async fn list_tables(&self, ns: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
-        self.inner.list_tables(ns).await
-    }
-    async fn create_table(&self, ns: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
-        self.inner.create_table(ns, creation).await
-    }
+crate::forward_catalog!(PinnedCatalog, inner, {
     async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
         if table == self.pinned.identifier() { Ok(self.pinned.clone()) } else { self.inner.load_table(table).await }
-    }
-    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(table).await
-    }
-    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(table).await
-    }
-    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(table).await
-    }
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-    async fn register_table(&self, table: &TableIdent, location: String) -> iceberg::Result<Table> {
-        self.inner.register_table(table, location).await
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
         self.sent.store(true, Ordering::SeqCst);
@@ -91,4 +45,4 @@ impl Catalog for PinnedCatalog {
         // any other failure must reach I5 (a retry could re-send a commit that already landed).
         self.inner.update_table(commit).await.map_err(|e| e.with_retryable(false))
     }
-}
+});

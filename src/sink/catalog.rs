@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use iceberg::table::Table;
 use iceberg::{Catalog, CatalogBuilder, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
 use iceberg_catalog_rest::RestCatalogBuilder;
@@ -76,6 +75,80 @@ async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>
         }
     }
 }
+
+/// Implements `iceberg::Catalog` for a decorator that holds its inner catalog in `$inner`: every
+/// call but `load_table` and `update_table` goes to the inner catalog unchanged, and those two
+/// are the ones given (the decorators of this crate and of its tests differ only there).
+#[macro_export]
+macro_rules! forward_catalog {
+    ($ty:ty, $inner:ident, { $($overrides:tt)* }) => {
+        #[$crate::sink::catalog::async_trait]
+        impl ::iceberg::Catalog for $ty {
+            async fn list_namespaces(
+                &self,
+                parent: Option<&::iceberg::NamespaceIdent>,
+            ) -> ::iceberg::Result<Vec<::iceberg::NamespaceIdent>> {
+                self.$inner.list_namespaces(parent).await
+            }
+            async fn create_namespace(
+                &self,
+                ns: &::iceberg::NamespaceIdent,
+                props: ::std::collections::HashMap<String, String>,
+            ) -> ::iceberg::Result<::iceberg::Namespace> {
+                self.$inner.create_namespace(ns, props).await
+            }
+            async fn get_namespace(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<::iceberg::Namespace> {
+                self.$inner.get_namespace(ns).await
+            }
+            async fn namespace_exists(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<bool> {
+                self.$inner.namespace_exists(ns).await
+            }
+            async fn update_namespace(
+                &self,
+                ns: &::iceberg::NamespaceIdent,
+                props: ::std::collections::HashMap<String, String>,
+            ) -> ::iceberg::Result<()> {
+                self.$inner.update_namespace(ns, props).await
+            }
+            async fn drop_namespace(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<()> {
+                self.$inner.drop_namespace(ns).await
+            }
+            async fn list_tables(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<Vec<::iceberg::TableIdent>> {
+                self.$inner.list_tables(ns).await
+            }
+            async fn create_table(
+                &self,
+                ns: &::iceberg::NamespaceIdent,
+                creation: ::iceberg::TableCreation,
+            ) -> ::iceberg::Result<::iceberg::table::Table> {
+                self.$inner.create_table(ns, creation).await
+            }
+            async fn drop_table(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
+                self.$inner.drop_table(table).await
+            }
+            async fn purge_table(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
+                self.$inner.purge_table(table).await
+            }
+            async fn table_exists(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<bool> {
+                self.$inner.table_exists(table).await
+            }
+            async fn rename_table(&self, src: &::iceberg::TableIdent, dest: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
+                self.$inner.rename_table(src, dest).await
+            }
+            async fn register_table(
+                &self,
+                table: &::iceberg::TableIdent,
+                location: String,
+            ) -> ::iceberg::Result<::iceberg::table::Table> {
+                self.$inner.register_table(table, location).await
+            }
+            $($overrides)*
+        }
+    };
+}
+
+#[doc(hidden)]
+pub use async_trait::async_trait;
 
 /// A catalog call that ran past its time limit (I10). It is the source of the
 /// `iceberg::Error` the call returns, so the commit protocol can tell a timeout (outcome
