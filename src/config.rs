@@ -195,6 +195,21 @@ struct RawTable {
     partition: Vec<String>,
     #[serde(default = "d_columns")]
     columns: Vec<String>,
+    #[serde(default, rename = "final")]
+    read_final: ReadFinal,
+    closed_after: Option<String>,
+}
+
+/// Whether a table is read as ClickHouse answers it after merging (`SELECT … FINAL`, I12).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFinal {
+    /// `FINAL` for the merging engines (Summing, Aggregating, Replacing, Collapsing,
+    /// VersionedCollapsing, Graphite MergeTree, replicated or not), as `system.tables` says.
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 /// How ClickHouse `UInt64` columns are stored in Iceberg, which has no unsigned types.
@@ -382,6 +397,11 @@ pub struct TableConfig {
     pub partition: Vec<PartitionField>,
     /// `None` means all columns.
     pub columns: Option<Vec<String>>,
+    /// I12: read the table after merging (`FINAL`).
+    pub read_final: ReadFinal,
+    /// I12: how long after its cursor value a row's key can still change (an open bar): a row
+    /// is taken once cursor + `closed_after` + `settle_delay` has passed.
+    pub closed_after: Duration,
 }
 
 impl TableConfig {
@@ -677,6 +697,11 @@ impl Config {
             integer_encoding: t.integer_encoding,
             partition,
             columns,
+            read_final: t.read_final,
+            closed_after: match &t.closed_after {
+                None => Duration::ZERO,
+                Some(d) => parse_duration(d).map_err(|e| inv(format!("closed_after: {e}")))?,
+            },
         })
     }
 }

@@ -390,7 +390,7 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     }
     // Never past what is settled (rows could still arrive below it), and a position ClickHouse
     // can read (a tiebreak must parse as the column's type).
-    let settle_ns = t.settle_delay.as_nanos() as i64;
+    let settle_ns = source.settle_ns();
     let limit = match source.unit() {
         commit::CursorUnit::Day { .. } => source.last_settled_day(&ch, settle_ns).await?,
         unit => unit.settled_limit(iceberg_offload::util::now_epoch_ns() + ch.clock_offset_ns().await?.1, settle_ns),

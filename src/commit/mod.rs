@@ -73,9 +73,9 @@ pub async fn plan_window(
     lo: Option<&Position>,
     now_ns: i64,
 ) -> Result<Option<Window>> {
-    let settle_ns = source.table.settle_delay.as_nanos() as i64;
+    let settle_ns = source.settle_ns();
     // A cursor value counts once the whole unit it stands for (a day, a second, …) is older
-    // than the settle delay, on the source's clock. A date's day ends at midnight where the
+    // than the settle delay (and `closed_after`, I12), on the source's clock. A date's day ends at midnight where the
     // rows are dated: ClickHouse's time zone, so ClickHouse says which day is over.
     let limit_ns = match source.unit() {
         CursorUnit::Day { .. } => source.last_settled_day(ch, settle_ns).await?,

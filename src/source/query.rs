@@ -1,7 +1,7 @@
 //! The SQL of one source table. Identifiers come from the validated configuration and
 //! `system.columns` and are quoted; every value (window bounds, names) is a query parameter.
 
-use crate::config::{TableConfig, Uint64As};
+use crate::config::{ReadFinal, TableConfig, Uint64As};
 use crate::window::{Bounds, CursorUnit, Position, escape_bytes, unhex};
 use crate::error::{OffloadError, Result};
 use crate::source::ClickHouse;
@@ -28,6 +28,10 @@ pub struct SourceTable {
     pub cursor_type: String,
     /// The TTL expression of the table, if it has one (for operators: data leaves the hot tier).
     pub ttl: Option<String>,
+    /// The table engine (`system.tables.engine`).
+    pub engine: String,
+    /// I12: whether rows are read as ClickHouse answers after merging (`FINAL`).
+    pub read_final: bool,
 }
 
 /// The select list with its Iceberg types: (column name, SELECT expression, Iceberg type, nullable).
@@ -96,19 +100,24 @@ impl SourceTable {
                 )));
             }
         }
-        let ttl = ch
+        let meta = ch
             .query_rows(
-                "SELECT extract(create_table_query, 'TTL (.*?)(?:SETTINGS|$)') FROM system.tables WHERE database = {db:String} AND name = {tbl:String}",
+                "SELECT engine, extract(create_table_query, 'TTL (.*?)(?:SETTINGS|$)') FROM system.tables WHERE database = {db:String} AND name = {tbl:String}",
                 &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
             )
-            .await
-            .ok()
-            .and_then(|r| r.into_iter().next())
-            .and_then(|r| r.into_iter().next())
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty());
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let engine = meta.first().cloned().unwrap_or_default();
+        let ttl = meta.get(1).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let read_final = match table.read_final {
+            ReadFinal::Auto => merges_rows(&engine),
+            ReadFinal::Always => true,
+            ReadFinal::Never => false,
+        };
         let cursor_type = strip_wrappers(&cursor.ch_type);
-        Ok(SourceTable { table: table.clone(), columns, tiebreak_type, cursor_type, ttl })
+        Ok(SourceTable { table: table.clone(), columns, tiebreak_type, cursor_type, ttl, engine, read_final })
     }
 
     /// The SELECT list and Iceberg type of every offloaded column.
@@ -167,8 +176,17 @@ impl SourceTable {
         }
     }
 
+    /// The table as every query reads it: after merging (`FINAL`) for the merging engines, so
+    /// rows of one key still spread over unmerged parts count once (I12).
     fn from(&self) -> String {
-        format!("{}.{}", quote_ident(&self.table.source_db), quote_ident(&self.table.source_table))
+        let name = format!("{}.{}", quote_ident(&self.table.source_db), quote_ident(&self.table.source_table));
+        if self.read_final { format!("{name} FINAL") } else { name }
+    }
+
+    /// How long after its cursor value a row is taken: the settle delay, plus the time its key
+    /// may still change (`closed_after`, I12).
+    pub fn settle_ns(&self) -> i64 {
+        (self.table.settle_delay + self.table.closed_after).as_nanos() as i64
     }
 
     fn cursor_ns(&self) -> String {
@@ -347,6 +365,14 @@ impl SourceTable {
     }
 }
 
+/// Engines whose rows of one key merge into one over time (I12): Summing, Aggregating,
+/// Replacing, Collapsing, VersionedCollapsing, Graphite MergeTree, replicated or shared or not.
+pub fn merges_rows(engine: &str) -> bool {
+    ["SummingMergeTree", "AggregatingMergeTree", "ReplacingMergeTree", "CollapsingMergeTree", "GraphiteMergeTree"]
+        .iter()
+        .any(|e| engine.ends_with(e))
+}
+
 /// The delete expression of a table's TTL clause (`TTL expr [DELETE], …`), if simple.
 fn ttl_expression(ttl: &str) -> Option<String> {
     let first = ttl.split(" SETTINGS ").next()?.split(',').next()?.trim();
@@ -377,6 +403,16 @@ fn ns_since_epoch(expr: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn merging_engines_are_recognised() {
+        for e in ["SummingMergeTree", "ReplicatedReplacingMergeTree", "VersionedCollapsingMergeTree", "SharedAggregatingMergeTree"] {
+            assert!(super::merges_rows(e), "{e}");
+        }
+        for e in ["MergeTree", "ReplicatedMergeTree", "Distributed", "Log"] {
+            assert!(!super::merges_rows(e), "{e}");
+        }
+    }
+
     #[test]
     fn ttl_expressions() {
         assert_eq!(

@@ -31,6 +31,8 @@ pub fn table_config(name: &str) -> TableConfig {
         integer_encoding: Default::default(),
         partition: vec![PartitionField { transform: "day".into(), column: "ts".into() }],
         columns: None,
+        read_final: Default::default(),
+        closed_after: Duration::ZERO,
     }
 }
 
