@@ -56,6 +56,17 @@ struct RawService {
     lease_ttl: String,
     #[serde(default = "d_listen")]
     metrics_listen: String,
+    #[serde(default = "d_audit_recent_days")]
+    audit_recent_days: u32,
+    #[serde(default = "d_audit_full_every")]
+    audit_full_every: String,
+}
+
+fn d_audit_recent_days() -> u32 {
+    2
+}
+fn d_audit_full_every() -> String {
+    "24h".into()
 }
 
 impl Default for RawService {
@@ -305,6 +316,10 @@ pub struct ServiceConfig {
     pub retry_backoff: Duration,
     pub lease_ttl: Duration,
     pub metrics_listen: String,
+    /// The audit (I9): the last `audit_recent_days` days up to W every cycle (0: never)...
+    pub audit_recent_days: u32,
+    /// ...and every retained day once per `audit_full_every` (0s: never).
+    pub audit_full_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +430,15 @@ impl TableConfig {
     }
     pub fn target(&self) -> String {
         format!("{}.{}", self.target_namespace, self.target_table)
+    }
+
+    /// Whether a window may hold many partitions at once: a partition field that is not a time
+    /// transform of the cursor (`day(event_time)` under an arrival cursor, `bucket(64, id)`).
+    /// Such windows are read sorted by partition and written one partition at a time.
+    pub fn writes_clustered(&self) -> bool {
+        self.partition
+            .iter()
+            .any(|f| !(f.column == self.cursor && matches!(f.transform.as_str(), "year" | "month" | "day" | "hour")))
     }
 
     /// Where a window starting at `first_ns` (the cursor of its first row) must end so that it
@@ -556,6 +580,8 @@ impl Config {
             retry_backoff: dur("service.retry_backoff", &s.retry_backoff)?,
             lease_ttl: dur("service.lease_ttl", &s.lease_ttl)?,
             metrics_listen: s.metrics_listen,
+            audit_recent_days: s.audit_recent_days,
+            audit_full_every: dur("service.audit_full_every", &s.audit_full_every)?,
         };
         if service.interval < Duration::from_secs(1) {
             return Err(inv("service.interval must be at least 1s".into()));

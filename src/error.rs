@@ -117,13 +117,7 @@ pub enum OffloadError {
     #[error(
         "table {table}: its watermark was measured on {field} {recorded}, the configuration now says {configured}; continuing would skip or repeat rows. Put the configuration back, offload into a new target, or move the watermark on purpose: `iceberg-offload watermark set {name} --to current` (re-records it for the new configuration; add --to <position> to move it too) shows what would change, and --apply does it"
     )]
-    WatermarkMeasuredOnOther {
-        table: String,
-        name: String,
-        field: &'static str,
-        recorded: String,
-        configured: String,
-    },
+    WatermarkMeasuredOnOther { table: String, name: String, field: &'static str, recorded: String, configured: String },
     /// I1: this host's clock and ClickHouse's disagree by more than `clickhouse.max_clock_skew`.
     #[error(
         "table {table}: ClickHouse's clock is {skew_seconds:+.1} s from this host's, more than clickhouse.max_clock_skew ({max:?}) allows; windows are cut on ClickHouse's clock, but a skew this large means a broken time service: fix NTP on one of them, or raise the bound"
@@ -149,6 +143,9 @@ pub enum OffloadError {
     StateUnreachable(String),
     #[error("lease for table {table} is held by {holder} until {until}")]
     LeaseHeld { table: String, holder: String, until: String },
+    /// The audit cannot count a table (delete files of another engine, a cursor type).
+    #[error("audit: {0}")]
+    Audit(String),
     #[error("internal error: {0}")]
     Crash(String),
 }
@@ -207,6 +204,7 @@ impl OffloadError {
             Self::State(_) => "state",
             Self::StateUnreachable(_) => "state_unreachable",
             Self::LeaseHeld { .. } => "lease_held",
+            Self::Audit(_) => "audit",
             Self::Crash(_) => "crash",
         }
     }
@@ -225,7 +223,9 @@ impl From<iceberg::Error> for OffloadError {
 }
 
 /// The causes of an error, outermost first (the error itself included).
-pub fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+pub fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |e| e.source())
 }
 

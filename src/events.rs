@@ -174,13 +174,25 @@ impl PendingResolved<'_> {
                 // Its rows landed: they count now, once.
                 m.rows_total.with_label_values(&[self.table, self.layer]).inc_by(self.rows);
                 m.commits_total.with_label_values(&[self.table, "unknown_resolved"]).inc();
-                tracing::info!(table = self.table, run_id = self.run_id, snapshot_id, rows = self.rows,
-                    "a pending commit attempt landed (snapshot {snapshot_id}, {} rows)", self.rows);
+                tracing::info!(
+                    table = self.table,
+                    run_id = self.run_id,
+                    snapshot_id,
+                    rows = self.rows,
+                    "a pending commit attempt landed (snapshot {snapshot_id}, {} rows)",
+                    self.rows
+                );
             }
-            Resolution::Impossible => tracing::info!(table = self.table, run_id = self.run_id,
-                "a pending commit attempt can never land (the table moved past the snapshot it required); its files were deleted"),
-            Resolution::Undecidable => tracing::warn!(table = self.table, run_id = self.run_id,
-                "a pending commit attempt cannot be decided (the snapshot it required was expired); its files are left to `iceberg-offload cleanup`, which deletes only unreferenced files"),
+            Resolution::Impossible => tracing::info!(
+                table = self.table,
+                run_id = self.run_id,
+                "a pending commit attempt can never land (the table moved past the snapshot it required); its files were deleted"
+            ),
+            Resolution::Undecidable => tracing::warn!(
+                table = self.table,
+                run_id = self.run_id,
+                "a pending commit attempt cannot be decided (the snapshot it required was expired); its files are left to `iceberg-offload cleanup`, which deletes only unreferenced files"
+            ),
             Resolution::Pending => {}
         }
     }
@@ -328,7 +340,11 @@ pub struct TableInterrupted<'a> {
 impl TableInterrupted<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.runs_total.with_label_values(&[self.table, "interrupted"]).inc();
-        tracing::info!(table = self.table, "interrupted {} (shutdown); the next start resumes from the Iceberg watermark", self.table);
+        tracing::info!(
+            table = self.table,
+            "interrupted {} (shutdown); the next start resumes from the Iceberg watermark",
+            self.table
+        );
     }
 }
 
@@ -354,7 +370,11 @@ pub struct LastSuccessRecalled<'a> {
 impl LastSuccessRecalled<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.table_succeeded(self.table, self.unix_seconds);
-        tracing::debug!(table = self.table, last_success = self.unix_seconds, "last success recalled from the state store");
+        tracing::debug!(
+            table = self.table,
+            last_success = self.unix_seconds,
+            "last success recalled from the state store"
+        );
     }
 }
 
@@ -413,21 +433,61 @@ impl WindowGrew<'_> {
     }
 }
 
-pub struct LateRows<'a> {
+/// An audit of a table finished (I9): its verdicts per day become the audit metrics; a day
+/// with missing or extra rows is a warning naming it.
+pub struct Audited<'a> {
     pub table: &'a str,
-    pub rows: i64,
+    pub scope: crate::audit::Scope,
+    pub results: &'a [crate::audit::DayAudit],
+    pub totals: &'a crate::audit::AuditTotals,
 }
 
-impl LateRows<'_> {
-    pub fn emit(&self, _m: &Metrics) {
-        tracing::warn!(
+impl Audited<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        use crate::audit::AuditStatus;
+        for r in self.results.iter().filter(|r| r.status() != AuditStatus::Ok) {
+            let (what, advice) = match r.status() {
+                AuditStatus::Missing => (
+                    "late rows: in ClickHouse at or below the watermark, not in Iceberg",
+                    "they arrived after their window committed; see docs/runbooks (late rows)",
+                ),
+                _ => (
+                    "extra rows: in Iceberg beyond ClickHouse's count",
+                    "duplicates or source rows deleted after offload; see docs/runbooks (extra rows)",
+                ),
+            };
+            tracing::warn!(
+                table = self.table,
+                day = %r.day,
+                source_rows = r.source_rows,
+                iceberg_rows = r.iceberg_rows,
+                status = r.status().as_str(),
+                "audit {} {}: {} {what} (ClickHouse {}, Iceberg {}); {advice}",
+                self.table,
+                r.day,
+                r.source_rows.abs_diff(r.iceberg_rows),
+                r.source_rows,
+                r.iceberg_rows,
+            );
+        }
+        tracing::info!(
             table = self.table,
-            late_rows = self.rows,
-            "{} rows at or below the watermark of {} are in ClickHouse but not in Iceberg: they arrived after their window \
-             committed (later than settle_delay allows); increase settle_delay",
-            self.rows,
-            self.table
+            scope = self.scope.as_str(),
+            days = self.results.len(),
+            missing_rows = self.totals.missing_rows,
+            extra_rows = self.totals.extra_rows,
+            "audit of {} ({} days)",
+            self.table,
+            self.results.len()
         );
+        m.late_rows.with_label_values(&[self.table]).set(self.totals.missing_rows as f64);
+        m.audit_extra_rows.with_label_values(&[self.table]).set(self.totals.extra_rows as f64);
+        for (status, n) in AuditStatus::ALL.iter().zip(self.totals.days) {
+            m.audit_days.with_label_values(&[self.table, status.as_str()]).set(n as f64);
+        }
+        m.audit_last_timestamp_seconds
+            .with_label_values(&[self.table, self.scope.as_str()])
+            .set(crate::util::now_epoch_ns() as f64 / 1e9);
     }
 }
 

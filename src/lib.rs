@@ -14,6 +14,7 @@
 //! - [`metrics`] and [`events`]: every number and log line of one event from one place;
 //! - [`server`]: the HTTP endpoint; [`status`]: the 30-second health check.
 
+pub mod audit;
 pub mod commit;
 pub mod config;
 pub mod error;

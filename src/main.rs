@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use iceberg_offload::commit::{Journal, TableView};
-use iceberg_offload::config::Config;
+use iceberg_offload::config::{Config, TableConfig};
 use iceberg_offload::metrics::Metrics;
-use iceberg_offload::offload::Services;
+use iceberg_offload::offload::{AuditSettings, Services};
 use iceberg_offload::scheduler::{CycleStatus, Scheduler, TableResult};
 use iceberg_offload::server::{self, ServerState};
 use iceberg_offload::sink::{catalog, table as target};
@@ -83,6 +83,16 @@ enum Command {
         /// List what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Audits every day of the cursor the source still holds: rows in ClickHouse at or below
+    /// the watermark against rows in Iceberg, per UTC day (ok, missing = late rows, extra =
+    /// duplicates). Prints the verdicts and writes them to the state store. Exit 0 when every
+    /// day is ok, 1 otherwise.
+    Audit {
+        /// One table (its `name`); all tables when left out.
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Watermarks.
     Watermark {
@@ -169,7 +179,16 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
             None
         }
     };
-    Ok(Services { ch, catalog, state, metrics, limits: cfg.catalog.limits, max_clock_skew: cfg.clickhouse.max_clock_skew })
+    Ok(Services {
+        ch,
+        catalog,
+        state,
+        metrics,
+        limits: cfg.catalog.limits,
+        max_clock_skew: cfg.clickhouse.max_clock_skew,
+        audit: AuditSettings { recent_days: cfg.service.audit_recent_days, full_every: cfg.service.audit_full_every },
+        audits: Default::default(),
+    })
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
@@ -246,6 +265,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if report.healthy { exit::OK } else { exit::ERROR })
         }
+        Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
         Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
             watermark_set(&cfg, &table, &to, apply).await
@@ -445,9 +465,8 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
         return Ok(exit::OK);
     }
     let state = StateStore::open(&cfg.state).await?;
-    let lease = state
-        .acquire_lease(t.name(), &format!("watermark-set:{}", std::process::id()), cfg.service.lease_ttl)
-        .await?;
+    let lease =
+        state.acquire_lease(t.name(), &format!("watermark-set:{}", std::process::id()), cfg.service.lease_ttl).await?;
     let result = async {
         let mut journal = commit::Journal::load(&view.table, cfg.catalog.limits.storage).await?;
         let window = Window { lo: view.watermark.clone(), hi: target_w.clone(), planned_rows: 0, bounded: false };
@@ -523,6 +542,62 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
         }
     }
     Ok(code)
+}
+
+/// `audit`: a full audit of each table now (read-only: no lease needed).
+async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u8> {
+    use iceberg_offload::audit::{self, AuditStatus, Audits, Scope};
+    let tables: Vec<&TableConfig> = cfg.tables.iter().filter(|t| only.is_none_or(|n| t.name() == n)).collect();
+    if let Some(n) = only
+        && tables.is_empty()
+    {
+        let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
+        anyhow::bail!("no table named {n:?} in the configuration; tables: {}", names.join(", "));
+    }
+    let ch = ClickHouse::new(&cfg.clickhouse)?;
+    ch.check_version().await?;
+    let catalog = catalog::build(&cfg.catalog).await?;
+    let state = StateStore::open(&cfg.state).await.ok();
+    let audits = Audits::default();
+    let (mut all_ok, mut out) = (true, vec![]);
+    for t in tables {
+        let source = SourceTable::describe(&ch, t).await?;
+        let view = TableView::of(catalog.load_table(&target::ident(t)).await.context("loading the target table")?)?;
+        let Some(w) = view.watermark.clone() else {
+            println!("{}: no watermark yet, nothing to audit", t.name());
+            continue;
+        };
+        let now_ns = iceberg_offload::util::now_epoch_ns() + ch.clock_offset_ns().await?.1;
+        let (first, last, retained) = audit::plan(&source, &ch, &w, now_ns, Scope::Full, 0).await?;
+        let results = audit::audit_days(&audits, t.name(), &source, &ch, &view, first, last).await?;
+        if let Some(s) = &state {
+            s.record_audit(t.name(), &results, retained).await?;
+        }
+        all_ok &= results.iter().all(|r| r.status() == AuditStatus::Ok);
+        if json {
+            out.extend(results.iter().map(|r| {
+                serde_json::json!({"table": t.name(), "day": r.day.to_string(), "source_rows": r.source_rows,
+                    "iceberg_rows": r.iceberg_rows, "status": r.status().as_str()})
+            }));
+        } else {
+            let from = first.map(|f| f.to_string()).unwrap_or_else(|| "the first day".into());
+            println!(
+                "{} ({} → {}), days {from} to {last} (watermark {}):",
+                t.name(),
+                t.source(),
+                t.target(),
+                w.display()
+            );
+            println!("  {:<10}  {:>14}  {:>14}  status", "day", "ClickHouse", "Iceberg");
+            for r in results.iter().rev() {
+                println!("  {}  {:>14}  {:>14}  {}", r.day, r.source_rows, r.iceberg_rows, r.status().as_str());
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if all_ok { exit::OK } else { exit::ERROR })
 }
 
 async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {

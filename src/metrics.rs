@@ -43,6 +43,9 @@ pub struct Metrics {
     pub rows_behind: GaugeVec,
     pub ttl_headroom_seconds: GaugeVec,
     pub late_rows: GaugeVec,
+    pub audit_extra_rows: GaugeVec,
+    pub audit_days: GaugeVec,
+    pub audit_last_timestamp_seconds: GaugeVec,
     pub consecutive_failures: GaugeVec,
     pub null_cursor_rows: GaugeVec,
     pub bytes_written_total: IntCounterVec,
@@ -189,8 +192,23 @@ impl Metrics {
             ),
             late_rows: gauge_vec(
                 "offload_late_rows",
-                "Source rows at or below the watermark that are not in Iceberg (arrived after their window committed)",
+                "Source rows at or below the watermark that are not in Iceberg (arrived after their window committed), summed over the audited days",
                 &["table"],
+            ),
+            audit_extra_rows: gauge_vec(
+                "offload_audit_extra_rows",
+                "Rows in Iceberg beyond the source's count (duplicates, or source rows deleted after offload), summed over the audited days",
+                &["table"],
+            ),
+            audit_days: gauge_vec(
+                "offload_audit_days",
+                "Days of the cursor the audit holds a verdict for, by status (ok, missing, extra)",
+                &["table", "status"],
+            ),
+            audit_last_timestamp_seconds: gauge_vec(
+                "offload_audit_last_timestamp_seconds",
+                "Unix time of the table's last audit, by scope (recent: the last days every cycle; full: every retained day)",
+                &["table", "scope"],
             ),
             consecutive_failures: gauge_vec(
                 "offload_consecutive_failures",

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use iceberg::Catalog;
+use iceberg::TableIdent;
 use iceberg::spec::DataFile;
 use iceberg::table::Table;
-use iceberg::TableIdent;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{self, Audits};
 use crate::commit::{
     self, Attempt, AttemptFiles, CommitContext, Journal, Position, TableView, Window, sweep_dead_metadata,
 };
@@ -35,6 +36,16 @@ pub struct Services {
     pub limits: CatalogLimits,
     /// `clickhouse.max_clock_skew`.
     pub max_clock_skew: std::time::Duration,
+    pub audit: AuditSettings,
+    /// What the audits of this process know (I9), shared by its cycles.
+    pub audits: Arc<Audits>,
+}
+
+/// `service.audit_recent_days`, `service.audit_full_every`.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditSettings {
+    pub recent_days: u32,
+    pub full_every: std::time::Duration,
 }
 
 impl Services {
@@ -103,6 +114,7 @@ pub async fn offload_table(
     events::PendingCommits { table: cfg.name(), count: run.journal.entries().len() }.emit(&svc.metrics);
     result?;
     run.measure(outcome).await;
+    run.audit(outcome).await;
     Ok(())
 }
 
@@ -121,6 +133,8 @@ struct TableRun<'a> {
     position: Option<Position>,
     /// ClickHouse's clock minus this host's (I1: windows are cut on the source's clock).
     clock_offset_ns: i64,
+    /// `ORDER BY` of a window whose rows spread over many partitions (clustered writing).
+    partition_order: Option<String>,
 }
 
 impl<'a> TableRun<'a> {
@@ -146,6 +160,7 @@ impl<'a> TableRun<'a> {
         let table = until_cancelled(cancel, target::ensure_from(&svc.catalog, cfg, &projection, existing)).await?;
         let view = TableView::of(table)?;
         let journal = until_cancelled(cancel, Journal::load(&view.table, svc.limits.storage)).await?;
+        let partition_order = until_cancelled(cancel, partition_order(svc, cfg, &source, &projection)).await?;
         let mut run = Self {
             svc,
             cfg,
@@ -157,15 +172,20 @@ impl<'a> TableRun<'a> {
             position: view.watermark.clone(),
             first_view: None,
             clock_offset_ns,
+            partition_order,
         };
         run.settle_journal(&view.table).await;
         sweep_dead_metadata(&view.table);
         if let Some(d) = &view.disagreement {
-            events::WatermarkPropertyDisagrees { table: cfg.name(), property: d.property.as_ref(), history: d.history.as_ref() }
-                .emit(&svc.metrics);
+            events::WatermarkPropertyDisagrees {
+                table: cfg.name(),
+                property: d.property.as_ref(),
+                history: d.history.as_ref(),
+            }
+            .emit(&svc.metrics);
         }
         run.reconcile_mirror(&view).await;
-        run.check_source(&view, outcome).await;
+        run.check_source().await;
         outcome.watermark = view.watermark.as_ref().map(|w| w.display());
         outcome.snapshot_id = view.snapshot_id();
         run.first_view = Some(view);
@@ -216,15 +236,9 @@ impl<'a> TableRun<'a> {
         }
     }
 
-    /// Late rows (I9) and rows that can never be offloaded (NULL cursor): reported, best effort.
-    async fn check_source(&self, view: &TableView, outcome: &mut TableOutcome) {
+    /// Rows that can never be offloaded (NULL cursor): reported, best effort.
+    async fn check_source(&self) {
         let (svc, cfg) = (self.svc, self.cfg);
-        if let Ok(Some(late)) = until_cancelled(self.cancel, commit::late_rows(&self.source, &svc.ch, view)).await {
-            if late > 0 {
-                events::LateRows { table: cfg.name(), rows: late }.emit(&svc.metrics);
-            }
-            outcome.late_rows = Some(late.max(0));
-        }
         if self.source.cursor_is_nullable()
             && let Ok(n) = until_cancelled(self.cancel, self.source.null_cursor_rows(&svc.ch)).await
             && n > 0
@@ -269,14 +283,14 @@ impl<'a> TableRun<'a> {
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
         let cx = self.svc.commit_context();
-        let committed =
-            match commit::commit_window(&cx, &view, &mut self.journal, files, &window, rows, &attempt).await {
-                Ok(c) => c,
-                Err(e) => {
-                    events::CommitFailed { table: self.cfg.name(), error: &e }.emit(&self.svc.metrics);
-                    return Err(e);
-                }
-            };
+        let committed = match commit::commit_window(&cx, &view, &mut self.journal, files, &window, rows, &attempt).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                events::CommitFailed { table: self.cfg.name(), error: &e }.emit(&self.svc.metrics);
+                return Err(e);
+            }
+        };
         let watermark = window.hi.display();
         events::WindowCommitted {
             table: self.cfg.name(),
@@ -327,11 +341,20 @@ impl<'a> TableRun<'a> {
     /// committed removes what it wrote (I8).
     async fn write_window(&self, view: &TableView, window: &Window, attempt: &Attempt) -> Result<(Vec<DataFile>, u64)> {
         let started = Instant::now();
-        let (sql, params) = self.source.select(&self.projection, window.lo.as_ref(), &window.hi);
-        let mut writer = WindowWriter::new(&view.table, &attempt.run_id, self.cfg.integer_encoding).await?;
+        let order = self.partition_order.as_deref();
+        let (sql, params) = self.source.select(&self.projection, window.lo.as_ref(), &window.hi, order);
+        let mut writer =
+            WindowWriter::new(&view.table, &attempt.run_id, self.cfg.integer_encoding, order.is_some()).await?;
         let read = read_into(self.svc, &sql, &params, self.projection.len(), &mut writer, self.cancel).await;
         let read_seconds = started.elapsed().as_secs_f64();
         let rows = writer.rows;
+        if writer.reopened_partitions() > 0 {
+            tracing::info!(
+                table = self.cfg.name(),
+                reopened = writer.reopened_partitions(),
+                "partitions came back after their file was closed: ClickHouse's order differs from Iceberg's transform (more files, same rows; past 16 the window was written with every partition open)"
+            );
+        }
         let files = until_cancelled(self.cancel, writer.close()).await?;
         tracing::debug!(
             table = self.cfg.name(),
@@ -366,7 +389,8 @@ impl<'a> TableRun<'a> {
             });
         }
         if rows > window.planned_rows {
-            events::WindowGrew { table: self.cfg.name(), planned: window.planned_rows, read: rows }.emit(&self.svc.metrics);
+            events::WindowGrew { table: self.cfg.name(), planned: window.planned_rows, read: rows }
+                .emit(&self.svc.metrics);
         }
         Ok((files, rows))
     }
@@ -385,7 +409,10 @@ impl<'a> TableRun<'a> {
             )
             .await;
         if let Err(e) = recorded {
-            tracing::warn!(table = self.cfg.name(), "state store not updated after commit (Iceberg stays authoritative): {e}");
+            tracing::warn!(
+                table = self.cfg.name(),
+                "state store not updated after commit (Iceberg stays authoritative): {e}"
+            );
         }
     }
 
@@ -395,7 +422,8 @@ impl<'a> TableRun<'a> {
         let (svc, cfg, cancel) = (self.svc, self.cfg, self.cancel);
         let wm = self.position.as_ref();
         outcome.watermark_ns = wm.map(|w| w.cursor_ns);
-        let best_effort = |what: &str, e: OffloadError| tracing::warn!(table = cfg.name(), "cannot measure {what}: {e}");
+        let best_effort =
+            |what: &str, e: OffloadError| tracing::warn!(table = cfg.name(), "cannot measure {what}: {e}");
         outcome.rows_behind = until_cancelled(cancel, self.source.rows_after(&svc.ch, wm))
             .await
             .map_err(|e| best_effort("rows behind", e))
@@ -405,6 +433,39 @@ impl<'a> TableRun<'a> {
             .map_err(|e| best_effort("TTL headroom", e))
             .ok()
             .flatten();
+    }
+}
+
+impl TableRun<'_> {
+    /// I9: the audit due this cycle (recent days, or every retained day), against the table
+    /// as it is now. Best effort: a failure is a warning and leaves the metrics as they were.
+    async fn audit(&self, outcome: &mut TableOutcome) {
+        let (svc, cfg) = (self.svc, self.cfg);
+        let Some(scope) = svc.audits.due(cfg.name(), svc.audit.recent_days, svc.audit.full_every) else { return };
+        let run = async {
+            let view = TableView::load(&svc.catalog, &self.ident).await?;
+            let Some(w) = view.watermark.clone() else { return Ok(None) };
+            let now_ns = now_epoch_ns() + self.clock_offset_ns;
+            let (first, last, retained) =
+                audit::plan(&self.source, &svc.ch, &w, now_ns, scope, svc.audit.recent_days).await?;
+            let results = audit::audit_days(&svc.audits, cfg.name(), &self.source, &svc.ch, &view, first, last).await?;
+            Ok(Some((results, retained)))
+        };
+        match until_cancelled(self.cancel, run).await {
+            Ok(Some((results, retained))) => {
+                // Days out of the retention now are dropped from what the metrics sum.
+                let totals = svc.audits.record(cfg.name(), scope, retained, &results);
+                if let Some(state) = &svc.state
+                    && let Err(e) = state.record_audit(cfg.name(), &results, retained).await
+                {
+                    tracing::warn!(table = cfg.name(), "audit results not written to the state store: {e}");
+                }
+                events::Audited { table: cfg.name(), scope, results: &results, totals: &totals }.emit(&svc.metrics);
+                outcome.late_rows = Some(totals.missing_rows as i64);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(table = cfg.name(), scope = scope.as_str(), "audit failed: {e}"),
+        }
     }
 }
 
@@ -420,6 +481,28 @@ fn check_measured_on(view: &TableView, source: &SourceTable, cfg: &TableConfig) 
             recorded,
             configured,
         }),
+    }
+}
+
+/// How windows of a table with many partitions per window are sorted: by partition, if
+/// ClickHouse can compute it; otherwise unsorted, written by a writer per partition (more memory).
+async fn partition_order(
+    svc: &Services,
+    cfg: &TableConfig,
+    source: &SourceTable,
+    projection: &Projection,
+) -> Result<Option<String>> {
+    let Some(order) = source.partition_order(projection) else { return Ok(None) };
+    match source.accepts_order(&svc.ch, &order).await {
+        Ok(()) => Ok(Some(order)),
+        Err(e) if e.is_transient() => Err(e),
+        Err(e) => {
+            tracing::warn!(
+                table = cfg.name(),
+                "ClickHouse cannot sort windows by partition ({order}): {e}; windows are written with one file per partition open at once"
+            );
+            Ok(None)
+        }
     }
 }
 

@@ -162,7 +162,8 @@ impl Scheduler {
         ticker.abort();
         let status = CycleStatus::of(&tables);
         let failed = tables.iter().filter(|(_, r)| matches!(r, TableResult::Failed(_))).count();
-        let skipped = tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_) | TableResult::Interrupted)).count();
+        let skipped =
+            tables.iter().filter(|(_, r)| matches!(r, TableResult::Skipped(_) | TableResult::Interrupted)).count();
         let succeeded = tables.iter().filter(|(_, r)| matches!(r, TableResult::Done(_))).count();
         let unreachable = report_unreachable(&tables);
         self.ready.store(!unreachable, Ordering::Relaxed);
@@ -396,7 +397,10 @@ impl LeaseGuard {
             Ok(l) => Some(l),
             Err(e @ OffloadError::LeaseHeld { .. }) => return Err(e.to_string()),
             Err(e) => {
-                tracing::warn!(table = t.name(), "cannot take the lease (state store): {e}; continuing, commits stay fenced");
+                tracing::warn!(
+                    table = t.name(),
+                    "cannot take the lease (state store): {e}; continuing, commits stay fenced"
+                );
                 None
             }
         };

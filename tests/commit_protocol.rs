@@ -15,9 +15,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, TableCommit, TableIdent};
 
-use iceberg_offload::commit::{
-    self, Attempt, CommitContext, Journal, Resolution, TableView, snapshot_of_run,
-};
+use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, Resolution, TableView, snapshot_of_run};
 use iceberg_offload::config::CatalogLimits;
 use iceberg_offload::error::{OffloadError, PendingCause};
 
@@ -108,11 +106,8 @@ impl Fixture {
     async fn new(script: Vec<Step>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (inner, ident) = common::sqlite_catalog(dir.path(), "scripted").await;
-        let catalog = Arc::new(ScriptedCatalog {
-            inner,
-            script: Mutex::new(script.into()),
-            fail_next_load: Mutex::new(false),
-        });
+        let catalog =
+            Arc::new(ScriptedCatalog { inner, script: Mutex::new(script.into()), fail_next_load: Mutex::new(false) });
         let limits = CatalogLimits { commit: Duration::from_millis(1500), ..Default::default() };
         Fixture { _dir: dir, catalog, ident, limits }
     }

@@ -93,8 +93,7 @@ async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Cat
     let files_b = write(&stale, "writer-b", 0..10).await;
     let paths_b: Vec<String> = files_b.iter().map(|f| f.file_path().to_string()).collect();
     let b = Attempt { run_id: "run-b".into(), measure: measure("k2.fence"), operator_move: false };
-    let err =
-        commit::commit_window(&cx, &stale, &mut j, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
+    let err = commit::commit_window(&cx, &stale, &mut j, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
     assert!(matches!(err, OffloadError::CommitConflict { .. }), "expected a conflict, got {err}");
 
     let after = TableView::load(&cat, &ident).await.unwrap();
@@ -158,9 +157,10 @@ async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     assert_eq!(commit::sweep_dead_metadata(&committed.table), 1);
     assert!(!lost.exists());
     assert!(unknown.exists() && ours.exists(), "next-version files are never removed by version or age");
-    let removed = commit::AttemptFiles { table: &committed.table, run_id: "run-dead", paths: &[], limit: Duration::from_secs(5) }
-        .discard()
-        .await;
+    let removed =
+        commit::AttemptFiles { table: &committed.table, run_id: "run-dead", paths: &[], limit: Duration::from_secs(5) }
+            .discard()
+            .await;
     assert_eq!(removed, 1);
     assert!(!ours.exists(), "the metadata file carrying the dead attempt's run id is removed");
     assert!(unknown.exists(), "another writer's file is never touched");

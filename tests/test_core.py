@@ -186,7 +186,7 @@ def test_late_rows_are_counted_not_hidden(gateway, db, tmp_path):
     run(cfg, "once", check=True)
     insert_bronze(gateway, db, "trades", 7, now_ms() - 3_600_000, step_ms=100, seq_start=500_000)
     p = run(cfg, "once", check=True)
-    assert "7 rows at or below the watermark" in p.stderr, p.stderr
+    assert "missing_rows=7 " in p.stderr and " 7 late rows: in ClickHouse at or below the watermark" in p.stderr, p.stderr
     assert verify(tmp_path, "cold.trades", clickhouse=False)["pyiceberg"]["count"] == 1_000
 
 

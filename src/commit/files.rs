@@ -30,20 +30,27 @@ impl AttemptFiles<'_> {
     pub async fn discard(&self) -> usize {
         let ident = self.table.identifier();
         let mut removed = 0;
-        for path in metadata_files_of_run(self.table, self.run_id).into_iter().chain(commit_files_named(self.table, self.run_id)) {
+        for path in metadata_files_of_run(self.table, self.run_id)
+            .into_iter()
+            .chain(commit_files_named(self.table, self.run_id))
+        {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     removed += 1;
                     tracing::info!(table = %ident, run_id = self.run_id, file = %path.display(),
                         "removed the metadata file of a commit that did not land");
                 }
-                Err(e) => tracing::warn!(table = %ident, file = %path.display(), "cannot remove a stray metadata file: {e}"),
+                Err(e) => {
+                    tracing::warn!(table = %ident, file = %path.display(), "cannot remove a stray metadata file: {e}")
+                }
             }
         }
         for path in self.paths {
             match tokio::time::timeout(self.limit, self.table.file_io().delete(path)).await {
                 Ok(Ok(())) => removed += 1,
-                Ok(Err(e)) => tracing::warn!(table = %ident, path = %path, "cannot delete a file of a failed attempt: {e}"),
+                Ok(Err(e)) => {
+                    tracing::warn!(table = %ident, path = %path, "cannot delete a file of a failed attempt: {e}")
+                }
                 Err(_) => tracing::warn!(table = %ident, path = %path, "deleting a file of a failed attempt timed out"),
             }
         }
@@ -76,7 +83,9 @@ pub fn sweep_dead_metadata(table: &Table) -> usize {
                     removed += 1;
                     tracing::info!(table = %table.identifier(), file = %name, "removed the metadata file of a lost commit");
                 }
-                Err(e) => tracing::warn!(table = %table.identifier(), file = %name, "cannot remove a stray metadata file: {e}"),
+                Err(e) => {
+                    tracing::warn!(table = %table.identifier(), file = %name, "cannot remove a stray metadata file: {e}")
+                }
             }
         }
     }

@@ -257,7 +257,8 @@ fn local_path(uri: &str) -> Option<std::path::PathBuf> {
 
 /// Writes `bytes` to a temporary file next to `path`, syncs it, and renames it over `path`.
 async fn write_atomically(path: std::path::PathBuf, bytes: Vec<u8>) -> iceberg::Result<()> {
-    let io_error = |e: std::io::Error| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "attempt journal").with_source(e);
+    let io_error =
+        |e: std::io::Error| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "attempt journal").with_source(e);
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
         if let Some(dir) = path.parent() {

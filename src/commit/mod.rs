@@ -25,7 +25,7 @@
 //!    and storage call has its own limit ([`CommitLimits`]).
 //!
 //! I6 (lease) lives in the state store, I7 (mirror after truth) in the offload of a table,
-//! I9 (late rows) in [`late_rows`].
+//! I9 (late rows) in [`crate::audit`].
 
 pub mod files;
 pub mod journal;
@@ -64,6 +64,25 @@ pub const SUMMARY_SOURCE: &str = "offload.source";
 pub const PROP_MEASURE: &str = "offload.measure";
 /// Snapshot summary marker of a watermark moved by an operator (`watermark set`).
 pub const SUMMARY_MOVED: &str = "offload.watermark-moved";
+/// Table property: every range an operator moved `W` over, JSON `[Move]`. Kept in the
+/// properties because snapshots expire: the audit (I9) leaves these rows out for good.
+pub const PROP_MOVES: &str = "offload.watermark-moves";
+
+/// A range `(lo, hi]` an operator moved `W` over, and what `hi` was measured on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Move {
+    pub lo: Option<Position>,
+    pub hi: Position,
+    pub measure: crate::window::Measure,
+    /// What `lo` was measured on (another measure when the move re-recorded `W`, I11).
+    #[serde(default)]
+    pub lo_measure: Option<crate::window::Measure>,
+}
+
+/// The moves recorded in a table's properties (an unreadable list reads as none).
+pub fn recorded_moves(meta: &iceberg::spec::TableMetadata) -> Vec<Move> {
+    meta.properties().get(PROP_MOVES).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default()
+}
 
 /// I1: plans the next window after `lo`, or `None` when no settled row is waiting. `now_ns`
 /// is the source's clock (ClickHouse's `now64()`, I1), not this host's.
@@ -213,12 +232,21 @@ fn append(
         summary.insert(SUMMARY_MOVED.to_string(), "true".to_string());
     }
     let tx = Transaction::new(&view.table);
-    let tx = tx
+    let mut props = tx
         .update_table_properties()
         .set(PROP_WATERMARK.to_string(), window.hi.cursor_rfc3339())
         .set(PROP_POSITION.to_string(), window.hi.to_json())
-        .set(PROP_MEASURE.to_string(), attempt.measure.to_json())
-        .apply(tx)?;
+        .set(PROP_MEASURE.to_string(), attempt.measure.to_json());
+    if attempt.operator_move && window.lo.as_ref() != Some(&window.hi) {
+        let mut moves = recorded_moves(view.table.metadata());
+        let lo_measure = match &view.measured_on {
+            MeasuredOn::Recorded(m) => Some(m.clone()),
+            _ => None,
+        };
+        moves.push(Move { lo: window.lo.clone(), hi: window.hi.clone(), measure: attempt.measure.clone(), lo_measure });
+        props = props.set(PROP_MOVES.to_string(), serde_json::to_string(&moves).expect("serialisable"));
+    }
+    let tx = props.apply(tx)?;
     // File names are unique per attempt, so the duplicate check (which reads every
     // manifest of the table) is unnecessary.
     let mut action = tx.fast_append();
@@ -226,11 +254,7 @@ fn append(
         // Manifests and manifest list carry the run id in their names (I8: findable).
         action = action.set_commit_uuid(u);
     }
-    Ok(action
-        .with_check_duplicate(false)
-        .add_data_files(files)
-        .set_snapshot_properties(summary)
-        .apply(tx)?)
+    Ok(action.with_check_duplicate(false).add_data_files(files).set_snapshot_properties(summary).apply(tx)?)
 }
 
 /// How a commit call failed, decided where it failed, by the error's kind and type (I5).
@@ -331,7 +355,9 @@ async fn confirm(
         }
     };
     match resolution {
-        Some((Resolution::Committed(snapshot_id), table)) => committed(journal, &record, snapshot_id, false, table).await,
+        Some((Resolution::Committed(snapshot_id), table)) => {
+            committed(journal, &record, snapshot_id, false, table).await
+        }
         Some((resolution @ (Resolution::Impossible | Resolution::Undecidable), table)) => {
             // It cannot have landed where the table now stands (I4): the table moved on.
             let mut record = record;
@@ -410,7 +436,12 @@ async fn pending(
 /// The table moved on without the attempt, but the snapshot it required was expired meanwhile:
 /// whether it landed cannot be proven (I5). Its record goes; its files stay for
 /// `iceberg-offload cleanup`, which deletes only files that no snapshot references.
-async fn unproven(journal: &mut Journal, table: &Table, record: &PendingAttempt, error: OffloadError) -> Result<Committed> {
+async fn unproven(
+    journal: &mut Journal,
+    table: &Table,
+    record: &PendingAttempt,
+    error: OffloadError,
+) -> Result<Committed> {
     tracing::warn!(table = %table.identifier(), run_id = %record.run_id,
         "{error}; the snapshot it required was expired, so its files are left to `iceberg-offload cleanup`");
     if let Err(e) = journal.remove(&record.run_id).await {
@@ -438,21 +469,10 @@ async fn own_commit_files(cx: &CommitContext, reported: &Table, run_id: &str) ->
         ManifestList::parse_with_version(&bytes, meta.format_version())
     };
     if let Ok(Ok(list)) = tokio::time::timeout(cx.limits.storage, read).await {
-        files.extend(list.entries().iter().filter(|m| m.added_snapshot_id == snapshot_id).map(|m| m.manifest_path.clone()));
+        files.extend(
+            list.entries().iter().filter(|m| m.added_snapshot_id == snapshot_id).map(|m| m.manifest_path.clone()),
+        );
     }
     files.push(list_path);
     files
-}
-
-/// I9: rows at or below the watermark that are in the source but not in the table, for
-/// windows already committed: source count up to `W` minus the table's total records.
-pub async fn late_rows(source: &SourceTable, ch: &ClickHouse, view: &TableView) -> Result<Option<i64>> {
-    let Some(w) = &view.watermark else { return Ok(None) };
-    let Some(snapshot) = view.table.metadata().current_snapshot() else { return Ok(None) };
-    let Some(total) = snapshot.summary().additional_properties.get("total-records").and_then(|v| v.parse::<i64>().ok())
-    else {
-        return Ok(None);
-    };
-    let in_source = source.count(ch, None, w).await? as i64;
-    Ok(Some(in_source - total))
 }

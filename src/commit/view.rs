@@ -14,8 +14,8 @@ use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 
 use super::{PROP_MEASURE, PROP_POSITION, Position, SUMMARY_SOURCE};
-use crate::window::Measure;
 use crate::error::{OffloadError, Result};
+use crate::window::Measure;
 
 /// Where an attempt's `W` came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

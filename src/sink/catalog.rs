@@ -181,8 +181,10 @@ impl TimeLimited {
     ) -> iceberg::Result<T> {
         match tokio::time::timeout(after, f).await {
             Ok(r) => r,
-            Err(_) => Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("catalog call {call} timed out"))
-                .with_source(CallTimedOut { call, after })),
+            Err(_) => {
+                Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("catalog call {call} timed out"))
+                    .with_source(CallTimedOut { call, after }))
+            }
         }
     }
 }
@@ -192,7 +194,11 @@ impl Catalog for TimeLimited {
     async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
         self.limit("list_namespaces", self.limits.call, self.inner.list_namespaces(parent)).await
     }
-    async fn create_namespace(&self, ns: &NamespaceIdent, props: HashMap<String, String>) -> iceberg::Result<Namespace> {
+    async fn create_namespace(
+        &self,
+        ns: &NamespaceIdent,
+        props: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
         self.limit("create_namespace", self.limits.call, self.inner.create_namespace(ns, props)).await
     }
     async fn get_namespace(&self, ns: &NamespaceIdent) -> iceberg::Result<Namespace> {

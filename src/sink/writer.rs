@@ -33,6 +33,11 @@ use crate::config::IntegerEncoding;
 use crate::error::{OffloadError, Result};
 
 type Builder = DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
+type PartitionWriter = DataFileWriter<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
+
+/// Partitions seen again after their file was closed, beyond which a clustered window is
+/// written fan-out (see [`Inner::Clustered`]).
+const REOPEN_LIMIT: u64 = 16;
 
 // One writer per window: the size of the enum does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -40,6 +45,23 @@ enum Inner {
     Unpartitioned(DataFileWriter<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>),
     Partitioned {
         fanout: FanoutWriter<Builder>,
+        calculator: PartitionValueCalculator,
+        partition_type: StructType,
+        spec: PartitionSpecRef,
+        schema: IcebergSchemaRef,
+    },
+    /// Rows arrive sorted by partition: one writer is open at a time, so memory stays flat
+    /// however many partitions a window holds.
+    Clustered {
+        builder: Builder,
+        open: HashMap<iceberg::spec::Struct, PartitionWriter>,
+        /// Partitions already closed: one seen again (ClickHouse's order disagreed with
+        /// Iceberg's transform) gets another file, never a wrong one. Past
+        /// [`REOPEN_LIMIT`] the order is not trusted any more: writers stay open (fan-out),
+        /// so a bad order costs memory, not a file per run of rows.
+        closed: std::collections::HashSet<iceberg::spec::Struct>,
+        reopened: u64,
+        files: Vec<DataFile>,
         calculator: PartitionValueCalculator,
         partition_type: StructType,
         spec: PartitionSpecRef,
@@ -71,19 +93,22 @@ fn writer_properties(schema: &iceberg::spec::Schema, integers: IntegerEncoding) 
         for field in schema.as_struct().fields() {
             // Parquet INT32/INT64 physical types: the only ones DELTA_BINARY_PACKED applies to.
             let integer = match &*field.field_type {
-                Type::Primitive(p) => matches!(
-                    p,
-                    PrimitiveType::Int
-                        | PrimitiveType::Long
-                        | PrimitiveType::Date
-                        | PrimitiveType::Time
-                        | PrimitiveType::Timestamp
-                        | PrimitiveType::Timestamptz
-                ) || matches!(p, PrimitiveType::Decimal { precision, .. } if *precision <= 18),
+                Type::Primitive(p) => {
+                    matches!(
+                        p,
+                        PrimitiveType::Int
+                            | PrimitiveType::Long
+                            | PrimitiveType::Date
+                            | PrimitiveType::Time
+                            | PrimitiveType::Timestamp
+                            | PrimitiveType::Timestamptz
+                    ) || matches!(p, PrimitiveType::Decimal { precision, .. } if *precision <= 18)
+                }
                 _ => false,
             };
             if integer {
-                builder = builder.set_column_encoding(ColumnPath::from(field.name.as_str()), Encoding::DELTA_BINARY_PACKED);
+                builder =
+                    builder.set_column_encoding(ColumnPath::from(field.name.as_str()), Encoding::DELTA_BINARY_PACKED);
             }
         }
     }
@@ -92,7 +117,8 @@ fn writer_properties(schema: &iceberg::spec::Schema, integers: IntegerEncoding) 
 
 impl WindowWriter {
     /// `file_prefix` must be unique per attempt (the attempt id).
-    pub async fn new(table: &Table, file_prefix: &str, integers: IntegerEncoding) -> Result<Self> {
+    /// `clustered`: the rows will arrive sorted by partition (see [`Inner::Clustered`]).
+    pub async fn new(table: &Table, file_prefix: &str, integers: IntegerEncoding, clustered: bool) -> Result<Self> {
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
         let arrow_schema = Arc::new(schema_to_arrow_schema(&schema)?);
@@ -110,7 +136,21 @@ impl WindowWriter {
         } else {
             let calculator = PartitionValueCalculator::try_new(&spec, &schema)?;
             let partition_type = calculator.partition_type().clone();
-            Inner::Partitioned { fanout: FanoutWriter::new(builder), calculator, partition_type, spec, schema }
+            if clustered {
+                Inner::Clustered {
+                    builder,
+                    open: HashMap::new(),
+                    closed: Default::default(),
+                    reopened: 0,
+                    files: vec![],
+                    calculator,
+                    partition_type,
+                    spec,
+                    schema,
+                }
+            } else {
+                Inner::Partitioned { fanout: FanoutWriter::new(builder), calculator, partition_type, spec, schema }
+            }
         };
         Ok(Self { inner, arrow_schema, table_name: table.identifier().to_string(), rows: 0 })
     }
@@ -163,14 +203,47 @@ impl WindowWriter {
                     fanout.write(key, sub).await?;
                 }
             }
+            Inner::Clustered { builder, open, closed, reopened, files, calculator, partition_type, spec, schema } => {
+                for (data, sub) in split(&batch, calculator, partition_type)? {
+                    if !open.contains_key(&data) {
+                        if *reopened <= REOPEN_LIMIT {
+                            for (done, mut w) in open.drain() {
+                                files.extend(w.close().await?);
+                                closed.insert(done);
+                            }
+                        }
+                        if closed.contains(&data) {
+                            *reopened += 1;
+                        }
+                        let key = PartitionKey::new(spec.as_ref().clone(), schema.clone(), data.clone());
+                        open.insert(data.clone(), builder.build(Some(key)).await?);
+                    }
+                    open.get_mut(&data).expect("opened above").write(sub).await?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Partitions that came back after their writer was closed (0 when ClickHouse sorted the
+    /// window exactly as Iceberg partitions it).
+    pub fn reopened_partitions(&self) -> u64 {
+        match &self.inner {
+            Inner::Clustered { reopened, .. } => *reopened,
+            _ => 0,
+        }
     }
 
     pub async fn close(self) -> Result<Vec<DataFile>> {
         Ok(match self.inner {
             Inner::Unpartitioned(mut w) => w.close().await?,
             Inner::Partitioned { fanout, .. } => fanout.close().await?,
+            Inner::Clustered { open, mut files, .. } => {
+                for (_, mut w) in open {
+                    files.extend(w.close().await?);
+                }
+                files
+            }
         })
     }
 }

@@ -310,9 +310,8 @@ fn async_stream(
                     st.frames.extend(frames);
                     if let Err(e) = framed {
                         st.done = true;
-                        let err = mid_stream_exception(&st.client, &st.framer, &chunk).unwrap_or_else(|| {
-                            OffloadError::ClickHouseStream(format!("invalid ArrowStream: {e}"))
-                        });
+                        let err = mid_stream_exception(&st.client, &st.framer, &chunk)
+                            .unwrap_or_else(|| OffloadError::ClickHouseStream(format!("invalid ArrowStream: {e}")));
                         return Some((Err(err), st));
                     }
                 }

@@ -280,6 +280,10 @@ mod tests {
         let (code, message) = framer.server_exception(&[]).expect("found");
         assert_eq!(code, 70);
         assert!(message.starts_with("Value in column UInt64 cannot be safely converted"), "{message}");
-        assert_eq!(MessageFramer::default().server_exception(&stream[..cut]), None, "Arrow bytes alone are no exception");
+        assert_eq!(
+            MessageFramer::default().server_exception(&stream[..cut]),
+            None,
+            "Arrow bytes alone are no exception"
+        );
     }
 }

@@ -2,11 +2,11 @@
 //! `system.columns` and are quoted; every value (window bounds, names) is a query parameter.
 
 use crate::config::{ReadFinal, TableConfig, Uint64As};
-use crate::window::{Bounds, CursorUnit, Position, escape_bytes, unhex};
 use crate::error::{OffloadError, Result};
 use crate::source::ClickHouse;
 use crate::source::types::ChType;
 use crate::util::quote_ident;
+use crate::window::{Bounds, CursorUnit, Position, escape_bytes, unhex};
 use iceberg::spec::Type;
 
 /// A source column as ClickHouse describes it.
@@ -127,12 +127,14 @@ impl SourceTable {
             .iter()
             .map(|c| {
                 let (expr, ty) =
-                    c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids, self.table.uint64).map_err(|e| OffloadError::Schema {
-                        table: self.table.source(),
-                        message: format!(
-                            "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
-                            c.name, c.ch_type
-                        ),
+                    c.parsed.mapping(&quote_ident(&c.name), 0, &mut ids, self.table.uint64).map_err(|e| {
+                        OffloadError::Schema {
+                            table: self.table.source(),
+                            message: format!(
+                                "column {:?}: {e} (ClickHouse type {}); leave it out with tables[].columns",
+                                c.name, c.ch_type
+                            ),
+                        }
                     })?;
                 Ok((c.name.clone(), expr, ty, c.parsed.unwrap().1))
             })
@@ -159,12 +161,8 @@ impl SourceTable {
         if self.table.uint64 != Uint64As::Long || !message.contains("cannot be safely converted into type") {
             return e;
         }
-        let columns: Vec<&str> = self
-            .columns
-            .iter()
-            .filter(|c| c.ch_type.contains("UInt64"))
-            .map(|c| c.name.as_str())
-            .collect();
+        let columns: Vec<&str> =
+            self.columns.iter().filter(|c| c.ch_type.contains("UInt64")).map(|c| c.name.as_str()).collect();
         OffloadError::Schema {
             table: self.table.source(),
             message: format!(
@@ -283,7 +281,9 @@ impl SourceTable {
     ) -> Result<Position> {
         let (pred, mut params) = self.window_predicate(lo, hi);
         let (tb_expr, order) = match &self.table.tiebreak {
-            Some(tb) => (self.tiebreak_as_text(tb), format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb))),
+            Some(tb) => {
+                (self.tiebreak_as_text(tb), format!("{}, {}", quote_ident(&self.table.cursor), quote_ident(tb)))
+            }
             None => ("''".to_string(), quote_ident(&self.table.cursor)),
         };
         params.push(("offset".into(), (n - 1).to_string()));
@@ -302,9 +302,11 @@ impl SourceTable {
         let text = row.get(1).cloned().unwrap_or_default();
         let tiebreak = match &self.table.tiebreak {
             None => None,
-            Some(tb) if self.tiebreak_as_text(tb).starts_with("hex(") => Some(escape_bytes(&unhex(&text).ok_or_else(|| {
-                OffloadError::ClickHouseStream(format!("unexpected hex tiebreak value {text:?}"))
-            })?)),
+            Some(tb) if self.tiebreak_as_text(tb).starts_with("hex(") => {
+                Some(escape_bytes(&unhex(&text).ok_or_else(|| {
+                    OffloadError::ClickHouseStream(format!("unexpected hex tiebreak value {text:?}"))
+                })?))
+            }
             // Numbers, decimals and UUIDs print as plain ASCII, which is their escaped form.
             Some(_) => Some(text),
         };
@@ -348,12 +350,91 @@ impl SourceTable {
         Ok(row.get(1).and_then(|v| v.parse::<f64>().ok()))
     }
 
-    /// The SELECT that reads one window.
+    /// Rows at or below `w` per UTC day of the cursor, for the days `first..=last` (`first`
+    /// `None`: from the beginning), leaving out the ranges an operator moved `W` over
+    /// (`skipped`: `(lo, hi]`, see `watermark set`): the source side of the audit (I9).
+    pub async fn rows_per_day(
+        &self,
+        ch: &ClickHouse,
+        w: &Position,
+        first: Option<chrono::NaiveDate>,
+        last: chrono::NaiveDate,
+        skipped: &[(Option<Position>, Position)],
+    ) -> Result<std::collections::BTreeMap<chrono::NaiveDate, u64>> {
+        let (pred, mut params) = self.window_predicate(None, w);
+        let cursor = quote_ident(&self.table.cursor);
+        let day = format!("toDate32(toDateTime64({cursor}, 9, 'UTC'))");
+        let mut terms = vec![pred, format!("{day} <= {{last_day:Date32}}")];
+        params.push(("last_day".into(), last.to_string()));
+        if let Some(first) = first {
+            // The raw column bounded too, so that ClickHouse skips older parts by its index.
+            let start_ns =
+                first.and_hms_opt(0, 0, 0).and_then(|t| t.and_utc().timestamp_nanos_opt()).unwrap_or(i64::MIN);
+            terms.push(format!("{cursor} >= fromUnixTimestamp64Nano({{first_ns:Int64}}, 'UTC')"));
+            terms.push(format!("{day} >= {{first_day:Date32}}"));
+            params.push(("first_ns".into(), start_ns.to_string()));
+            params.push(("first_day".into(), first.to_string()));
+        }
+        for (i, (lo, hi)) in skipped.iter().enumerate() {
+            let (mut p, ps) = self.bounds().predicate(lo.as_ref(), Some(hi));
+            for (name, value) in ps {
+                p = p.replace(&format!("{{{name}:"), &format!("{{skip{i}_{name}:"));
+                params.push((format!("skip{i}_{name}"), value));
+            }
+            terms.push(format!("NOT ({p})"));
+        }
+        // An alias no source column can be (prefer_column_name_to_alias = 1 is always on).
+        let sql = format!(
+            "SELECT toString({day}) AS offload_audit_day_, count() FROM {} WHERE {} \
+             GROUP BY offload_audit_day_ ORDER BY offload_audit_day_",
+            self.from(),
+            terms.join(" AND ")
+        );
+        let unexpected = |r: &Vec<String>| OffloadError::ClickHouseStream(format!("unexpected day count {r:?}"));
+        ch.query_rows(&sql, &params)
+            .await?
+            .iter()
+            .map(|r| match (r.first().and_then(|d| d.parse().ok()), r.get(1).and_then(|n| n.parse().ok())) {
+                (Some(d), Some(n)) => Ok((d, n)),
+                _ => Err(unexpected(r)),
+            })
+            .collect()
+    }
+
+    /// The first day of the cursor that the source holds whole as far as its own rows tell:
+    /// the day after its oldest row's (older days were deleted, by a TTL or by hand, and the
+    /// oldest day may be partly deleted). `None` when the table is empty.
+    pub async fn first_whole_day(&self, ch: &ClickHouse) -> Result<Option<chrono::NaiveDate>> {
+        let cursor = quote_ident(&self.table.cursor);
+        let sql = format!(
+            "SELECT count(), toString(toDate32(toDateTime64(min({cursor}), 9, 'UTC')) + 1) FROM {} WHERE {cursor} IS NOT NULL",
+            self.from()
+        );
+        let rows = ch.query_rows(&sql, &[]).await?;
+        match rows.first().map(|r| (r.first().map(String::as_str), r.get(1))) {
+            Some((Some("0"), _)) => Ok(None),
+            Some((_, Some(d))) => {
+                d.parse().map(Some).map_err(|_| OffloadError::ClickHouseStream(format!("unexpected day {d:?}")))
+            }
+            _ => Err(OffloadError::ClickHouseStream(format!("unexpected answer {rows:?}"))),
+        }
+    }
+
+    /// How long the source keeps a row, from its TTL (`expr + toIntervalDay(7)`): rows older
+    /// than that may be gone, so the audit stays out of those days. `None` without a TTL, or
+    /// with one whose interval is not a constant.
+    pub fn retention(&self) -> Option<std::time::Duration> {
+        self.ttl.as_deref().and_then(ttl_expression).and_then(|e| ttl_interval(&e))
+    }
+
+    /// The SELECT that reads one window; `order` (from [`Self::partition_order`]) sorts it by
+    /// partition.
     pub fn select(
         &self,
         projection: &Projection,
         lo: Option<&Position>,
         hi: &Position,
+        order: Option<&str>,
     ) -> (String, Vec<(String, String)>) {
         let list = projection
             .iter()
@@ -361,7 +442,51 @@ impl SourceTable {
             .collect::<Vec<_>>()
             .join(", ");
         let (pred, params) = self.window_predicate(lo, hi);
-        (format!("SELECT {list} FROM {} WHERE {pred}", self.from()), params)
+        let order = order.map(|o| format!(" ORDER BY {o}")).unwrap_or_default();
+        (format!("SELECT {list} FROM {} WHERE {pred}{order}", self.from()), params)
+    }
+
+    /// The partition values of a row as ClickHouse computes them, for `ORDER BY`: rows of one
+    /// partition then come together, so the writer keeps one Parquet writer open at a time.
+    /// Computed on the value as offloaded (the projection's expression), with Iceberg's
+    /// transforms (`icebergBucket`, `icebergTruncate`, UTC time units). `None` when windows
+    /// need no sorting (unpartitioned, or only time transforms of the cursor).
+    pub fn partition_order(&self, projection: &Projection) -> Option<String> {
+        if !self.table.writes_clustered() {
+            return None;
+        }
+        let keys: Vec<String> = self
+            .table
+            .partition
+            .iter()
+            .map(|f| {
+                let e = projection
+                    .iter()
+                    .find(|(name, ..)| *name == f.column)
+                    .map(|(_, expr, ..)| expr.clone())
+                    .unwrap_or_else(|| quote_ident(&f.column));
+                let utc = format!("toDateTime64({e}, 6, 'UTC')");
+                let arg =
+                    |t: &str| t.split_once('[').map(|(_, n)| n.trim_end_matches(']').to_string()).unwrap_or_default();
+                match f.transform.as_str() {
+                    "year" => format!("toYear({utc})"),
+                    "month" => format!("toStartOfMonth({utc})"),
+                    "day" => format!("toDate({utc})"),
+                    "hour" => format!("toStartOfHour({utc})"),
+                    t if t.starts_with("bucket[") => format!("icebergBucket({}, {e})", arg(t)),
+                    t if t.starts_with("truncate[") => format!("icebergTruncate({}, {e})", arg(t)),
+                    _ => e,
+                }
+            })
+            .collect();
+        Some(keys.join(", "))
+    }
+
+    /// Whether ClickHouse accepts `order` for this table (e.g. `icebergBucket` of every type):
+    /// asked once per run with `LIMIT 0`, so a function the server lacks costs files, not a window.
+    pub async fn accepts_order(&self, ch: &ClickHouse, order: &str) -> Result<()> {
+        let sql = format!("SELECT {order} FROM {} LIMIT 0", self.from());
+        ch.query_text(&sql, &[]).await.map(|_| ())
     }
 }
 
@@ -386,6 +511,27 @@ fn ttl_expression(ttl: &str) -> Option<String> {
     Some(expr.to_string())
 }
 
+/// The interval of a TTL expression `… + toInterval<Unit>(N)` (months and years at their
+/// longest, so the audit never counts a day the TTL may have started on).
+fn ttl_interval(expr: &str) -> Option<std::time::Duration> {
+    let at = expr.rfind("toInterval")?;
+    let rest = &expr[at + "toInterval".len()..];
+    let (unit, rest) = rest.split_once('(')?;
+    let n: u64 = rest.split_once(')')?.0.trim().parse().ok()?;
+    let seconds = match unit {
+        "Second" => 1,
+        "Minute" => 60,
+        "Hour" => 3_600,
+        "Day" => 86_400,
+        "Week" => 7 * 86_400,
+        "Month" => 31 * 86_400,
+        "Quarter" => 92 * 86_400,
+        "Year" => 366 * 86_400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(n.checked_mul(seconds)?))
+}
+
 fn strip_wrappers(t: &str) -> String {
     let mut s = t.trim();
     for w in ["LowCardinality(", "Nullable("] {
@@ -405,7 +551,12 @@ fn ns_since_epoch(expr: &str) -> String {
 mod tests {
     #[test]
     fn merging_engines_are_recognised() {
-        for e in ["SummingMergeTree", "ReplicatedReplacingMergeTree", "VersionedCollapsingMergeTree", "SharedAggregatingMergeTree"] {
+        for e in [
+            "SummingMergeTree",
+            "ReplicatedReplacingMergeTree",
+            "VersionedCollapsingMergeTree",
+            "SharedAggregatingMergeTree",
+        ] {
             assert!(super::merges_rows(e), "{e}");
         }
         for e in ["MergeTree", "ReplicatedMergeTree", "Distributed", "Log"] {
@@ -421,5 +572,11 @@ mod tests {
         );
         assert_eq!(super::ttl_expression("ts + toIntervalDay(1) TO VOLUME 'cold'"), None);
         assert_eq!(super::ttl_expression("ts + toIntervalDay(7) DELETE").as_deref(), Some("ts + toIntervalDay(7)"));
+        let days = |n: u64| Some(std::time::Duration::from_secs(n * 86_400));
+        assert_eq!(super::ttl_interval("toDateTime(exchange_timestamp) + toIntervalDay(7)"), days(7));
+        assert_eq!(super::ttl_interval("ts + toIntervalMonth(1)"), days(31));
+        assert_eq!(super::ttl_interval("ts + toIntervalHour(36)"), Some(std::time::Duration::from_secs(36 * 3_600)));
+        assert_eq!(super::ttl_interval("ts + toIntervalDay(n)"), None);
+        assert_eq!(super::ttl_interval("ts"), None);
     }
 }

@@ -119,7 +119,12 @@ impl ChType {
     pub fn is_tiebreak(&self) -> bool {
         matches!(
             self.unwrap().0,
-            ChType::Int(_) | ChType::UInt(_) | ChType::String | ChType::FixedString(_) | ChType::Uuid | ChType::Decimal { .. }
+            ChType::Int(_)
+                | ChType::UInt(_)
+                | ChType::String
+                | ChType::FixedString(_)
+                | ChType::Uuid
+                | ChType::Decimal { .. }
         )
     }
 

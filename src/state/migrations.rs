@@ -67,6 +67,19 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         3,
         &["ALTER TABLE offload_watermarks ADD COLUMN iceberg_sequence_number BIGINT"],
     ),
+    (
+        // I9: the audit's latest verdict per table and day of the cursor (the original's
+        // maintenance_audit_log, one row per day instead of one per run).
+        4,
+        &["CREATE TABLE IF NOT EXISTS offload_audit (
+            table_name TEXT NOT NULL,
+            day TEXT NOT NULL,
+            source_rows BIGINT NOT NULL,
+            iceberg_rows BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            checked_at {TS} {NOW},
+            PRIMARY KEY (table_name, day))"],
+    ),
 ];
 
 fn dialect_sql(stmt: &str, dialect: Dialect) -> String {

@@ -127,7 +127,9 @@ impl StateStore {
     async fn limited<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r,
-            Err(_) => Err(OffloadError::StateUnreachable(format!("no answer within {:?} ({})", self.timeout, self.url))),
+            Err(_) => {
+                Err(OffloadError::StateUnreachable(format!("no answer within {:?} ({})", self.timeout, self.url)))
+            }
         }
     }
 
@@ -334,6 +336,46 @@ impl StateStore {
                 .bind(r.finished_at_ms)
                 .execute(&self.pool)
                 .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// I9: the audit's verdict per day (one row per table and day, the latest kept); rows of
+    /// days before `retained` (out of the source's retention now) are deleted.
+    pub async fn record_audit(
+        &self,
+        table: &str,
+        days: &[crate::audit::DayAudit],
+        retained: Option<chrono::NaiveDate>,
+    ) -> Result<()> {
+        self.limited(async {
+            let sql = format!(
+                "INSERT INTO offload_audit (table_name, day, source_rows, iceberg_rows, status, checked_at) \
+                 VALUES ($1, $2, $3, $4, $5, {now}) ON CONFLICT (table_name, day) DO UPDATE SET \
+                 source_rows = excluded.source_rows, iceberg_rows = excluded.iceberg_rows, status = excluded.status, \
+                 checked_at = excluded.checked_at",
+                now = self.now()
+            );
+            let mut tx = self.pool.begin().await?;
+            if let Some(first) = retained {
+                sqlx::query("DELETE FROM offload_audit WHERE table_name = $1 AND day < $2")
+                    .bind(table)
+                    .bind(first.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for d in days {
+                sqlx::query(&sql)
+                    .bind(table)
+                    .bind(d.day.to_string())
+                    .bind(d.source_rows as i64)
+                    .bind(d.iceberg_rows as i64)
+                    .bind(d.status().as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
             Ok(())
         })
         .await

@@ -87,17 +87,21 @@ pub async fn sqlite_catalog(dir: &std::path::Path, name: &str) -> (Arc<dyn icebe
 
 /// Parquet files of rows `id` in `ids`, stamped `base_s + id` seconds after the epoch.
 pub async fn write(view: &TableView, prefix: &str, ids: std::ops::Range<i64>, base_s: i64) -> Vec<DataFile> {
+    let mut w = WindowWriter::new(&view.table, prefix, Default::default(), false).await.unwrap();
+    w.write(batch(ids.map(|i| (i, base_s + i)))).await.unwrap();
+    w.close().await.unwrap()
+}
+
+/// A batch of `(id, ts seconds after the epoch)` rows.
+pub fn batch(rows: impl IntoIterator<Item = (i64, i64)>) -> RecordBatch {
+    let (ids, secs): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
     let schema = Arc::new(Schema::new(vec![
         Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
         Field::new("id", DataType::Int64, false),
     ]));
-    let ts = TimestampMicrosecondArray::from(ids.clone().map(|i| (base_s + i) * 1_000_000).collect::<Vec<_>>())
-        .with_timezone("UTC");
-    let batch =
-        RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids.collect::<Vec<_>>()))]).unwrap();
-    let mut w = WindowWriter::new(&view.table, prefix, Default::default()).await.unwrap();
-    w.write(batch).await.unwrap();
-    w.close().await.unwrap()
+    let ts =
+        TimestampMicrosecondArray::from(secs.iter().map(|s| s * 1_000_000).collect::<Vec<_>>()).with_timezone("UTC");
+    RecordBatch::try_new(schema, vec![Arc::new(ts), Arc::new(Int64Array::from(ids))]).unwrap()
 }
 
 /// The window `(none, hi_s seconds]`.
