@@ -36,7 +36,51 @@ struct RawConfig {
     #[serde(default)]
     state: RawState,
     #[serde(default)]
+    maintenance: RawMaintenance,
+    #[serde(default)]
     tables: Vec<RawTable>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaintenance {
+    #[serde(default = "d_true")]
+    enabled: bool,
+    #[serde(default = "d_maintenance_at")]
+    at: String,
+    #[serde(default = "d_expire_every_commits")]
+    expire_every_commits: u64,
+    #[serde(default = "d_maintenance_timeout")]
+    timeout: String,
+    #[serde(default = "d_max_snapshot_age")]
+    max_snapshot_age: String,
+    #[serde(default = "d_min_snapshots_to_keep")]
+    min_snapshots_to_keep: usize,
+}
+
+impl Default for RawMaintenance {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_maintenance_at() -> String {
+    "03:00".into()
+}
+fn d_expire_every_commits() -> u64 {
+    96
+}
+fn d_maintenance_timeout() -> String {
+    "5m".into()
+}
+fn d_max_snapshot_age() -> String {
+    "5d".into()
+}
+fn d_min_snapshots_to_keep() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,7 +348,22 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub catalog: CatalogConfig,
     pub state: StateConfig,
+    pub maintenance: MaintenanceConfig,
     pub tables: Vec<TableConfig>,
+}
+
+/// `[maintenance]`: what `run` does to keep tables small and fast (see `crate::maintenance`).
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    pub enabled: bool,
+    /// Daily, at this UTC time.
+    pub at: chrono::NaiveTime,
+    /// Also after this many commits of a table since its last maintenance (0: never).
+    pub expire_every_commits: u64,
+    pub timeout: Duration,
+    /// Defaults of `history.expire.max-snapshot-age-ms` / `min-snapshots-to-keep`; a table's
+    /// own properties win.
+    pub retention: crate::maintenance::expire::Retention,
 }
 
 #[derive(Debug, Clone)]
@@ -659,7 +718,19 @@ impl Config {
         if tables.is_empty() {
             return Err(inv("no [[tables]] configured".into()));
         }
-        Ok(Config { service, clickhouse, catalog, state, tables })
+        let m = raw.maintenance;
+        let maintenance = MaintenanceConfig {
+            enabled: m.enabled,
+            at: chrono::NaiveTime::parse_from_str(&m.at, "%H:%M")
+                .map_err(|_| inv(format!("maintenance.at {:?}: expected a UTC time such as \"03:00\"", m.at)))?,
+            expire_every_commits: m.expire_every_commits,
+            timeout: dur("maintenance.timeout", &m.timeout)?,
+            retention: crate::maintenance::expire::Retention {
+                max_age: dur("maintenance.max_snapshot_age", &m.max_snapshot_age)?,
+                min_keep: m.min_snapshots_to_keep.max(1),
+            },
+        };
+        Ok(Config { service, clickhouse, catalog, state, maintenance, tables })
     }
 
     fn table(i: usize, t: RawTable) -> Result<TableConfig, ConfigError> {

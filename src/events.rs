@@ -433,6 +433,58 @@ impl WindowGrew<'_> {
     }
 }
 
+/// A maintenance run of a table ended (expiry and the files it freed).
+pub struct Maintained<'a> {
+    pub table: &'a str,
+    pub result: &'a crate::error::Result<crate::maintenance::MaintenanceReport>,
+    pub duration: Duration,
+}
+
+impl Maintained<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        match self.result {
+            Ok(r) => {
+                if let Some(why) = r.skipped.as_ref().or(r.expire.as_ref().and_then(|e| e.skipped.as_ref())) {
+                    m.maintenance_runs_total.with_label_values(&[self.table, "skipped"]).inc();
+                    tracing::info!(table = self.table, "maintenance of {} skipped: {why}", self.table);
+                    return;
+                }
+                m.maintenance_runs_total.with_label_values(&[self.table, "success"]).inc();
+                m.maintenance_last_success_timestamp_seconds.with_label_values(&[self.table]).set(unix_now());
+                if let Some(e) = &r.expire {
+                    m.snapshots_expired_total.with_label_values(&[self.table]).inc_by(e.snapshots_expired as u64);
+                    m.maintenance_files_deleted_total
+                        .with_label_values(&[self.table])
+                        .inc_by((e.files_deleted + e.metadata_files_deleted) as u64);
+                    m.table_snapshots
+                        .with_label_values(&[self.table])
+                        .set(e.snapshots_before.saturating_sub(e.snapshots_expired) as f64);
+                    tracing::info!(
+                        table = self.table,
+                        snapshots_expired = e.snapshots_expired,
+                        files_deleted = e.files_deleted,
+                        metadata_files_deleted = e.metadata_files_deleted,
+                        duration_seconds = self.duration.as_secs_f64(),
+                        "maintenance of {}: {} snapshots expired, {} files deleted",
+                        self.table,
+                        e.snapshots_expired,
+                        e.files_deleted + e.metadata_files_deleted
+                    );
+                }
+            }
+            Err(e) => {
+                m.maintenance_runs_total.with_label_values(&[self.table, "failure"]).inc();
+                tracing::warn!(
+                    table = self.table,
+                    error_kind = e.kind(),
+                    "maintenance of {} failed (the offload is not affected; retried at the next run): {e}",
+                    self.table
+                );
+            }
+        }
+    }
+}
+
 /// An audit of a table finished (I9): its verdicts per day become the audit metrics; a day
 /// with missing or extra rows is a warning naming it.
 pub struct Audited<'a> {

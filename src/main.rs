@@ -94,6 +94,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Maintains the tables now (what `run` does daily): expires snapshots older than the
+    /// retention (`[maintenance]`, or the table's `history.expire.*` properties) and deletes
+    /// the files only they referenced. Takes each table's lease. `--dry-run` says what would go.
+    Maintain {
+        /// One table (its `name`); all tables when left out.
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Watermarks.
     Watermark {
         #[command(subcommand)]
@@ -188,6 +198,7 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
         max_clock_skew: cfg.clickhouse.max_clock_skew,
         audit: AuditSettings { recent_days: cfg.service.audit_recent_days, full_every: cfg.service.audit_full_every },
         audits: Default::default(),
+        maintenance: Default::default(),
     })
 }
 
@@ -240,7 +251,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let listen = cfg.service.metrics_listen.clone();
             let stale_after =
                 (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
-            let scheduler = Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()));
+            let scheduler = Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()).with_maintenance());
             metrics.init_service(scheduler.config.tables.len(), schedule, &tables, scheduler.heartbeat.clone());
             let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
             let server = tokio::spawn(async move { server::serve(&listen, state).await });
@@ -266,6 +277,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(if report.healthy { exit::OK } else { exit::ERROR })
         }
         Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
+        Command::Maintain { table, dry_run } => maintain(&cfg, table.as_deref(), dry_run).await,
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
         Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
             watermark_set(&cfg, &table, &to, apply).await
@@ -544,9 +556,62 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
     Ok(code)
 }
 
-/// `audit`: a full audit of each table now (read-only: no lease needed).
-async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u8> {
-    use iceberg_offload::audit::{self, AuditStatus, Audits, Scope};
+/// `maintain`: each table's maintenance now, under its lease.
+async fn maintain(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Result<u8> {
+    let tables = tables_named(cfg, only)?;
+    let svc = services(cfg, Arc::new(Metrics::new())).await?;
+    let state = StateStore::open(&cfg.state).await?;
+    let holder = format!("maintain:{}", std::process::id());
+    let mut code = exit::OK;
+    for t in tables {
+        let lease = match state.acquire_lease(t.name(), &holder, cfg.service.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                println!("{}: skipped: {e}", t.name());
+                code = exit::LEASE_HELD;
+                continue;
+            }
+        };
+        let run = iceberg_offload::maintenance::maintain_table(&svc, t, &cfg.maintenance, dry_run);
+        let result = tokio::time::timeout(cfg.maintenance.timeout, run)
+            .await
+            .unwrap_or(Err(iceberg_offload::error::OffloadError::Timeout(cfg.maintenance.timeout)));
+        state.release_lease(&lease).await.ok();
+        match result {
+            Ok(r) => match (&r.skipped, &r.expire) {
+                (Some(why), _) => println!("{}: skipped: {why}", t.name()),
+                (None, Some(e)) if e.skipped.is_some() => {
+                    println!("{}: skipped: {}", t.name(), e.skipped.as_deref().unwrap_or_default())
+                }
+                (None, Some(e)) if dry_run => {
+                    println!(
+                        "{}: {} of {} snapshots would expire (dry run)",
+                        t.name(),
+                        e.snapshots_expired,
+                        e.snapshots_before
+                    )
+                }
+                (None, Some(e)) => println!(
+                    "{}: {} of {} snapshots expired, {} files and {} metadata files deleted",
+                    t.name(),
+                    e.snapshots_expired,
+                    e.snapshots_before,
+                    e.files_deleted,
+                    e.metadata_files_deleted
+                ),
+                (None, None) => println!("{}: nothing to do", t.name()),
+            },
+            Err(e) => {
+                println!("{}: failed: {e}", t.name());
+                code = exit::ERROR;
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// The configured tables, or the one named `only` (an unknown name is an error listing them).
+fn tables_named<'a>(cfg: &'a Config, only: Option<&str>) -> anyhow::Result<Vec<&'a TableConfig>> {
     let tables: Vec<&TableConfig> = cfg.tables.iter().filter(|t| only.is_none_or(|n| t.name() == n)).collect();
     if let Some(n) = only
         && tables.is_empty()
@@ -554,6 +619,13 @@ async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u
         let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
         anyhow::bail!("no table named {n:?} in the configuration; tables: {}", names.join(", "));
     }
+    Ok(tables)
+}
+
+/// `audit`: a full audit of each table now (read-only: no lease needed).
+async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u8> {
+    use iceberg_offload::audit::{self, AuditStatus, Audits, Scope};
+    let tables = tables_named(cfg, only)?;
     let ch = ClickHouse::new(&cfg.clickhouse)?;
     ch.check_version().await?;
     let catalog = catalog::build(&cfg.catalog).await?;

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub audit_extra_rows: GaugeVec,
     pub audit_days: GaugeVec,
     pub audit_last_timestamp_seconds: GaugeVec,
+    pub maintenance_runs_total: IntCounterVec,
+    pub snapshots_expired_total: IntCounterVec,
+    pub maintenance_files_deleted_total: IntCounterVec,
+    pub maintenance_last_success_timestamp_seconds: GaugeVec,
+    pub table_snapshots: GaugeVec,
     pub consecutive_failures: GaugeVec,
     pub null_cursor_rows: GaugeVec,
     pub bytes_written_total: IntCounterVec,
@@ -204,6 +209,31 @@ impl Metrics {
                 "offload_audit_days",
                 "Days of the cursor the audit holds a verdict for, by status (ok, missing, extra)",
                 &["table", "status"],
+            ),
+            maintenance_runs_total: counter(
+                "offload_maintenance_runs_total",
+                "Table maintenance runs by result (success, failure, skipped: commit attempts pending)",
+                &["table", "result"],
+            ),
+            snapshots_expired_total: counter(
+                "offload_snapshots_expired_total",
+                "Snapshots removed by maintenance (expiry)",
+                &["table"],
+            ),
+            maintenance_files_deleted_total: counter(
+                "offload_maintenance_files_deleted_total",
+                "Files deleted by maintenance: manifest lists, manifests and data files only expired snapshots referenced, old metadata files",
+                &["table"],
+            ),
+            maintenance_last_success_timestamp_seconds: gauge_vec(
+                "offload_maintenance_last_success_timestamp_seconds",
+                "Unix time of the table's last successful maintenance run",
+                &["table"],
+            ),
+            table_snapshots: gauge_vec(
+                "offload_table_snapshots",
+                "Snapshots in the table's metadata after its last maintenance run",
+                &["table"],
             ),
             audit_last_timestamp_seconds: gauge_vec(
                 "offload_audit_last_timestamp_seconds",

@@ -39,6 +39,8 @@ pub struct Services {
     pub audit: AuditSettings,
     /// What the audits of this process know (I9), shared by its cycles.
     pub audits: Arc<Audits>,
+    /// When each table was last maintained by this process.
+    pub maintenance: Arc<crate::maintenance::Schedule>,
 }
 
 /// `service.audit_recent_days`, `service.audit_full_every`.
@@ -311,6 +313,7 @@ impl<'a> TableRun<'a> {
         outcome.watermark = Some(watermark);
         outcome.last_window = Some((window.lo.as_ref().map(|p| p.display()), window.hi.display()));
         self.position = Some(window.hi.clone());
+        commit::delete_dropped_metadata(&view.table, &committed.table, self.svc.limits.storage).await;
         // Earlier attempts fenced on the snapshot this commit replaced can never land now.
         if !self.journal.entries().is_empty() {
             self.settle_journal(&committed.table).await;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, TableConfig};
 use crate::error::OffloadError;
 use crate::events;
+use crate::maintenance;
 use crate::offload::{Services, TableOutcome, offload_table};
 use crate::state::{Lease, RunRecord, StateStore};
 
@@ -86,6 +87,8 @@ pub struct Scheduler {
     pub heartbeat: Arc<AtomicI64>,
     /// Dependencies reachable at the last cycle (`/readyz`).
     pub ready: Arc<AtomicBool>,
+    /// Whether tables are maintained after their offload when due (`run`; `once` does not).
+    pub maintain: bool,
 }
 
 impl Scheduler {
@@ -103,7 +106,14 @@ impl Scheduler {
             shutdown: CancellationToken::new(),
             heartbeat: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp())),
             ready: Arc::new(AtomicBool::new(true)),
+            maintain: false,
         }
+    }
+
+    /// Maintains tables after their offload when due (`[maintenance]`).
+    pub fn with_maintenance(mut self) -> Self {
+        self.maintain = self.config.maintenance.enabled;
+        self
     }
 
     pub fn with_ready(mut self, ready: Arc<AtomicBool>) -> Self {
@@ -127,7 +137,8 @@ impl Scheduler {
     fn cycle_budget(&self) -> Duration {
         let waves = self.config.tables.len().div_ceil(self.config.service.parallelism) as u32;
         let state_calls = self.config.state.timeout * (8 + self.config.service.retries);
-        (self.table_budget() + state_calls) * waves + Duration::from_secs(60)
+        let maintenance = if self.maintain { self.config.maintenance.timeout } else { Duration::ZERO };
+        (self.table_budget() + maintenance + state_calls) * waves + Duration::from_secs(60)
     }
 
     /// One cycle over every configured table.
@@ -194,6 +205,17 @@ impl Scheduler {
         };
         let result = self.attempts(t, cycle_id).await;
         let result = self.finish(t, result, started.elapsed()).await;
+        // Only under a lease: with the state store down, every replica would maintain at once.
+        if let TableResult::Done(outcome) = &result
+            && self.maintain
+            && lease.held_or_unneeded(&self.services)
+        {
+            // Under the same lease; a shutdown abandons it (an expiry is safe to cut short).
+            tokio::select! {
+                _ = maintenance::run_if_due(&self.services, t, &self.config.maintenance, outcome.windows as u64) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+        }
         lease.release().await;
         result
     }
@@ -386,6 +408,12 @@ struct LeaseGuard {
 }
 
 impl LeaseGuard {
+    /// Whether this process may act alone on the table: it holds the lease, or there is no
+    /// state store to hold one in (a single process by configuration).
+    fn held_or_unneeded(&self, svc: &Services) -> bool {
+        self.lease.is_some() || svc.state.is_none()
+    }
+
     /// Takes the lease, or says why the table must be skipped (another live holder has it).
     async fn take(svc: &Services, t: &TableConfig, holder: &str, ttl: Duration) -> Result<Self, String> {
         let Some(state) = svc.state.clone() else { return Ok(Self { state: None, lease: None, renew: None }) };

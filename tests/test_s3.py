@@ -108,3 +108,34 @@ def test_s3_lost_commit_leaves_no_object_behind(gateway, db, tmp_path, s3):
     key = lambda uri: uri.split("lake-lost/", 1)[1]  # noqa: E731
     assert objects(s3, "lake-lost", ".parquet") == {key(p) for p in referenced}
     assert objects(s3, "lake-lost", ".avro") == {key(p) for p in lists | manifests}
+
+
+def test_s3_expiry_deletes_the_expired_objects_and_old_metadata(gateway, db, tmp_path, s3):
+    """Maintenance on S3 (no listing: paths from the metadata): after expiry, the bucket holds
+    exactly the objects the remaining snapshots and the metadata log reference."""
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 1_200, now_ms() - 7_200_000, step_ms=1_000)
+    table = bronze_table(db, "trades", max_rows_per_commit=10, settle_delay="1s")
+    cfg, s3v = s3_config(tmp_path, gateway, [table], s3, "lake-expire")
+    cfg.write_text(cfg.read_text() + '\n[maintenance]\nmax_snapshot_age = "1s"\nmin_snapshots_to_keep = 3\n')
+    env = {"TEST_S3_SECRET": SECRET}
+    run(cfg, "once", env=env, check=True)
+    assert len(objects(s3, "lake-expire", ".metadata.json")) <= 101, "old metadata versions deleted after commits"
+    time.sleep(1.1)
+    out = run(cfg, "maintain", env=env, check=True).stdout
+    assert "117 of 120 snapshots expired" in out, out
+    assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)
+    from pyiceberg.catalog.sql import SqlCatalog
+    catalog = SqlCatalog("offload", uri=f"sqlite:///{tmp_path / 'catalog.db'}", warehouse=s3v["warehouse"],
+                         **{"s3.endpoint": s3["endpoint"], "s3.access-key-id": KEY, "s3.secret-access-key": SECRET,
+                            "s3.region": "us-east-1"})
+    t = catalog.load_table("cold.trades")
+    assert len(t.snapshots()) == 3
+    key = lambda uri: uri.split("lake-expire/", 1)[1]  # noqa: E731
+    lists = {key(s.manifest_list) for s in t.snapshots()}
+    manifests = {key(m.manifest_path) for s in t.snapshots() for m in s.manifests(t.io)}
+    data = {key(f.file_path) for task in t.scan().plan_files() for f in [task.file]}
+    assert objects(s3, "lake-expire", ".avro") == lists | manifests
+    assert objects(s3, "lake-expire", ".parquet") == data
+    logged = {key(m.metadata_file) for m in t.metadata.metadata_log} | {key(t.metadata_location)}
+    assert objects(s3, "lake-expire", ".metadata.json") == logged

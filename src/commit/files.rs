@@ -169,6 +169,50 @@ pub(crate) fn version_of(name: &str) -> Option<u64> {
     name.split(['-', '.']).next()?.trim_start_matches('v').parse().ok()
 }
 
+/// Metadata files a commit dropped from the table's metadata log (beyond
+/// `write.metadata.previous-versions-max`), deleted when the table says
+/// `write.metadata.delete-after-commit.enabled` (Iceberg's convention; on for the tables this
+/// service creates). The paths come from the two logs, so this works on any storage.
+pub async fn delete_dropped_metadata(before: &Table, after: &Table, limit: Duration) -> usize {
+    let enabled =
+        after.metadata().properties().get(DELETE_AFTER_COMMIT).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if !enabled {
+        return 0;
+    }
+    // Only a log that continues `before`'s (it lists `before`'s file) says what was dropped:
+    // the versions older than the oldest it still lists. A catalog with other versioning is left alone.
+    let after_log = after.metadata().metadata_log();
+    let Some(before_location) = before.metadata_location() else { return 0 };
+    if !after_log.iter().any(|m| m.metadata_file == before_location) {
+        return 0;
+    }
+    let oldest_kept = after_log.iter().map(|m| m.timestamp_ms).min().unwrap_or(i64::MAX);
+    let kept: HashSet<&str> = after_log.iter().map(|m| m.metadata_file.as_str()).collect();
+    let dropped: Vec<&str> = before
+        .metadata()
+        .metadata_log()
+        .iter()
+        .filter(|m| m.timestamp_ms < oldest_kept && !kept.contains(m.metadata_file.as_str()))
+        .map(|m| m.metadata_file.as_str())
+        .collect();
+    let mut removed = 0;
+    for path in dropped {
+        match tokio::time::timeout(limit, after.file_io().delete(path)).await {
+            Ok(Ok(())) => removed += 1,
+            Ok(Err(e)) => {
+                tracing::warn!(table = %after.identifier(), path = %path, "cannot delete an old metadata file: {e}")
+            }
+            Err(_) => {
+                tracing::warn!(table = %after.identifier(), path = %path, "deleting an old metadata file timed out")
+            }
+        }
+    }
+    removed
+}
+
+/// Table property (Iceberg's): delete metadata files that fall out of the metadata log.
+pub const DELETE_AFTER_COMMIT: &str = "write.metadata.delete-after-commit.enabled";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,6 +93,10 @@ pub async fn ensure_from(
         ("write.parquet.compression-level".to_string(), "1".to_string()),
         ("offload.source".to_string(), cfg.source()),
         ("offload.cursor".to_string(), cfg.cursor.clone()),
+        // Old metadata versions are deleted as they fall out of the log (100 kept): a year of
+        // 15-minute commits would otherwise leave 35,000 metadata files behind.
+        (crate::commit::DELETE_AFTER_COMMIT.to_string(), "true".to_string()),
+        ("write.metadata.previous-versions-max".to_string(), "100".to_string()),
     ]);
     let creation = TableCreation::builder()
         .name(cfg.target_table.clone())

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""A table's age against its cost: one table gains one-window commits (one row each, in
+batches of `--batch` per `once`, as a day of 15-minute cycles would), with or without
+`iceberg-offload maintain` after each batch. At each checkpoint it prints the mean time of a
+window's commit over the last batch (from the service's log), a quiet cycle's wall time (a
+`once` with nothing new: process start, watermark from Iceberg, planning), and the size of
+the current metadata.json and of the snapshot list.
+
+Usage (after `source dev/env.sh`; release build):
+    python dev/bench_history.py --commits 3000 --checkpoints 100,1000,3000
+    python dev/bench_history.py --commits 3000 --checkpoints 100,1000,3000 --maintain --keep 480
+`--keep N`: snapshots kept by maintenance (min_snapshots_to_keep; max_snapshot_age is 1s, so
+N plays the role of 5 days at 15 minutes = 480).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import k2data  # noqa: E402
+from bench import PASSWORD, write_offload_config  # noqa: E402
+from clickhouse_local import Gateway  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--commits", type=int, default=3000)
+    ap.add_argument("--checkpoints", default="100,1000,3000")
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--maintain", action="store_true")
+    ap.add_argument("--keep", type=int, default=480)
+    ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "iceberg-offload"))
+    a = ap.parse_args(argv)
+    checkpoints = sorted(int(x) for x in a.checkpoints.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="iceberg-offload-bench-history-"))
+    gw = Gateway(tmp / "clickhouse" / "data")
+    env = dict(os.environ, BENCH_CH_PASSWORD=PASSWORD)
+    try:
+        gw.sql("CREATE DATABASE IF NOT EXISTS bench")
+        k2data.create_bronze(gw.sql, "bench", "t")
+        cfg = write_offload_config(tmp / "c.toml", gw.url, tmp / "d", [{
+            "source": "bench.t", "target": "bench.t", "cursor": "exchange_timestamp", "tiebreak": "sequence_number",
+            "settle_delay": "0s", "max_rows_per_commit": 1, "partition": ["day(exchange_timestamp)"]}])
+        cfg.write_text(cfg.read_text() + f'\n[maintenance]\nmax_snapshot_age = "1s"\nmin_snapshots_to_keep = {a.keep}\n')
+        start = int(time.time() * 1000) - 3 * 86_400_000
+        done, lines = 0, []
+        header = "| commits | maintenance | commit s (mean of last batch) | quiet cycle s | metadata.json KB | snapshots |"
+        print(header, flush=True)
+        while done < a.commits:
+            n = min(a.batch, a.commits - done)
+            k2data.insert_bronze(gw.sql, "bench", "t", n, start + done * 1000, step_ms=1000, seq_start=done)
+            p = subprocess.run([a.binary, "--config", str(cfg), "once"], capture_output=True, text=True, env=env)
+            assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+            commits = [float(x) for x in re.findall(r"committed window: .*\((\d+\.\d+)s\)", p.stderr)]
+            done += n
+            if a.maintain:
+                m = subprocess.run([a.binary, "--config", str(cfg), "maintain"], capture_output=True, text=True, env=env)
+                assert m.returncode == 0, m.stdout + m.stderr[-2000:]
+            if checkpoints and done >= checkpoints[0]:
+                checkpoints.pop(0)
+                t0 = time.time()
+                q = subprocess.run([a.binary, "--config", str(cfg), "once"], capture_output=True, text=True, env=env)
+                quiet = time.time() - t0
+                assert q.returncode == 0, q.stderr[-2000:]
+                meta = max((tmp / "d" / "warehouse").rglob("*.metadata.json"), key=lambda f: f.stat().st_mtime)
+                snaps = len(json.loads(meta.read_text()).get("snapshots", []))
+                line = (f"| {done:,} | {'yes' if a.maintain else 'no'} | {sum(commits) / max(len(commits), 1):.3f} | "
+                        f"{quiet:.2f} | {meta.stat().st_size / 1024:,.0f} | {snaps:,} |")
+                lines.append(line)
+                print(line, flush=True)
+        print("\n" + header + "\n|---:|---|---:|---:|---:|---:|\n" + "\n".join(lines))
+    finally:
+        gw.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+//! Table maintenance in the service: what keeps a year of 15-minute commits as cheap as the
+//! first day.
+//!
+//! - [`expire`]: snapshot expiry with Iceberg's conventions, then the files only expired
+//!   snapshots referenced (any storage);
+//! - metadata hygiene: metadata files that fall out of the log are deleted after every commit
+//!   (`write.metadata.delete-after-commit.enabled`, [`crate::commit::delete_dropped_metadata`]);
+//! - [`orphans`]: files nothing references, left by attempts that died (local warehouses).
+//!
+//! `run` maintains each table after its offload, under the same lease, daily at
+//! `maintenance.at` (UTC) and after every `maintenance.expire_every_commits` commits, within
+//! `maintenance.timeout`. `iceberg-offload maintain` runs it by hand.
+
+pub mod expire;
+pub mod orphans;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub use orphans::{CleanupReport, cleanup_orphans, referenced_files};
+
+use crate::commit::Journal;
+use crate::config::{MaintenanceConfig, TableConfig};
+use crate::error::{OffloadError, Result};
+use crate::offload::Services;
+use crate::sink::table as target;
+
+/// What one maintenance run of a table did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct MaintenanceReport {
+    pub table: String,
+    pub expire: Option<expire::ExpireReport>,
+    /// Why a step was left out (pending commits, dry run).
+    pub skipped: Option<String>,
+}
+
+/// Maintains one table: expiry (unless commit attempts are pending: their outcome is decided
+/// from the history, I5, which expiry must not cut short). The caller holds the table's lease.
+pub async fn maintain_table(
+    svc: &Services,
+    cfg: &TableConfig,
+    mc: &MaintenanceConfig,
+    dry_run: bool,
+) -> Result<MaintenanceReport> {
+    let ident = target::ident(cfg);
+    let mut report = MaintenanceReport { table: cfg.name().to_string(), ..Default::default() };
+    let table = svc.catalog.load_table(&ident).await?;
+    let journal = Journal::load(&table, svc.limits.storage).await?;
+    if !journal.entries().is_empty() {
+        report.skipped = Some(format!(
+            "{} commit attempts are pending; expiry waits until they are resolved",
+            journal.entries().len()
+        ));
+        return Ok(report);
+    }
+    let retention = expire::Retention::of(table.metadata(), mc.retention);
+    let now_ms = crate::util::now_epoch_ns() / 1_000_000;
+    report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
+    Ok(report)
+}
+
+/// When each table was last maintained by this process, and its commits since.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    tables: Mutex<HashMap<String, LastRun>>,
+}
+
+/// A table's last maintenance: when, the commits since, and after a failure when to retry.
+#[derive(Debug)]
+struct LastRun {
+    at: chrono::DateTime<chrono::Utc>,
+    commits: u64,
+    retry_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A failed maintenance is retried after this long (not at every cycle, not a day later).
+const RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
+
+impl Schedule {
+    /// Records `windows` commits of `table`; returns whether maintenance is due now: never run
+    /// by this process, the daily time passed since the last run, or enough commits.
+    pub fn due(&self, table: &str, windows: u64, mc: &MaintenanceConfig, now: chrono::DateTime<chrono::Utc>) -> bool {
+        if !mc.enabled {
+            return false;
+        }
+        let mut tables = self.tables.lock().expect("not poisoned");
+        let Some(last) = tables.get_mut(table) else { return true };
+        last.commits += windows;
+        if let Some(retry_at) = last.retry_at {
+            return now >= retry_at;
+        }
+        let daily = now.date_naive().and_time(mc.at).and_utc();
+        let boundary = if daily <= now { daily } else { daily - chrono::Duration::days(1) };
+        last.at < boundary || (mc.expire_every_commits > 0 && last.commits >= mc.expire_every_commits)
+    }
+
+    pub fn done(&self, table: &str, now: chrono::DateTime<chrono::Utc>) {
+        self.tables
+            .lock()
+            .expect("not poisoned")
+            .insert(table.to_string(), LastRun { at: now, commits: 0, retry_at: None });
+    }
+
+    pub fn failed(&self, table: &str, now: chrono::DateTime<chrono::Utc>) {
+        let mut tables = self.tables.lock().expect("not poisoned");
+        let last = tables.entry(table.to_string()).or_insert(LastRun { at: now, commits: 0, retry_at: None });
+        last.retry_at = Some(now + RETRY_AFTER);
+    }
+}
+
+/// Runs a due maintenance within its time limit; its failure is reported, never the table's.
+pub async fn run_if_due(svc: &Services, cfg: &TableConfig, mc: &MaintenanceConfig, windows: u64) {
+    let now = chrono::Utc::now();
+    if !svc.maintenance.due(cfg.name(), windows, mc, now) {
+        return;
+    }
+    let started = Instant::now();
+    let result = match tokio::time::timeout(mc.timeout, maintain_table(svc, cfg, mc, false)).await {
+        Ok(r) => r,
+        Err(_) => Err(OffloadError::Timeout(mc.timeout)),
+    };
+    match &result {
+        Ok(_) => svc.maintenance.done(cfg.name(), now),
+        Err(_) => svc.maintenance.failed(cfg.name(), now),
+    }
+    crate::events::Maintained { table: cfg.name(), result: &result, duration: started.elapsed() }.emit(&svc.metrics);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(every: u64) -> MaintenanceConfig {
+        MaintenanceConfig {
+            enabled: true,
+            at: chrono::NaiveTime::from_hms_opt(3, 0, 0).unwrap(),
+            expire_every_commits: every,
+            timeout: std::time::Duration::from_secs(60),
+            retention: expire::Retention { max_age: std::time::Duration::from_secs(86_400), min_keep: 1 },
+        }
+    }
+
+    fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn maintenance_is_due_at_start_daily_and_after_enough_commits() {
+        let s = Schedule::default();
+        let mc = config(10);
+        assert!(s.due("t", 3, &mc, at("2026-12-01T10:00:00Z")), "never run by this process");
+        s.done("t", at("2026-12-01T10:00:00Z"));
+        assert!(!s.due("t", 4, &mc, at("2026-12-01T12:00:00Z")));
+        assert!(!s.due("t", 5, &mc, at("2026-12-02T02:59:00Z")), "9 commits, before 03:00");
+        assert!(s.due("t", 0, &mc, at("2026-12-02T03:00:00Z")), "the daily time passed");
+        s.done("t", at("2026-12-02T03:00:00Z"));
+        assert!(s.due("t", 10, &mc, at("2026-12-02T03:15:00Z")), "10 commits since");
+        s.failed("t", at("2026-12-02T03:15:00Z"));
+        assert!(!s.due("t", 0, &mc, at("2026-12-02T04:00:00Z")), "a failure waits an hour");
+        assert!(s.due("t", 0, &mc, at("2026-12-02T04:15:00Z")));
+        assert!(!Schedule::default().due(
+            "t",
+            0,
+            &MaintenanceConfig { enabled: false, ..mc },
+            at("2026-12-02T03:00:00Z")
+        ));
+    }
+}
