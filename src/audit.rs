@@ -168,26 +168,60 @@ pub fn days_to_audit(
 }
 
 /// The days to audit now, `(first, last)`, and the first day the verdicts kept may cover
-/// (`retained`): [`days_to_audit`], never before the day after the source's oldest row (the
-/// oldest day may be partly deleted; older ones are gone, by a TTL this service cannot read,
-/// by `DROP PARTITION`, or behind a `Distributed` table).
-pub async fn plan(
+/// (`retained`): [`days_to_audit`], and never the source's oldest day or before when rows were
+/// deleted there: the source deletes in ways its TTL does not show ([`SourceTable::deletes_unseen`]),
+/// or Iceberg holds days the source no longer has (deleted by hand, `DROP PARTITION`). The
+/// oldest day may be partly deleted; older ones are gone.
+/// One table as the audit sees it.
+pub struct Subject<'a> {
+    pub audits: &'a Audits,
+    pub name: &'a str,
+    pub source: &'a SourceTable,
+    pub ch: &'a ClickHouse,
+    pub view: &'a TableView,
+}
+
+impl Subject<'_> {
+    pub async fn plan(
+        &self,
+        now_ns: i64,
+        scope: Scope,
+        recent_days: u32,
+    ) -> Result<(Option<NaiveDate>, NaiveDate, Option<NaiveDate>)> {
+        plan(self.audits, self.name, self.source, self.ch, self.view, (now_ns, scope, recent_days)).await
+    }
+
+    pub async fn audit(&self, first: Option<NaiveDate>, last: NaiveDate) -> Result<Vec<DayAudit>> {
+        audit_days(self.audits, self.name, self.source, self.ch, self.view, first, last).await
+    }
+}
+
+async fn plan(
+    audits: &Audits,
+    table_name: &str,
     source: &SourceTable,
     ch: &ClickHouse,
-    w: &Position,
-    now_ns: i64,
-    scope: Scope,
-    recent_days: u32,
+    view: &TableView,
+    (now_ns, scope, recent_days): (i64, Scope, u32),
 ) -> Result<(Option<NaiveDate>, NaiveDate, Option<NaiveDate>)> {
-    let floor = source.first_whole_day(ch).await?;
+    let Some(w) = &view.watermark else { return Ok((None, date_of_ns(0), None)) };
     let retention = source.retention();
     let (first, last) = days_to_audit(w, now_ns, retention, scope, recent_days);
     let (retained, _) = days_to_audit(w, now_ns, retention, Scope::Full, 0);
+    let floor = match source.first_day(ch).await? {
+        None => None,
+        Some(oldest) => {
+            let counter = audits.counters.of(table_name);
+            let before = day_number(oldest) - 1;
+            let lost = !counter.count(&view.table, &source.table.cursor, None, before).await?.is_empty();
+            (lost || source.deletes_unseen()).then(|| oldest + chrono::Days::new(1))
+        }
+    };
     Ok((first.max(floor), last, retained.max(floor)))
 }
 
 /// Audits the given days of a table: the source's count per day against Iceberg's.
-pub async fn audit_days(
+async fn audit_days(
     audits: &Audits,
     table_name: &str,
     source: &SourceTable,

@@ -640,8 +640,9 @@ async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u
             continue;
         };
         let now_ns = iceberg_offload::util::now_epoch_ns() + ch.clock_offset_ns().await?.1;
-        let (first, last, retained) = audit::plan(&source, &ch, &w, now_ns, Scope::Full, 0).await?;
-        let results = audit::audit_days(&audits, t.name(), &source, &ch, &view, first, last).await?;
+        let subject = audit::Subject { audits: &audits, name: t.name(), source: &source, ch: &ch, view: &view };
+        let (first, last, retained) = subject.plan(now_ns, Scope::Full, 0).await?;
+        let results = subject.audit(first, last).await?;
         if let Some(s) = &state {
             s.record_audit(t.name(), &results, retained).await?;
         }

@@ -447,11 +447,19 @@ impl TableRun<'_> {
         let Some(scope) = svc.audits.due(cfg.name(), svc.audit.recent_days, svc.audit.full_every) else { return };
         let run = async {
             let view = TableView::load(&svc.catalog, &self.ident).await?;
-            let Some(w) = view.watermark.clone() else { return Ok(None) };
+            if view.watermark.is_none() {
+                return Ok(None);
+            }
             let now_ns = now_epoch_ns() + self.clock_offset_ns;
-            let (first, last, retained) =
-                audit::plan(&self.source, &svc.ch, &w, now_ns, scope, svc.audit.recent_days).await?;
-            let results = audit::audit_days(&svc.audits, cfg.name(), &self.source, &svc.ch, &view, first, last).await?;
+            let subject = audit::Subject {
+                audits: &svc.audits,
+                name: cfg.name(),
+                source: &self.source,
+                ch: &svc.ch,
+                view: &view,
+            };
+            let (first, last, retained) = subject.plan(now_ns, scope, svc.audit.recent_days).await?;
+            let results = subject.audit(first, last).await?;
             Ok(Some((results, retained)))
         };
         match until_cancelled(self.cancel, run).await {

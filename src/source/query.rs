@@ -401,13 +401,11 @@ impl SourceTable {
             .collect()
     }
 
-    /// The first day of the cursor that the source holds whole as far as its own rows tell:
-    /// the day after its oldest row's (older days were deleted, by a TTL or by hand, and the
-    /// oldest day may be partly deleted). `None` when the table is empty.
-    pub async fn first_whole_day(&self, ch: &ClickHouse) -> Result<Option<chrono::NaiveDate>> {
+    /// The UTC day of the source's oldest row (`None` when the table is empty).
+    pub async fn first_day(&self, ch: &ClickHouse) -> Result<Option<chrono::NaiveDate>> {
         let cursor = quote_ident(&self.table.cursor);
         let sql = format!(
-            "SELECT count(), toString(toDate32(toDateTime64(min({cursor}), 9, 'UTC')) + 1) FROM {} WHERE {cursor} IS NOT NULL",
+            "SELECT count(), toString(toDate32(toDateTime64(min({cursor}), 9, 'UTC'))) FROM {} WHERE {cursor} IS NOT NULL",
             self.from()
         );
         let rows = ch.query_rows(&sql, &[]).await?;
@@ -418,6 +416,13 @@ impl SourceTable {
             }
             _ => Err(OffloadError::ClickHouseStream(format!("unexpected answer {rows:?}"))),
         }
+    }
+
+    /// Whether the source may delete rows in a way the audit cannot see coming: a TTL whose
+    /// interval is not a constant, or an engine whose TTL lives elsewhere (`Distributed`,
+    /// `Merge`, a view over local tables).
+    pub fn deletes_unseen(&self) -> bool {
+        (self.ttl.is_some() && self.retention().is_none()) || !self.engine.contains("MergeTree")
     }
 
     /// How long the source keeps a row, from its TTL (`expr + toIntervalDay(7)`): rows older
