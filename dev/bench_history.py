@@ -49,16 +49,18 @@ def main(argv=None):
             "source": "bench.t", "target": "bench.t", "cursor": "exchange_timestamp", "tiebreak": "sequence_number",
             "settle_delay": "0s", "max_rows_per_commit": 1, "partition": ["day(exchange_timestamp)"]}])
         cfg.write_text(cfg.read_text() + f'\n[maintenance]\nmax_snapshot_age = "1s"\nmin_snapshots_to_keep = {a.keep}\n')
-        start = int(time.time() * 1000) - 3 * 86_400_000
         done, lines = 0, []
         header = "| commits | maintenance | commit s (mean of last batch) | quiet cycle s | metadata.json KB | snapshots |"
         print(header, flush=True)
         while done < a.commits:
             n = min(a.batch, a.commits - done)
-            k2data.insert_bronze(gw.sql, "bench", "t", n, start + done * 1000, step_ms=1000, seq_start=done)
+            # Rows of the last moment, after W (a cycle moves W up to its settle limit: its start).
+            time.sleep(0.5)
+            k2data.insert_bronze(gw.sql, "bench", "t", n, int(time.time() * 1000) - 200, step_ms=1, seq_start=done)
+            time.sleep(0.3)
             p = subprocess.run([a.binary, "--config", str(cfg), "once"], capture_output=True, text=True, env=env)
             assert p.returncode == 0, p.stdout + p.stderr[-2000:]
-            commits = [float(x) for x in re.findall(r"committed window: .*\((\d+\.\d+)s\)", p.stderr)]
+            commits = [float(x) for x in re.findall(r"committed window: [^(]*\((\d+\.\d+)s\)", p.stdout + p.stderr)]
             done += n
             if a.maintain:
                 m = subprocess.run([a.binary, "--config", str(cfg), "maintain"], capture_output=True, text=True, env=env)

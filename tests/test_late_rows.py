@@ -92,6 +92,38 @@ t.append(rows)
     # An independent reader agrees with the audit's Iceberg side.
     got = verify(tmp_path, "cold.trades", key="symbol,seq", sums=("price",))
     assert got["pyiceberg"]["count"] == 10 * PER_DAY + 5
+    # The daemon exports the same verdicts (and maintains the table after its offload).
+    metrics = scrape_run(cfg, tmp_path, 'offload_maintenance_runs_total{result="success",table="trades"}')
+    assert metrics['offload_late_rows{table="trades"}'] == 100
+    assert metrics['offload_audit_extra_rows{table="trades"}'] == 5
+    assert [metrics[f'offload_audit_days{{status="{s}",table="trades"}}'] for s in ("ok", "missing", "extra")] == [3, 1, 1]
+    assert metrics['offload_audit_last_timestamp_seconds{scope="full",table="trades"}'] > time.time() - 60
+
+
+def scrape_run(cfg, tmp_path, wait_for):
+    """Starts `run` (1 s cycles) and returns its metrics once `wait_for` is exported."""
+    import os
+    import urllib.request
+    from harness import PASSWORD, binary, free_port
+    port = free_port()
+    cfg.write_text(cfg.read_text().replace('interval = "15m"', 'interval = "1s"')
+                   .replace('metrics_listen = "127.0.0.1:0"', f'metrics_listen = "127.0.0.1:{port}"'))
+    proc = subprocess.Popen([binary(), "--config", str(cfg), "run"], env=dict(os.environ, TEST_CH_PASSWORD=PASSWORD),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            time.sleep(0.5)
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            except OSError:
+                continue
+            values = {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l and not l.startswith("#")}
+            if values.get(wait_for, 0) >= 1:
+                return values
+        raise AssertionError(f"{wait_for} never exported")
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_with_an_arrival_cursor_late_rows_land_once_in_their_event_time_partition(gateway, db, tmp_path):
