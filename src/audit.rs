@@ -120,6 +120,19 @@ impl Audits {
         }
     }
 
+    /// Whether this process knows when `table`'s last full audit ran.
+    pub fn knows(&self, table: &str) -> bool {
+        self.tables.lock().expect("not poisoned").get(table).is_some_and(|t| t.last_full.is_some())
+    }
+
+    /// What the state store remembers: the last full audit ended `age` ago.
+    pub fn remember_full(&self, table: &str, age: Duration) {
+        let mut tables = self.tables.lock().expect("not poisoned");
+        let t = tables.entry(table.to_string()).or_default();
+        // An age beyond what `Instant` can hold is "long ago": due.
+        t.last_full = Instant::now().checked_sub(age);
+    }
+
     /// Keeps an audit's verdicts (a full audit replaces them all) and drops days before
     /// `first` (out of the source's retention now); returns the sums over the days held.
     pub fn record(&self, table: &str, scope: Scope, first: Option<NaiveDate>, results: &[DayAudit]) -> AuditTotals {

@@ -8,7 +8,9 @@
 //! committed), `commit_lost` (`error` only: the catalog reports success but persisted
 //! nothing, as iceberg-catalog-sql does when its SQL COMMIT fails), `commit_unknown` (the
 //! commit lands but the caller sees an error),
-//! `after_commit` (before the state store), `state_update` (inside it).
+//! `after_commit` (before the state store), `state_update` (inside it). Maintenance passes
+//! `expire_before_commit` (its record written) and `expire_after_commit` (before its deletes),
+//! and its expiry commit goes through the same `commit_*` points.
 
 use crate::error::OffloadError;
 

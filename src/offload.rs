@@ -444,6 +444,15 @@ impl TableRun<'_> {
     /// as it is now. Best effort: a failure is a warning and leaves the metrics as they were.
     async fn audit(&self, outcome: &mut TableOutcome) {
         let (svc, cfg) = (self.svc, self.cfg);
+        // A process started by cron (`once`) learns from the state store when the last full
+        // audit ran, so that it runs daily, not at every start.
+        if !svc.audits.knows(cfg.name())
+            && let Some(state) = &svc.state
+            && let Ok(Some(ms)) = state.last_full_audit(cfg.name()).await
+        {
+            let age_ms = (now_epoch_ns() / 1_000_000).saturating_sub(ms).max(0) as u64;
+            svc.audits.remember_full(cfg.name(), std::time::Duration::from_millis(age_ms));
+        }
         let Some(scope) = svc.audits.due(cfg.name(), svc.audit.recent_days, svc.audit.full_every) else { return };
         let run = async {
             let view = TableView::load(&svc.catalog, &self.ident).await?;
@@ -465,11 +474,22 @@ impl TableRun<'_> {
         match until_cancelled(self.cancel, run).await {
             Ok(Some((results, retained))) => {
                 // Days out of the retention now are dropped from what the metrics sum.
-                let totals = svc.audits.record(cfg.name(), scope, retained, &results);
-                if let Some(state) = &svc.state
-                    && let Err(e) = state.record_audit(cfg.name(), &results, retained).await
-                {
-                    tracing::warn!(table = cfg.name(), "audit results not written to the state store: {e}");
+                let mut totals = svc.audits.record(cfg.name(), scope, retained, &results);
+                if let Some(state) = &svc.state {
+                    // The state store holds every day's latest verdict, whichever run made it.
+                    let stored = async {
+                        state.record_audit(cfg.name(), &results, retained).await?;
+                        if scope == audit::Scope::Full {
+                            state.record_full_audit(cfg.name(), now_epoch_ns() / 1_000_000).await?;
+                        }
+                        state.audit_totals(cfg.name(), retained).await
+                    };
+                    match stored.await {
+                        Ok(t) => totals = t,
+                        Err(e) => {
+                            tracing::warn!(table = cfg.name(), "audit results not written to the state store: {e}")
+                        }
+                    }
                 }
                 events::Audited { table: cfg.name(), scope, results: &results, totals: &totals }.emit(&svc.metrics);
                 outcome.late_rows = Some(totals.missing_rows as i64);

@@ -122,6 +122,7 @@ pub async fn expire(
         snapshots: doomed,
     };
     write_record(&table, &record, limits.storage).await?;
+    crate::fault::hit("expire_before_commit")?;
     let tx = Transaction::new(&table);
     let tx = tx.update_table_properties().set(PROP_MAINTENANCE_RUN.to_string(), record.run_id.clone()).apply(tx)?;
     let tx = tx.expire_snapshots().expire_older_than_ms(cutoff).retain_last(keep).apply(tx)?;
@@ -154,6 +155,7 @@ pub async fn expire(
     if w_before != w_after {
         tracing::error!(table = %ident, before = ?w_before, after = ?w_after, "the watermark changed across an expiry (I3): report this");
     }
+    crate::fault::hit("expire_after_commit")?;
     report.files_deleted += delete_files(&now, &record.files, limits.storage).await;
     remove_record(&table, limits.storage).await;
     report.metadata_files_deleted = commit::delete_dropped_metadata(&table, &now, limits.storage).await;

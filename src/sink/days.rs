@@ -13,7 +13,7 @@ use arrow_schema::{DataType, TimeUnit};
 use futures::{StreamExt, TryStreamExt};
 use iceberg::Runtime;
 use iceberg::arrow::ArrowReaderBuilder;
-use iceberg::spec::{Datum, ManifestContentType, ManifestList, PrimitiveLiteral, PrimitiveType};
+use iceberg::spec::{Datum, ManifestContentType, ManifestList, PrimitiveLiteral, PrimitiveType, Transform};
 use iceberg::table::Table;
 
 use crate::error::{OffloadError, Result};
@@ -64,8 +64,17 @@ impl DayCounter {
             )));
         }
         let in_range = |d: Day| first.is_none_or(|f| d >= f) && d <= last;
+        let pruning = Pruning::of(meta, field_id);
+        let all_paths: HashSet<String> = list.entries().iter().map(|m| m.manifest_path.clone()).collect();
         let mut per_manifest = Vec::with_capacity(list.entries().len());
         for m in list.entries() {
+            // A manifest whose partitions (a time transform of the cursor) lie outside the
+            // range holds nothing to count: not read.
+            if let Some((lo, hi)) = pruning.as_ref().and_then(|p| p.days_of(m))
+                && (hi < first.unwrap_or(Day::MIN) || lo > last)
+            {
+                continue;
+            }
             let cached = self.manifests.lock().expect("not poisoned").get(&m.manifest_path).cloned();
             let days = match cached {
                 Some(d) => d,
@@ -83,8 +92,7 @@ impl DayCounter {
         let read = if to_read.is_empty() { HashMap::new() } else { read_days(table, cursor, &to_read).await? };
         let mut total = BTreeMap::new();
         let mut cache = self.manifests.lock().expect("not poisoned");
-        let current: HashSet<&str> = per_manifest.iter().map(|(p, _)| p.as_str()).collect();
-        cache.retain(|p, _| current.contains(p.as_str()));
+        cache.retain(|p, _| all_paths.contains(p));
         for (path, mut days) in per_manifest {
             days.spanning.retain(|(p, ..)| match read.get(p) {
                 Some(counts) => {
@@ -102,6 +110,63 @@ impl DayCounter {
             cache.insert(path, days);
         }
         Ok(total)
+    }
+}
+
+/// How manifests are skipped by their partition summaries: the finest time transform of the
+/// cursor in the table's default spec, and where it sits in the partition tuple.
+struct Pruning {
+    spec_id: i32,
+    index: usize,
+    transform: Transform,
+}
+
+impl Pruning {
+    fn of(meta: &iceberg::spec::TableMetadata, cursor_id: i32) -> Option<Self> {
+        let spec = meta.default_partition_spec();
+        let rank = |t: &Transform| match t {
+            Transform::Hour => Some(0),
+            Transform::Day => Some(1),
+            Transform::Month => Some(2),
+            Transform::Year => Some(3),
+            _ => None,
+        };
+        spec.fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.source_id == cursor_id)
+            .filter_map(|(i, f)| rank(&f.transform).map(|r| (r, i, f.transform)))
+            .min_by_key(|(r, ..)| *r)
+            .map(|(_, index, transform)| Pruning { spec_id: spec.spec_id(), index, transform })
+    }
+
+    /// The days a manifest's partitions cover (`None`: unknown, read it).
+    fn days_of(&self, m: &iceberg::spec::ManifestFile) -> Option<(Day, Day)> {
+        if m.partition_spec_id != self.spec_id {
+            return None;
+        }
+        let summary = m.partitions.as_ref()?.get(self.index)?;
+        let value = |b: Option<&[u8]>| -> Option<i32> {
+            let datum = Datum::try_from_bytes(b?, PrimitiveType::Int).ok()?;
+            match datum.literal() {
+                PrimitiveLiteral::Int(v) => Some(*v),
+                _ => None,
+            }
+        };
+        let (lo, hi) = (
+            value(summary.lower_bound.as_ref().map(|v| v.as_slice()))?,
+            value(summary.upper_bound.as_ref().map(|v| v.as_slice()))?,
+        );
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+        let day = |d: chrono::NaiveDate| (d - epoch).num_days() as Day;
+        let month_start = |m: i32| epoch.checked_add_months(chrono::Months::new(u32::try_from(m).ok()?));
+        Some(match self.transform {
+            Transform::Day => (lo, hi),
+            Transform::Hour => (lo.div_euclid(24), hi.div_euclid(24)),
+            Transform::Month => (day(month_start(lo)?), day(month_start(hi + 1)?) - 1),
+            Transform::Year => (day(month_start(lo * 12)?), day(month_start((hi + 1) * 12)?) - 1),
+            _ => return None,
+        })
     }
 }
 

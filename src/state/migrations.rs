@@ -80,6 +80,12 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             checked_at {TS} {NOW},
             PRIMARY KEY (table_name, day))"],
     ),
+    (
+        // I9: when each table's last full audit ran, so that `once` under cron audits every
+        // retained day daily, not at every start.
+        5,
+        &["CREATE TABLE IF NOT EXISTS offload_audit_runs (table_name TEXT PRIMARY KEY, last_full_ms BIGINT NOT NULL)"],
+    ),
 ];
 
 fn dialect_sql(stmt: &str, dialect: Dialect) -> String {

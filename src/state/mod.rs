@@ -381,6 +381,65 @@ impl StateStore {
         .await
     }
 
+    /// The audit's verdicts held for `table` from `retained` on, summed (what the metrics
+    /// show, whichever process audited which days).
+    pub async fn audit_totals(
+        &self,
+        table: &str,
+        retained: Option<chrono::NaiveDate>,
+    ) -> Result<crate::audit::AuditTotals> {
+        self.limited(async {
+            let rows = sqlx::query(
+                "SELECT status, COUNT(*), CAST(SUM(source_rows - iceberg_rows) AS BIGINT) FROM offload_audit \
+                 WHERE table_name = $1 AND day >= $2 GROUP BY status",
+            )
+            .bind(table)
+            .bind(retained.map(|d| d.to_string()).unwrap_or_default())
+            .fetch_all(&self.pool)
+            .await?;
+            let mut totals = crate::audit::AuditTotals::default();
+            for r in rows {
+                let status: String = r.try_get(0)?;
+                let days: i64 = r.try_get(1)?;
+                let diff: i64 = r.try_get(2)?;
+                match status.as_str() {
+                    "ok" => totals.days[0] = days as u64,
+                    "missing" => (totals.days[1], totals.missing_rows) = (days as u64, diff.max(0) as u64),
+                    _ => (totals.days[2], totals.extra_rows) = (days as u64, (-diff).max(0) as u64),
+                }
+            }
+            Ok(totals)
+        })
+        .await
+    }
+
+    /// When the table's last full audit finished (ms since the epoch).
+    pub async fn last_full_audit(&self, table: &str) -> Result<Option<i64>> {
+        self.limited(async {
+            let row = sqlx::query("SELECT last_full_ms FROM offload_audit_runs WHERE table_name = $1")
+                .bind(table)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
+        })
+        .await
+    }
+
+    pub async fn record_full_audit(&self, table: &str, at_ms: i64) -> Result<()> {
+        self.limited(async {
+            sqlx::query(
+                "INSERT INTO offload_audit_runs (table_name, last_full_ms) VALUES ($1, $2) \
+                 ON CONFLICT (table_name) DO UPDATE SET last_full_ms = excluded.last_full_ms",
+            )
+            .bind(table)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn watermarks(&self) -> Result<Vec<WatermarkRow>> {
         self.limited(async {
             let rows = sqlx::query(
