@@ -505,11 +505,11 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
         iceberg_offload::util::parse_duration(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
     let catalog = catalog::build(&cfg.catalog).await?;
     let state = StateStore::open(&cfg.state).await?;
-    let holder = format!("cleanup:{}", std::process::id());
+    let holder = iceberg_offload::scheduler::process_holder("cleanup");
     let mut code = exit::OK;
     for t in &cfg.tables {
         // The same lease as the offload: no attempt of ours is writing this table meanwhile.
-        let lease = match state.acquire_lease(t.name(), &holder, cfg.service.lease_ttl).await {
+        let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
             Ok(l) => l,
             Err(e) => {
                 println!("{}: skipped: {e}", t.target());
@@ -561,10 +561,10 @@ async fn maintain(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Re
     let tables = tables_named(cfg, only)?;
     let svc = services(cfg, Arc::new(Metrics::new())).await?;
     let state = StateStore::open(&cfg.state).await?;
-    let holder = format!("maintain:{}", std::process::id());
+    let holder = iceberg_offload::scheduler::process_holder("maintain");
     let mut code = exit::OK;
     for t in tables {
-        let lease = match state.acquire_lease(t.name(), &holder, cfg.service.lease_ttl).await {
+        let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
             Ok(l) => l,
             Err(e) => {
                 println!("{}: skipped: {e}", t.name());

@@ -462,8 +462,14 @@ impl LeaseGuard {
     }
 }
 
+/// A lease holder name for this process (`host:pid:tag`): a crash of it is recognised by the
+/// next process on this host, which takes its leases over at once.
+pub fn process_holder(tag: &str) -> String {
+    format!("{}:{}:{tag}", hostname(), std::process::id())
+}
+
 /// Takes the lease, taking over at once one held by a process of this host that is gone.
-async fn acquire(state: &StateStore, table: &str, holder: &str, ttl: Duration) -> Result<Lease, OffloadError> {
+pub async fn acquire(state: &StateStore, table: &str, holder: &str, ttl: Duration) -> Result<Lease, OffloadError> {
     match state.acquire_lease(table, holder, ttl).await {
         Err(OffloadError::LeaseHeld { holder: dead, .. }) if holder_is_dead(&dead) => {
             match state.take_over_lease(table, &dead, holder, ttl).await? {
