@@ -106,3 +106,21 @@ async fn a_clustered_window_in_no_order_at_all_falls_back_to_one_writer_per_part
     );
     assert_eq!(rows_per_partition(&files).values().copied().collect::<Vec<_>>(), vec![50, 50]);
 }
+
+#[tokio::test]
+async fn the_day_counts_are_kept_for_the_next_process_and_an_unreadable_copy_is_counted_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cat, ident) = common::sqlite_catalog(dir.path(), "kept").await;
+    let view = TableView::load(&cat, &ident).await.unwrap();
+    let mut w = WindowWriter::new(&view.table, "a", Default::default(), false).await.unwrap();
+    w.write(common::batch([(1, 10), (2, DAY + 5)])).await.unwrap();
+    append(&cat, &ident, w.close().await.unwrap()).await;
+    let table = cat.load_table(&ident).await.unwrap();
+    let expected = BTreeMap::from([(0, 1), (1, 1)]);
+    assert_eq!(DayCounter::default().count(&table, "ts", None, 5).await.unwrap(), expected);
+    let kept = format!("{}/offload/audit-days.json", table.metadata().location().trim_start_matches("file://"));
+    assert!(std::fs::read_to_string(&kept).unwrap().contains("manifests"), "written for the next process");
+    assert_eq!(DayCounter::default().count(&table, "ts", None, 5).await.unwrap(), expected);
+    std::fs::write(&kept, b"{not json").unwrap();
+    assert_eq!(DayCounter::default().count(&table, "ts", None, 5).await.unwrap(), expected);
+}

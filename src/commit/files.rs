@@ -45,16 +45,9 @@ impl AttemptFiles<'_> {
                 }
             }
         }
-        for path in self.paths {
-            match tokio::time::timeout(self.limit, self.table.file_io().delete(path)).await {
-                Ok(Ok(())) => removed += 1,
-                Ok(Err(e)) => {
-                    tracing::warn!(table = %ident, path = %path, "cannot delete a file of a failed attempt: {e}")
-                }
-                Err(_) => tracing::warn!(table = %ident, path = %path, "deleting a file of a failed attempt timed out"),
-            }
-        }
         removed
+            + delete_paths(self.table, self.paths.iter().map(String::as_str), self.limit, "a file of a failed attempt")
+                .await
     }
 }
 
@@ -195,16 +188,25 @@ pub async fn delete_dropped_metadata(before: &Table, after: &Table, limit: Durat
         .filter(|m| m.timestamp_ms < oldest_kept && !kept.contains(m.metadata_file.as_str()))
         .map(|m| m.metadata_file.as_str())
         .collect();
+    delete_paths(after, dropped, limit, "an old metadata file").await
+}
+
+/// Deletes files of the table's storage, each within `limit`; a failure is a warning naming
+/// `what` the file was (what stays is unreferenced: `iceberg-offload cleanup`). Returns how
+/// many went.
+pub async fn delete_paths<'p>(
+    table: &Table,
+    paths: impl IntoIterator<Item = &'p str>,
+    limit: Duration,
+    what: &str,
+) -> usize {
+    let ident = table.identifier();
     let mut removed = 0;
-    for path in dropped {
-        match tokio::time::timeout(limit, after.file_io().delete(path)).await {
+    for path in paths {
+        match tokio::time::timeout(limit, table.file_io().delete(path)).await {
             Ok(Ok(())) => removed += 1,
-            Ok(Err(e)) => {
-                tracing::warn!(table = %after.identifier(), path = %path, "cannot delete an old metadata file: {e}")
-            }
-            Err(_) => {
-                tracing::warn!(table = %after.identifier(), path = %path, "deleting an old metadata file timed out")
-            }
+            Ok(Err(e)) => tracing::warn!(table = %ident, path = %path, "cannot delete {what}: {e}"),
+            Err(_) => tracing::warn!(table = %ident, path = %path, "deleting {what} timed out"),
         }
     }
     removed

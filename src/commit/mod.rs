@@ -40,7 +40,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind};
 
-pub use self::files::{AttemptFiles, DELETE_AFTER_COMMIT, delete_dropped_metadata, sweep_dead_metadata};
+pub use self::files::{AttemptFiles, DELETE_AFTER_COMMIT, delete_dropped_metadata, delete_paths, sweep_dead_metadata};
 pub use self::journal::{Journal, PendingAttempt, Resolution, Settled, resolve, snapshot_of_run};
 pub use self::pinned::PinnedCatalog;
 pub use self::view::{MeasuredOn, TableView, WatermarkOrigin};

@@ -252,17 +252,7 @@ async fn dead_files(table: &Table, doomed: &[i64], limit: Duration) -> Result<Ve
 }
 
 async fn delete_files(table: &Table, files: &[String], limit: Duration) -> usize {
-    let mut deleted = 0;
-    for path in files {
-        match tokio::time::timeout(limit, table.file_io().delete(path)).await {
-            Ok(Ok(())) => deleted += 1,
-            Ok(Err(e)) => {
-                tracing::warn!(table = %table.identifier(), path = %path, "cannot delete an expired file: {e}")
-            }
-            Err(_) => tracing::warn!(table = %table.identifier(), path = %path, "deleting an expired file timed out"),
-        }
-    }
-    deleted
+    commit::delete_paths(table, files.iter().map(String::as_str), limit, "an expired file").await
 }
 
 async fn write_record(table: &Table, record: &ExpiryRecord, limit: Duration) -> Result<()> {

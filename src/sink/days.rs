@@ -25,17 +25,31 @@ const NS_PER_DAY: i64 = 86_400_000_000_000;
 const US_PER_DAY: i64 = 86_400_000_000;
 
 /// What one manifest holds, per day: settled counts, and the files still to read.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct ManifestDays {
     days: BTreeMap<Day, u64>,
     /// Files spanning several days (or without bounds), not read yet: (path, first, last day).
     spanning: Vec<(String, Day, Day)>,
 }
 
-/// Per-manifest day counts of one table, kept between cycles.
+/// Per-manifest day counts of one table, kept between cycles, and in the table's own storage
+/// (`offload/audit-days.json`) for the next process: a `once` under cron would otherwise read
+/// every manifest of the recent days at every start. Manifests never change, so a count once
+/// made stays true; an unreadable file is counted again.
 #[derive(Debug, Default)]
 pub struct DayCounter {
     manifests: Mutex<HashMap<String, ManifestDays>>,
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    cursor_field_id: i32,
+    manifests: HashMap<String, ManifestDays>,
+}
+
+fn persisted_path(table: &Table) -> String {
+    format!("{}/offload/audit-days.json", table.metadata().location().trim_end_matches('/'))
 }
 
 impl DayCounter {
@@ -63,6 +77,10 @@ impl DayCounter {
                 table.identifier()
             )));
         }
+        if !self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.load(table, field_id).await;
+        }
+        let mut changed = false;
         let in_range = |d: Day| first.is_none_or(|f| d >= f) && d <= last;
         let pruning = Pruning::of(meta, field_id);
         let all_paths: HashSet<String> = list.entries().iter().map(|m| m.manifest_path.clone()).collect();
@@ -78,7 +96,10 @@ impl DayCounter {
             let cached = self.manifests.lock().expect("not poisoned").get(&m.manifest_path).cloned();
             let days = match cached {
                 Some(d) => d,
-                None => manifest_days(&m.load_manifest(table.file_io()).await?, field_id),
+                None => {
+                    changed = true;
+                    manifest_days(&m.load_manifest(table.file_io()).await?, field_id)
+                }
             };
             per_manifest.push((m.manifest_path.clone(), days));
         }
@@ -90,26 +111,55 @@ impl DayCounter {
             .map(|(p, ..)| p.clone())
             .collect();
         let read = if to_read.is_empty() { HashMap::new() } else { read_days(table, cursor, &to_read).await? };
+        changed |= !read.is_empty();
         let mut total = BTreeMap::new();
-        let mut cache = self.manifests.lock().expect("not poisoned");
-        cache.retain(|p, _| all_paths.contains(p));
-        for (path, mut days) in per_manifest {
-            days.spanning.retain(|(p, ..)| match read.get(p) {
-                Some(counts) => {
-                    for (d, n) in counts {
-                        *days.days.entry(*d).or_default() += n;
+        let snapshot = {
+            let mut cache = self.manifests.lock().expect("not poisoned");
+            cache.retain(|p, _| all_paths.contains(p));
+            for (path, mut days) in per_manifest {
+                days.spanning.retain(|(p, ..)| match read.get(p) {
+                    Some(counts) => {
+                        for (d, n) in counts {
+                            *days.days.entry(*d).or_default() += n;
+                        }
+                        false
                     }
-                    false
+                    None => true,
+                });
+                for (d, n) in days.days.range(first.unwrap_or(Day::MIN)..=last) {
+                    *total.entry(*d).or_default() += n;
                 }
-                None => true,
-            });
-            for (d, n) in days.days.range(first.unwrap_or(Day::MIN)..=last) {
-                *total.entry(*d).or_default() += n;
+                debug_assert!(days.days.keys().all(|d| !in_range(*d) || total.contains_key(d)));
+                cache.insert(path, days);
             }
-            debug_assert!(days.days.keys().all(|d| !in_range(*d) || total.contains_key(d)));
-            cache.insert(path, days);
+            changed.then(|| Persisted { cursor_field_id: field_id, manifests: cache.clone() })
+        };
+        if let Some(p) = snapshot {
+            self.save(table, &p).await;
         }
         Ok(total)
+    }
+
+    /// What an earlier process counted (best effort: a missing or unreadable file is ignored).
+    async fn load(&self, table: &Table, field_id: i32) {
+        let read = async { table.file_io().new_input(persisted_path(table))?.read().await };
+        let Ok(Ok(bytes)) = tokio::time::timeout(std::time::Duration::from_secs(10), read).await else { return };
+        match serde_json::from_slice::<Persisted>(&bytes) {
+            Ok(p) if p.cursor_field_id == field_id => self.manifests.lock().expect("not poisoned").extend(p.manifests),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(table = %table.identifier(), "the audit's day counts are counted again: {e}"),
+        }
+    }
+
+    async fn save(&self, table: &Table, p: &Persisted) {
+        let bytes = serde_json::to_vec(p).expect("serialisable");
+        let write = async { table.file_io().new_output(persisted_path(table))?.write(bytes.into()).await };
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(std::time::Duration::from_secs(10), write)
+            .await
+            .map_err(|_| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "timed out"))
+        {
+            tracing::debug!(table = %table.identifier(), "the audit's day counts are not kept for the next process: {e}");
+        }
     }
 }
 
