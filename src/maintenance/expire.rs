@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iceberg::spec::{ManifestList, TableMetadata};
+use iceberg::spec::{ManifestList, Operation, TableMetadata};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, TableIdent};
@@ -207,6 +207,17 @@ async fn dead_files(table: &Table, doomed: &[i64], limit: Duration) -> Result<Ve
             .map_err(|_| OffloadError::Timeout(limit))??;
         Ok::<_, OffloadError>(ManifestList::parse_with_version(&bytes, meta.format_version())?)
     };
+    // Appends only: every manifest a snapshot lists stays listed by its descendants, so only
+    // the expired manifest lists die (a manifest merged away by another engine, or one of a
+    // rolled-back append, is left to `cleanup`). Skips reading every retained list: with 480
+    // retained snapshots that took seconds per run.
+    if meta.snapshots().all(|s| s.summary().operation == Operation::Append) {
+        return Ok(meta
+            .snapshots()
+            .filter(|s| doomed.contains(&s.snapshot_id()))
+            .map(|s| s.manifest_list().to_string())
+            .collect());
+    }
     let mut live = vec![];
     let mut dead_lists = vec![];
     for s in meta.snapshots() {
