@@ -56,6 +56,16 @@ struct RawMaintenance {
     max_snapshot_age: String,
     #[serde(default = "d_min_snapshots_to_keep")]
     min_snapshots_to_keep: usize,
+    #[serde(default = "d_true")]
+    compact: bool,
+    #[serde(default = "d_target_file_size_mb")]
+    target_file_size_mb: u64,
+    #[serde(default = "d_compact_after")]
+    compact_after: String,
+    #[serde(default = "d_compact_max_mb_per_run")]
+    compact_max_mb_per_run: u64,
+    #[serde(default = "d_manifests_max")]
+    manifests_max: usize,
 }
 
 impl Default for RawMaintenance {
@@ -81,6 +91,18 @@ fn d_max_snapshot_age() -> String {
 }
 fn d_min_snapshots_to_keep() -> usize {
     1
+}
+fn d_target_file_size_mb() -> u64 {
+    128
+}
+fn d_compact_after() -> String {
+    "1h".into()
+}
+fn d_compact_max_mb_per_run() -> u64 {
+    4096
+}
+fn d_manifests_max() -> usize {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -364,6 +386,9 @@ pub struct MaintenanceConfig {
     /// Defaults of `history.expire.max-snapshot-age-ms` / `min-snapshots-to-keep`; a table's
     /// own properties win.
     pub retention: crate::maintenance::expire::Retention,
+    /// Compaction of closed partitions and manifest merging (`[maintenance] compact`).
+    pub compact: bool,
+    pub compaction: crate::maintenance::compact::CompactionPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -728,6 +753,13 @@ impl Config {
             retention: crate::maintenance::expire::Retention {
                 max_age: dur("maintenance.max_snapshot_age", &m.max_snapshot_age)?,
                 min_keep: m.min_snapshots_to_keep.max(1),
+            },
+            compact: m.compact,
+            compaction: crate::maintenance::compact::CompactionPolicy {
+                target_size: m.target_file_size_mb.max(1) * 1024 * 1024,
+                after: dur("maintenance.compact_after", &m.compact_after)?,
+                max_bytes: m.compact_max_mb_per_run.max(1) * 1024 * 1024,
+                manifests_max: m.manifests_max.max(2),
             },
         };
         Ok(Config { service, clickhouse, catalog, state, maintenance, tables })

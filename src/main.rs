@@ -75,14 +75,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Deletes files under each table's location that no snapshot references (left by attempts
-    /// that died before cleaning up), older than `--older-than`. Takes each table's lease.
+    /// Deletes files under each table's location (a local disk or S3) that no snapshot
+    /// references (left by attempts that died before cleaning up), older than `--older-than`.
+    /// Takes each table's lease.
     Cleanup {
         #[arg(long, default_value = "24h")]
         older_than: String,
         /// List what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Accept an `--older-than` below the safe floor (the longest a window or a compaction
+        /// may write before its files are recorded): only when no writer can be running.
+        #[arg(long)]
+        allow_below_floor: bool,
     },
     /// Audits every day of the cursor the source still holds: rows in ClickHouse at or below
     /// the watermark against rows in Iceberg, per UTC day (ok, missing = late rows, extra =
@@ -94,15 +99,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Maintains the tables now (what `run` does daily): expires snapshots older than the
-    /// retention (`[maintenance]`, or the table's `history.expire.*` properties) and deletes
-    /// the files only they referenced. Takes each table's lease. `--dry-run` says what would go.
+    /// Maintains the tables now (what `run` does daily): compacts the small files of closed
+    /// partitions and merges manifests (one `replace` snapshot), then expires snapshots older
+    /// than the retention (`[maintenance]`, or the table's `history.expire.*` properties) and
+    /// deletes the files only they referenced. Takes each table's lease. `--dry-run` says what
+    /// would be done.
     Maintain {
         /// One table (its `name`); all tables when left out.
         #[arg(long)]
         table: Option<String>,
         #[arg(long)]
         dry_run: bool,
+        /// Some steps only: any of expire,compact,metadata (comma-separated).
+        #[arg(long, value_parser = iceberg_offload::maintenance::Steps::parse)]
+        only: Option<iceberg_offload::maintenance::Steps>,
     },
     /// Watermarks.
     Watermark {
@@ -199,6 +209,7 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
         audit: AuditSettings { recent_days: cfg.service.audit_recent_days, full_every: cfg.service.audit_full_every },
         audits: Default::default(),
         maintenance: Default::default(),
+        replacer: Arc::new(iceberg_offload::commit::replace::Replacer::new(cfg.catalog.clone())),
     })
 }
 
@@ -266,7 +277,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Validate => validate(&cfg).await,
-        Command::Cleanup { older_than, dry_run } => cleanup(&cfg, &older_than, dry_run).await,
+        Command::Cleanup { older_than, dry_run, allow_below_floor } => {
+            cleanup(&cfg, &older_than, dry_run, allow_below_floor).await
+        }
         Command::Status { url, prometheus, json } => {
             let report = iceberg_offload::status::run(&cfg, &url, prometheus.as_deref()).await;
             if json {
@@ -277,7 +290,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(if report.healthy { exit::OK } else { exit::ERROR })
         }
         Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
-        Command::Maintain { table, dry_run } => maintain(&cfg, table.as_deref(), dry_run).await,
+        Command::Maintain { table, dry_run, only } => {
+            maintain(&cfg, table.as_deref(), only.unwrap_or_default(), dry_run).await
+        }
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
         Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
             watermark_set(&cfg, &table, &to, apply).await
@@ -500,10 +515,19 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     Ok(exit::OK)
 }
 
-async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Result<u8> {
+async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool, allow_below_floor: bool) -> anyhow::Result<u8> {
     let older_than =
         iceberg_offload::util::parse_duration(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    // A window's or a compaction's data files exist before anything records them: the
+    // longest either may write, plus its commit's allowance (I10), is the floor.
+    let floor = cfg.service.table_timeout.max(cfg.maintenance.timeout) + cfg.catalog.limits.commit_allowance();
+    if older_than < floor && !allow_below_floor {
+        anyhow::bail!(
+            "--older-than {older_than:?} is below the safe floor of {floor:?} (service.table_timeout or maintenance.timeout, plus the commit allowance): a writer still writing could lose its files. Use at least {floor:?}, or add --allow-below-floor when no other process can be writing to these tables"
+        );
+    }
     let catalog = catalog::build(&cfg.catalog).await?;
+    let storage = catalog::storage_properties(&cfg.catalog)?;
     let state = StateStore::open(&cfg.state).await?;
     let holder = iceberg_offload::scheduler::process_holder("cleanup");
     let mut code = exit::OK;
@@ -526,9 +550,12 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
                 journal.settle(&table).await?;
                 iceberg_offload::commit::sweep_dead_metadata(&table);
             }
-            let protected: Vec<String> = journal.entries().iter().flat_map(|a| a.files()).collect();
+            let mut protected: Vec<String> = journal.entries().iter().flat_map(|a| a.files()).collect();
+            let limit = cfg.catalog.limits.storage;
+            protected.extend(iceberg_offload::maintenance::compact::pending_files(&table, limit).await);
             Ok::<_, anyhow::Error>(
-                iceberg_offload::maintenance::cleanup_orphans(&table, older_than, dry_run, &protected).await?,
+                iceberg_offload::maintenance::cleanup_orphans(&table, older_than, dry_run, &protected, &storage)
+                    .await?,
             )
         }
         .await;
@@ -557,7 +584,12 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool) -> anyhow::Resul
 }
 
 /// `maintain`: each table's maintenance now, under its lease.
-async fn maintain(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Result<u8> {
+async fn maintain(
+    cfg: &Config,
+    only: Option<&str>,
+    steps: iceberg_offload::maintenance::Steps,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
     let tables = tables_named(cfg, only)?;
     let svc = services(cfg, Arc::new(Metrics::new())).await?;
     let state = StateStore::open(&cfg.state).await?;
@@ -572,35 +604,20 @@ async fn maintain(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Re
                 continue;
             }
         };
-        let run = iceberg_offload::maintenance::maintain_table(&svc, t, &cfg.maintenance, dry_run);
+        let run = iceberg_offload::maintenance::maintain_table(&svc, t, &cfg.maintenance, steps, dry_run);
         let result = tokio::time::timeout(cfg.maintenance.timeout, run)
             .await
             .unwrap_or(Err(iceberg_offload::error::OffloadError::Timeout(cfg.maintenance.timeout)));
         state.release_lease(&lease).await.ok();
         match result {
-            Ok(r) => match (&r.skipped, &r.expire) {
-                (Some(why), _) => println!("{}: skipped: {why}", t.name()),
-                (None, Some(e)) if e.skipped.is_some() => {
-                    println!("{}: skipped: {}", t.name(), e.skipped.as_deref().unwrap_or_default())
+            Ok(r) => {
+                for line in maintenance_lines(&r, dry_run) {
+                    println!("{}: {line}", t.name());
                 }
-                (None, Some(e)) if dry_run => {
-                    println!(
-                        "{}: {} of {} snapshots would expire (dry run)",
-                        t.name(),
-                        e.snapshots_expired,
-                        e.snapshots_before
-                    )
+                if r.failed.is_some() {
+                    code = exit::ERROR;
                 }
-                (None, Some(e)) => println!(
-                    "{}: {} of {} snapshots expired, {} files and {} metadata files deleted",
-                    t.name(),
-                    e.snapshots_expired,
-                    e.snapshots_before,
-                    e.files_deleted,
-                    e.metadata_files_deleted
-                ),
-                (None, None) => println!("{}: nothing to do", t.name()),
-            },
+            }
             Err(e) => {
                 println!("{}: failed: {e}", t.name());
                 code = exit::ERROR;
@@ -608,6 +625,60 @@ async fn maintain(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Re
         }
     }
     Ok(code)
+}
+
+/// What `maintain` prints of a table's run, a line per step.
+fn maintenance_lines(r: &iceberg_offload::maintenance::MaintenanceReport, dry_run: bool) -> Vec<String> {
+    let mut lines = vec![];
+    if let Some(why) = &r.skipped {
+        return vec![format!("skipped: {why}")];
+    }
+    let would = if dry_run { " (dry run)" } else { "" };
+    if let Some(c) = &r.compact {
+        lines.push(match &c.skipped {
+            Some(why) => format!("compaction skipped: {why}"),
+            None if c.files_rewritten == 0 && c.manifests_after == c.manifests_before => {
+                format!(
+                    "nothing to compact ({} small files in closed partitions, {} manifests)",
+                    c.small_files, c.manifests_before
+                )
+            }
+            None if dry_run => format!(
+                "{} files ({} bytes) in {} closed partitions would be compacted, {} manifests merged (dry run)",
+                c.files_rewritten, c.bytes_rewritten, c.partitions, c.manifests_before
+            ),
+            None => format!(
+                "{} files ({} bytes) in {} closed partitions compacted into {} ({} bytes, {} rows); manifests {} -> {}",
+                c.files_rewritten,
+                c.bytes_rewritten,
+                c.partitions,
+                c.files_written,
+                c.bytes_written,
+                c.rows,
+                c.manifests_before,
+                c.manifests_after
+            ),
+        });
+    }
+    if let Some(f) = &r.failed {
+        lines.push(format!("failed: {f}"));
+    }
+    if let Some(e) = &r.expire {
+        lines.push(match &e.skipped {
+            Some(why) => format!("skipped: {why}"),
+            None if dry_run => {
+                format!("{} of {} snapshots would expire{would}", e.snapshots_expired, e.snapshots_before)
+            }
+            None => format!(
+                "{} of {} snapshots expired, {} files and {} metadata files deleted",
+                e.snapshots_expired, e.snapshots_before, e.files_deleted, e.metadata_files_deleted
+            ),
+        });
+    }
+    if lines.is_empty() {
+        lines.push("nothing to do".into());
+    }
+    lines
 }
 
 /// The configured tables, or the one named `only` (an unknown name is an error listing them).

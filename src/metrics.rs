@@ -51,6 +51,11 @@ pub struct Metrics {
     pub maintenance_files_deleted_total: IntCounterVec,
     pub maintenance_last_success_timestamp_seconds: GaugeVec,
     pub table_snapshots: GaugeVec,
+    pub compaction_files_rewritten_total: IntCounterVec,
+    pub compaction_bytes_rewritten_total: IntCounterVec,
+    pub table_small_files: GaugeVec,
+    pub table_manifests: GaugeVec,
+    pub maintenance_duration_seconds: GaugeVec,
     pub consecutive_failures: GaugeVec,
     pub null_cursor_rows: GaugeVec,
     pub bytes_written_total: IntCounterVec,
@@ -233,6 +238,31 @@ impl Metrics {
             table_snapshots: gauge_vec(
                 "offload_table_snapshots",
                 "Snapshots in the table's metadata after its last maintenance run",
+                &["table"],
+            ),
+            compaction_files_rewritten_total: counter(
+                "offload_compaction_files_rewritten_total",
+                "Small data files of closed partitions replaced by compaction",
+                &["table"],
+            ),
+            compaction_bytes_rewritten_total: counter(
+                "offload_compaction_bytes_rewritten_total",
+                "Bytes of the data files replaced by compaction",
+                &["table"],
+            ),
+            table_small_files: gauge_vec(
+                "offload_table_small_files",
+                "Data files of closed partitions below 3/4 of the target file size, left after the last maintenance run",
+                &["table"],
+            ),
+            table_manifests: gauge_vec(
+                "offload_table_manifests",
+                "Manifests the table's current snapshot lists, after the last maintenance run",
+                &["table"],
+            ),
+            maintenance_duration_seconds: gauge_vec(
+                "offload_maintenance_duration_seconds",
+                "Duration of the table's last maintenance run",
                 &["table"],
             ),
             audit_last_timestamp_seconds: gauge_vec(

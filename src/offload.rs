@@ -41,6 +41,8 @@ pub struct Services {
     pub audits: Arc<Audits>,
     /// When each table was last maintained by this process.
     pub maintenance: Arc<crate::maintenance::Schedule>,
+    /// The catalog's compare-and-swap for `replace` commits (compaction).
+    pub replacer: Arc<crate::commit::replace::Replacer>,
 }
 
 /// `service.audit_recent_days`, `service.audit_full_every`.

@@ -53,13 +53,13 @@ def test_cleanup_removes_the_files_of_a_crashed_attempt_and_nothing_else(gateway
     run(cfg, "once", check=True)
     data = tmp_path / "warehouse" / "cold" / "trades" / "data"
     files_before = set(data.rglob("*.parquet"))
-    dry = run(cfg, "cleanup", "--older-than", "0s", "--dry-run", check=True)
+    dry = run(cfg, "cleanup", "--older-than", "0s", "--allow-below-floor", "--dry-run", check=True)
     orphans = {line.strip() for line in dry.stdout.splitlines() if line.startswith("  ")}
     assert orphans and all(o.endswith(".parquet") for o in orphans), dry.stdout
     assert set(map(str, data.rglob("*.parquet"))) == set(map(str, files_before)), "a dry run deletes nothing"
     # A recent orphan is protected by the age floor.
     assert "0 orphans" in run(cfg, "cleanup", check=True).stdout
-    run(cfg, "cleanup", "--older-than", "0s", check=True)
+    run(cfg, "cleanup", "--older-than", "0s", "--allow-below-floor", check=True)
     assert {str(p) for p in data.rglob("*.parquet")} == {str(p) for p in files_before} - orphans
     got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
     assert src["count"] == ROWS
@@ -79,7 +79,7 @@ def test_a_commit_reported_but_not_persisted_is_pending_then_cleaned_once_the_re
     assert "does not show the commit when read again" in first.stderr, first.stderr[-2000:]
     assert "can never land" in first.stderr, first.stderr[-2000:]
     assert f"{ROWS} rows in" in first.stdout, "rows of the lost commit must not be counted: " + first.stdout
-    dry = run(cfg, "cleanup", "--older-than", "0s", "--dry-run", check=True)
+    dry = run(cfg, "cleanup", "--older-than", "0s", "--allow-below-floor", "--dry-run", check=True)
     assert "0 orphans" in dry.stdout, "the lost attempt's files must be deleted: " + dry.stdout
     # The run history has one row per attempt, the failed one with the window it did commit.
     import sqlite3

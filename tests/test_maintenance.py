@@ -64,7 +64,7 @@ def test_expiry_keeps_history_bounded_and_deletes_only_what_nothing_references(g
     dry = run(cfg, "maintain", "--dry-run", check=True).stdout
     assert "145 of 150 snapshots would expire" in dry, dry
     time.sleep(1.1)
-    out = run(cfg, "maintain", check=True).stdout
+    out = run(cfg, "maintain", "--only", "expire", check=True).stdout
     assert "145 of 150 snapshots expired" in out, out
     after = inspect(tmp_path)
     assert after["snapshots"] == 5, after["snapshots"]
@@ -87,7 +87,7 @@ with t.transaction() as tx:
 """
     subprocess.run([PYTHON, "-c", set_keep], check=True, capture_output=True)
     time.sleep(1.1)
-    run(cfg, "maintain", check=True)
+    run(cfg, "maintain", "--only", "expire", check=True)
     assert inspect(tmp_path)["snapshots"] == 8
 
 

@@ -122,7 +122,7 @@ def test_s3_expiry_deletes_the_expired_objects_and_old_metadata(gateway, db, tmp
     run(cfg, "once", env=env, check=True)
     assert len(objects(s3, "lake-expire", ".metadata.json")) <= 101, "old metadata versions deleted after commits"
     time.sleep(1.1)
-    out = run(cfg, "maintain", env=env, check=True).stdout
+    out = run(cfg, "maintain", "--only", "expire", env=env, check=True).stdout
     assert "117 of 120 snapshots expired" in out, out
     assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)
     from pyiceberg.catalog.sql import SqlCatalog
@@ -139,3 +139,75 @@ def test_s3_expiry_deletes_the_expired_objects_and_old_metadata(gateway, db, tmp
     assert objects(s3, "lake-expire", ".parquet") == data
     logged = {key(m.metadata_file) for m in t.metadata.metadata_log} | {key(t.metadata_location)}
     assert objects(s3, "lake-expire", ".metadata.json") == logged
+
+
+def test_s3_compaction_then_expiry_leaves_exactly_the_live_objects(gateway, db, tmp_path, s3):
+    """Compaction on S3 (issue 12): 200 appends over four days become one file per closed day
+    partition, every row unchanged for three readers; expiry then deletes the replaced
+    objects, so the bucket holds exactly what the remaining snapshots reference."""
+    create_bronze(gateway, db, "trades")
+    day = 86_400_000
+    insert_bronze(gateway, db, "trades", 2_000, now_ms() - int(3.5 * day), step_ms=int(3.4 * day) // 2_000)
+    table = bronze_table(db, "trades", max_rows_per_commit=10, settle_delay="1s")
+    cfg, s3v = s3_config(tmp_path, gateway, [table], s3, "lake-compact")
+    cfg.write_text(cfg.read_text() + '\n[maintenance]\nmax_snapshot_age = "1s"\nmin_snapshots_to_keep = 1\n'
+                   'target_file_size_mb = 1\n')
+    env = {"TEST_S3_SECRET": SECRET}
+    run(cfg, "once", env=env, check=True)
+    parquet_before = len(objects(s3, "lake-compact", ".parquet"))
+    time.sleep(1.1)
+    out = run(cfg, "maintain", env=env, check=True).stdout
+    assert "compacted into" in out and "snapshots expired" in out, out
+    assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)
+    # The snapshot before the compaction stays for readers that planned on it; once another
+    # commit follows, expiry lets it go and the replaced objects with it.
+    insert_bronze(gateway, db, "trades", 20, now_ms() - 2_000, step_ms=10, seq_start=100_000)
+    time.sleep(2)
+    run(cfg, "once", env=env, check=True)
+    time.sleep(1.1)
+    run(cfg, "maintain", "--only", "expire", env=env, check=True)
+    assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)
+    from pyiceberg.catalog.sql import SqlCatalog
+    catalog = SqlCatalog("offload", uri=f"sqlite:///{tmp_path / 'catalog.db'}", warehouse=s3v["warehouse"],
+                         **{"s3.endpoint": s3["endpoint"], "s3.access-key-id": KEY, "s3.secret-access-key": SECRET,
+                            "s3.region": "us-east-1"})
+    t = catalog.load_table("cold.trades")
+    key = lambda uri: uri.split("lake-compact/", 1)[1]  # noqa: E731
+    live = {key(task.file.file_path) for task in t.scan().plan_files()}
+    assert len(live) <= 6, live  # a file per closed day partition (4 or 5 calendar days), and today's
+    lists = {key(s.manifest_list) for s in t.snapshots()}
+    manifests = {key(m.manifest_path) for s in t.snapshots() for m in s.manifests(t.io)}
+    data = {key(e.data_file.file_path) for s in t.snapshots() for m in s.manifests(t.io)
+            for e in m.fetch_manifest_entry(t.io, discard_deleted=True)}
+    assert objects(s3, "lake-compact", ".avro") == lists | manifests
+    assert objects(s3, "lake-compact", ".parquet") == data, (parquet_before, len(data))
+    assert len(data) <= 6 < parquet_before, (len(data), parquet_before)
+
+
+def test_s3_orphan_cleanup_lists_the_bucket_and_deletes_only_what_nothing_references(gateway, db, tmp_path, s3):
+    """Orphans on S3 (issue 12): objects under the table's location that no snapshot references
+    are found by listing the bucket (opendal), kept by a dry run, deleted by a real one; every
+    referenced object stays and the readers see every row. A floor below the longest write is
+    refused."""
+    create_bronze(gateway, db, "trades")
+    insert_bronze(gateway, db, "trades", 300, now_ms() - 7_200_000, step_ms=1_000)
+    table = bronze_table(db, "trades", max_rows_per_commit=100, settle_delay="1s")
+    cfg, s3v = s3_config(tmp_path, gateway, [table], s3, "lake-orphans")
+    env = {"TEST_S3_SECRET": SECRET}
+    run(cfg, "once", env=env, check=True)
+    client = s3["client"]
+    before = objects(s3, "lake-orphans", "")
+    table_prefix = next(k for k in before if k.endswith(".metadata.json")).split("/metadata/")[0]
+    strays = [f"{table_prefix}/data/exchange_timestamp_day=2020-01-01/00000-0-dead.parquet",
+              f"{table_prefix}/metadata/0badc0de-0000-7000-8000-000000000000-m0.avro"]
+    for key in strays:
+        client.put_object(Bucket="lake-orphans", Key=key, Body=b"left by an attempt that died")
+    refused = run(cfg, "cleanup", "--older-than", "1s", env=env)
+    assert refused.returncode != 0 and "below the safe floor" in refused.stderr, refused.stderr[-2000:]
+    dry = run(cfg, "cleanup", "--older-than", "0s", "--allow-below-floor", "--dry-run", env=env, check=True).stdout
+    assert "2 orphans (dry run: kept)" in dry, dry
+    assert objects(s3, "lake-orphans", "") == before | set(strays)
+    out = run(cfg, "cleanup", "--older-than", "0s", "--allow-below-floor", env=env, check=True).stdout
+    assert "2 orphans deleted" in out, out
+    assert objects(s3, "lake-orphans", "") == before
+    assert_equal_to_source(gateway, tmp_path, db, "trades", s3=s3v)

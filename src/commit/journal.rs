@@ -70,22 +70,24 @@ pub enum Resolution {
 
 /// I5: decides an attempt from the table's metadata alone.
 pub fn resolve(meta: &TableMetadata, attempt: &PendingAttempt) -> Resolution {
-    if let Some(id) = snapshot_of_run(meta, &attempt.run_id) {
+    fate(meta, snapshot_of_run(meta, &attempt.run_id), attempt.required_snapshot)
+}
+
+/// I5 for any commit fenced on `required`: `landed` is its snapshot when the metadata has it.
+/// Compactions and expiries are decided by the same rule as appends.
+pub fn fate(meta: &TableMetadata, landed: Option<i64>, required: Option<i64>) -> Resolution {
+    if let Some(id) = landed {
         return Resolution::Committed(id);
     }
     let current = meta.current_snapshot().map(|s| s.snapshot_id());
-    if current == attempt.required_snapshot {
+    if current == required {
         return Resolution::Pending;
     }
     // Fenced on `required`, it can only ever land as a child of it. If the current snapshot
     // descends from `required` through snapshots all still in the metadata (none of them ours,
     // or its run id would have been found), the table took another path from there, and a
     // snapshot of ours, if it ever existed, is referenced by nothing on that path.
-    if descends_unbroken(meta, current, attempt.required_snapshot) {
-        Resolution::Impossible
-    } else {
-        Resolution::Undecidable
-    }
+    if descends_unbroken(meta, current, required) { Resolution::Impossible } else { Resolution::Undecidable }
 }
 
 /// Whether `from`'s ancestry reaches `to` (`None`: the table's first snapshot) without a

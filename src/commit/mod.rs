@@ -30,6 +30,7 @@
 pub mod files;
 pub mod journal;
 pub mod pinned;
+pub mod replace;
 pub mod view;
 
 use std::collections::HashMap;
@@ -41,7 +42,7 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind};
 
 pub use self::files::{AttemptFiles, DELETE_AFTER_COMMIT, delete_dropped_metadata, delete_paths, sweep_dead_metadata};
-pub use self::journal::{Journal, PendingAttempt, Resolution, Settled, resolve, snapshot_of_run};
+pub use self::journal::{Journal, PendingAttempt, Resolution, Settled, fate, resolve, snapshot_of_run};
 pub use self::pinned::PinnedCatalog;
 pub use self::view::{MeasuredOn, TableView, WatermarkOrigin};
 use crate::config::CatalogLimits as CommitLimits;

@@ -1,6 +1,8 @@
 //! Table maintenance in the service: what keeps a year of 15-minute commits as cheap as the
 //! first day.
 //!
+//! - [`compact`]: closed partitions' small files rewritten at the target size, and the
+//!   manifests of many small appends merged, in one `replace` snapshot;
 //! - [`expire`]: snapshot expiry with Iceberg's conventions, then the files only expired
 //!   snapshots referenced (any storage);
 //! - metadata hygiene: metadata files that fall out of the log are deleted after every commit
@@ -11,6 +13,7 @@
 //! `maintenance.at` (UTC) and after every `maintenance.expire_every_commits` commits, within
 //! `maintenance.timeout`. `iceberg-offload maintain` runs it by hand.
 
+pub mod compact;
 pub mod expire;
 pub mod orphans;
 
@@ -30,17 +33,56 @@ use crate::sink::table as target;
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct MaintenanceReport {
     pub table: String,
+    pub compact: Option<compact::CompactReport>,
     pub expire: Option<expire::ExpireReport>,
-    /// Why a step was left out (pending commits, dry run).
+    /// Why the run was left out (pending commits).
     pub skipped: Option<String>,
+    /// A step that failed while the others ran (compaction lost a race, say).
+    pub failed: Option<String>,
 }
 
-/// Maintains one table: expiry (unless commit attempts are pending: their outcome is decided
-/// from the history, I5, which expiry must not cut short). The caller holds the table's lease.
+/// The steps of a run (`maintain --only`): all by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Steps {
+    /// Closed partitions' small files rewritten.
+    pub compact: bool,
+    /// Manifests merged when there are too many (`manifests_max`).
+    pub metadata: bool,
+    pub expire: bool,
+}
+
+impl Default for Steps {
+    fn default() -> Self {
+        Self { compact: true, metadata: true, expire: true }
+    }
+}
+
+impl Steps {
+    /// `expire,compact,metadata` (any subset).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let mut steps = Steps { compact: false, metadata: false, expire: false };
+        for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "compact" => steps.compact = true,
+                "metadata" => steps.metadata = true,
+                "expire" => steps.expire = true,
+                other => return Err(format!("unknown maintenance step {other:?}: expected expire, compact, metadata")),
+            }
+        }
+        Ok(steps)
+    }
+}
+
+/// Maintains one table: compaction, then expiry (the original's order: what compaction
+/// replaced goes once its snapshots expire). Not while commit attempts are pending: their
+/// outcome is decided from the history (I5), which neither step may change under them. A
+/// compaction that fails (a concurrent append won) does not stop the expiry. The caller holds
+/// the table's lease.
 pub async fn maintain_table(
     svc: &Services,
     cfg: &TableConfig,
     mc: &MaintenanceConfig,
+    steps: Steps,
     dry_run: bool,
 ) -> Result<MaintenanceReport> {
     let ident = target::ident(cfg);
@@ -49,14 +91,35 @@ pub async fn maintain_table(
     let journal = Journal::load(&table, svc.limits.storage).await?;
     if !journal.entries().is_empty() {
         report.skipped = Some(format!(
-            "{} commit attempts are pending; expiry waits until they are resolved",
+            "{} commit attempts are pending; maintenance waits until they are resolved",
             journal.entries().len()
         ));
         return Ok(report);
     }
-    let retention = expire::Retention::of(table.metadata(), mc.retention);
-    let now_ms = crate::util::now_epoch_ns() / 1_000_000;
-    report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
+    if (steps.compact && mc.compact) || steps.metadata {
+        let mut policy = mc.compaction;
+        if !(steps.compact && mc.compact) {
+            policy.max_bytes = 0;
+        }
+        let compactor = compact::Compactor {
+            replacer: &svc.replacer,
+            catalog: &svc.catalog,
+            cfg,
+            policy,
+            limits: svc.limits,
+            deadline: std::time::Instant::now() + mc.timeout / 2,
+        };
+        match compactor.run(dry_run).await {
+            Ok(r) => report.compact = Some(r),
+            Err(e) => report.failed = Some(format!("compaction: {e}")),
+        }
+    }
+    if steps.expire {
+        let table = svc.catalog.load_table(&ident).await?;
+        let retention = expire::Retention::of(table.metadata(), mc.retention);
+        let now_ms = crate::util::now_epoch_ns() / 1_000_000;
+        report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
+    }
     Ok(report)
 }
 
@@ -116,13 +179,13 @@ pub async fn run_if_due(svc: &Services, cfg: &TableConfig, mc: &MaintenanceConfi
         return;
     }
     let started = Instant::now();
-    let result = match tokio::time::timeout(mc.timeout, maintain_table(svc, cfg, mc, false)).await {
+    let result = match tokio::time::timeout(mc.timeout, maintain_table(svc, cfg, mc, Steps::default(), false)).await {
         Ok(r) => r,
         Err(_) => Err(OffloadError::Timeout(mc.timeout)),
     };
     match &result {
-        Ok(_) => svc.maintenance.done(cfg.name(), now),
-        Err(_) => svc.maintenance.failed(cfg.name(), now),
+        Ok(r) if r.failed.is_none() => svc.maintenance.done(cfg.name(), now),
+        _ => svc.maintenance.failed(cfg.name(), now),
     }
     crate::events::Maintained { table: cfg.name(), result: &result, duration: started.elapsed() }.emit(&svc.metrics);
 }
@@ -138,6 +201,13 @@ mod tests {
             expire_every_commits: every,
             timeout: std::time::Duration::from_secs(60),
             retention: expire::Retention { max_age: std::time::Duration::from_secs(86_400), min_keep: 1 },
+            compact: true,
+            compaction: compact::CompactionPolicy {
+                target_size: 128 << 20,
+                after: std::time::Duration::from_secs(3600),
+                max_bytes: 1 << 30,
+                manifests_max: 100,
+            },
         }
     }
 
@@ -165,5 +235,12 @@ mod tests {
             &MaintenanceConfig { enabled: false, ..mc },
             at("2026-12-02T03:00:00Z")
         ));
+    }
+
+    #[test]
+    fn steps_are_parsed_from_a_comma_separated_list() {
+        assert_eq!(Steps::parse("expire").unwrap(), Steps { compact: false, metadata: false, expire: true });
+        assert_eq!(Steps::parse("compact, metadata").unwrap(), Steps { compact: true, metadata: true, expire: false });
+        assert!(Steps::parse("expire,orphans").unwrap_err().contains("\"orphans\""));
     }
 }

@@ -20,13 +20,20 @@ pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
     Ok(Arc::new(TimeLimited { inner, limits: cfg.limits }))
 }
 
-async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
+/// `catalog.properties` with `catalog.properties_env` resolved: what the catalog and its
+/// storage are configured with (`s3.endpoint`, `s3.access-key-id`, …).
+pub fn storage_properties(cfg: &CatalogConfig) -> anyhow::Result<HashMap<String, String>> {
     let mut props: HashMap<String, String> = cfg.properties.clone().into_iter().collect();
     for (key, env) in &cfg.properties_env {
         let value = std::env::var(env)
             .map_err(|_| anyhow::anyhow!("catalog.properties_env.{key}: environment variable {env} is not set"))?;
         props.insert(key.clone(), value);
     }
+    Ok(props)
+}
+
+async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
+    let mut props = storage_properties(cfg)?;
     if let Some(w) = &cfg.warehouse {
         props.insert("warehouse".into(), w.clone());
     }

@@ -250,6 +250,16 @@ fn day_of(datum: &Datum) -> Option<Day> {
     }
 }
 
+/// A cursor bound in ns since the epoch (date, timestamp in µs or ns).
+pub fn cursor_ns(datum: &Datum) -> Option<i64> {
+    match (datum.data_type(), datum.literal()) {
+        (PrimitiveType::Date, PrimitiveLiteral::Int(d)) => (*d as i64).checked_mul(NS_PER_DAY),
+        (PrimitiveType::Timestamp | PrimitiveType::Timestamptz, PrimitiveLiteral::Long(us)) => us.checked_mul(1_000),
+        (PrimitiveType::TimestampNs | PrimitiveType::TimestamptzNs, PrimitiveLiteral::Long(ns)) => Some(*ns),
+        _ => None,
+    }
+}
+
 /// Reads the cursor column of the given data files and counts their rows per day.
 async fn read_days(
     table: &Table,

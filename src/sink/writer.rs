@@ -119,16 +119,28 @@ impl WindowWriter {
     /// `file_prefix` must be unique per attempt (the attempt id).
     /// `clustered`: the rows will arrive sorted by partition (see [`Inner::Clustered`]).
     pub async fn new(table: &Table, file_prefix: &str, integers: IntegerEncoding, clustered: bool) -> Result<Self> {
+        Self::new_sized(table, file_prefix, integers, clustered, None).await
+    }
+
+    /// As [`Self::new`], files rolled at `target_size` bytes (default: iceberg-rust's).
+    pub async fn new_sized(
+        table: &Table,
+        file_prefix: &str,
+        integers: IntegerEncoding,
+        clustered: bool,
+        target_size: Option<usize>,
+    ) -> Result<Self> {
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
         let arrow_schema = Arc::new(schema_to_arrow_schema(&schema)?);
         let parquet = ParquetWriterBuilder::new(writer_properties(&schema, integers), schema.clone());
-        let rolling = RollingFileWriterBuilder::new_with_default_file_size(
-            parquet,
-            table.file_io().clone(),
-            DefaultLocationGenerator::new(metadata)?,
-            DefaultFileNameGenerator::new(file_prefix.to_string(), None, DataFileFormat::Parquet),
-        );
+        let location = DefaultLocationGenerator::new(metadata)?;
+        let names = DefaultFileNameGenerator::new(file_prefix.to_string(), None, DataFileFormat::Parquet);
+        let io = table.file_io().clone();
+        let rolling = match target_size {
+            Some(size) => RollingFileWriterBuilder::new(parquet, size, io, location, names),
+            None => RollingFileWriterBuilder::new_with_default_file_size(parquet, io, location, names),
+        };
         let builder = DataFileWriterBuilder::new(rolling);
         let spec = metadata.default_partition_spec().clone();
         let inner = if spec.is_unpartitioned() {
