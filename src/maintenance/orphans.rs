@@ -95,11 +95,12 @@ pub async fn cleanup_orphans(
         }
         report.orphans.push(file.uri.clone());
         if !dry_run {
-            table
-                .file_io()
-                .delete(&file.uri)
-                .await
-                .map_err(|e| OffloadError::Crash(format!("cannot delete {}: {e}", file.uri)))?;
+            let deleted = if file.uri.starts_with('/') {
+                std::fs::remove_file(&file.uri).map_err(|e| e.to_string())
+            } else {
+                table.file_io().delete(&file.uri).await.map_err(|e| e.to_string())
+            };
+            deleted.map_err(|e| OffloadError::Crash(format!("cannot delete {}: {e}", file.uri)))?;
         }
     }
     report.orphans.sort();
