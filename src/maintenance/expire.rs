@@ -218,12 +218,17 @@ async fn dead_files(table: &Table, doomed: &[i64], limit: Duration) -> Result<Ve
             .map(|s| s.manifest_list().to_string())
             .collect());
     }
+    // Only the oldest kept snapshot of each kept line (its parent expired or absent) is read:
+    // a manifest (or a live data file) an expired snapshot shares with any kept snapshot is in
+    // that root too, since Iceberg never lists a manifest again once a commit dropped it. With
+    // 480 retained snapshots this reads 1 list instead of 480.
+    let kept: HashSet<i64> = meta.snapshots().map(|s| s.snapshot_id()).filter(|id| !doomed.contains(id)).collect();
     let mut live = vec![];
     let mut dead_lists = vec![];
     for s in meta.snapshots() {
         if doomed.contains(&s.snapshot_id()) {
             dead_lists.push(s.manifest_list().to_string());
-        } else {
+        } else if s.parent_snapshot_id().is_none_or(|p| !kept.contains(&p)) {
             live.extend(read_list(s.manifest_list().to_string()).await?.entries().iter().cloned());
         }
     }
