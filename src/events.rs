@@ -446,28 +446,7 @@ impl Maintained<'_> {
         if let Ok(r) = self.result
             && let Some(c) = &r.compact
         {
-            m.compaction_files_rewritten_total.with_label_values(&[self.table]).inc_by(c.files_rewritten as u64);
-            m.compaction_bytes_rewritten_total.with_label_values(&[self.table]).inc_by(c.bytes_rewritten);
-            let left =
-                if c.files_written > 0 { c.small_files.saturating_sub(c.files_rewritten) } else { c.small_files };
-            m.table_small_files.with_label_values(&[self.table]).set(left as f64);
-            m.table_manifests.with_label_values(&[self.table]).set(c.manifests_after.max(1) as f64);
-            if c.files_rewritten > 0 {
-                tracing::info!(
-                    table = self.table,
-                    files_rewritten = c.files_rewritten,
-                    bytes_rewritten = c.bytes_rewritten,
-                    files_written = c.files_written,
-                    partitions = c.partitions,
-                    manifests_before = c.manifests_before,
-                    manifests_after = c.manifests_after,
-                    "compaction of {}: {} files in {} partitions rewritten into {}",
-                    self.table,
-                    c.files_rewritten,
-                    c.partitions,
-                    c.files_written
-                );
-            }
+            self.emit_compaction(m, c);
         }
         match self.result {
             Ok(r) if r.failed.is_some() => {
@@ -517,6 +496,31 @@ impl Maintained<'_> {
                     self.table
                 );
             }
+        }
+    }
+
+    /// The table's compaction: files and bytes rewritten, what is left small, manifests.
+    fn emit_compaction(&self, m: &Metrics, c: &crate::maintenance::compact::CompactReport) {
+        m.compaction_files_rewritten_total.with_label_values(&[self.table]).inc_by(c.files_rewritten as u64);
+        m.compaction_bytes_rewritten_total.with_label_values(&[self.table]).inc_by(c.bytes_rewritten);
+        let left = if c.files_written > 0 { c.small_files.saturating_sub(c.files_rewritten) } else { c.small_files };
+        m.table_small_files.with_label_values(&[self.table]).set(left as f64);
+        m.table_manifests.with_label_values(&[self.table]).set(c.manifests_after.max(1) as f64);
+        if c.files_rewritten > 0 {
+            tracing::info!(
+                table = self.table,
+                files_rewritten = c.files_rewritten,
+                bytes_rewritten = c.bytes_rewritten,
+                files_written = c.files_written,
+                partitions = c.partitions,
+                manifests_before = c.manifests_before,
+                manifests_after = c.manifests_after,
+                "compaction of {}: {} files in {} partitions rewritten into {}",
+                self.table,
+                c.files_rewritten,
+                c.partitions,
+                c.files_written
+            );
         }
     }
 }
