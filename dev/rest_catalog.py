@@ -52,10 +52,13 @@ def make_handler(catalog, token, lock):
                 self.wfile.write(data)
 
         def body(self):
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b"{}"
+            return self._body or b"{}"
 
         def route(self):
+            # The body is read before any answer: one left unread on a kept-alive connection
+            # would be parsed as the next request (Iceberg Java's client reuses connections).
+            n = int(self.headers.get("Content-Length") or 0)
+            self._body = self.rfile.read(n) if n else b""
             if token and self.headers.get("Authorization") != f"Bearer {token}":
                 return self.reply(401, {"error": {"message": "not authorized", "type": "NotAuthorizedException", "code": 401}})
             path = urllib.parse.urlparse(self.path).path
@@ -106,6 +109,14 @@ def make_handler(catalog, token, lock):
                                                  location=req.get("location"), partition_spec=PartitionSpec(*fields),
                                                  properties=req.get("properties") or {})
                     return self.reply(200, load_result(table))
+            if len(parts) == 3 and parts[0] == "namespaces" and parts[2] == "register" and m == "POST":
+                # The spec's RegisterTableRequest: {"name", "metadata-location"}.
+                req = json.loads(self.body())
+                ns = tuple(parts[1].split("\x1f"))
+                table = catalog.register_table(ns + (req["name"],), req["metadata-location"])
+                return self.reply(200, load_result(table))
+            if len(parts) == 5 and parts[0] == "namespaces" and parts[2] == "tables" and parts[4] == "metrics" and m == "POST":
+                return self.reply(204)  # scan and commit reports (Iceberg Java sends them): accepted, not kept
             if len(parts) == 4 and parts[0] == "namespaces" and parts[2] == "tables":
                 ident = tuple(parts[1].split("\x1f")) + (parts[3],)
                 if m in ("GET", "HEAD"):

@@ -28,9 +28,51 @@ missing=()
 [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
 [ -x /usr/bin/systemd-analyze ] || missing+=(systemd)
 [ -x /usr/bin/faketime ] || missing+=(faketime)   # the service's clock set off from ClickHouse's (tests)
+# Spark as an independent reader (dev/spark_reader.py): JDBC drivers for our SQL catalogs, and
+# jarjar to relocate the Jackson that the iceberg-spark-runtime jar from PyPI lacks.
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+[ -f /usr/share/java/sqlite-jdbc.jar ] || missing+=(libxerial-sqlite-jdbc-java)
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+[ -f /usr/share/java/jarjar.jar ] || missing+=(libjarjar-java)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Iceberg's Spark runtime jar (PyPI snowpark-connect-deps-iceberg) refers to relocated
+# dependencies it does not contain (org.apache.iceberg.shaded.*): Jackson 2.18.8 (PyPI
+# snowpark-connect-deps-2) and Apache HttpClient >= 5.4 (its REST client; bookworm and trixie
+# ship 5.2, which lacks TlsSocketStrategy: the jars come from Debian unstable's packages,
+# checked against the archive's SHA256). Built once into one jar, relocated with jarjar.
+hc5="$ICEBERG_OFFLOAD_CACHE/spark/httpclient5"
+if [ ! -s "$hc5/httpclient5.jar" ]; then
+  echo "setup: fetching HttpClient 5 jars from Debian unstable into $hc5" >&2
+  "$ICEBERG_OFFLOAD_VENV/bin/python" "$here/debian_jars.py" "$hc5"
+fi
+shaded="$ICEBERG_OFFLOAD_CACHE/spark/iceberg-shaded-deps-2.jar"
+if [ ! -s "$shaded" ]; then
+  echo "setup: relocating Jackson and HttpClient 5 for the Spark reader into $shaded" >&2
+  work="$(mktemp -d)"
+  mkdir -p "$(dirname "$shaded")"
+  "$ICEBERG_OFFLOAD_VENV/bin/python" - "$work/merged.jar" "$hc5" <<'PY'
+import os, sys, zipfile, snowpark_connect_deps_2 as deps
+jars = os.path.join(os.path.dirname(deps.__file__), "jars")
+sources = [os.path.join(jars, f"jackson-{part}-2.18.8.jar") for part in ("core", "databind", "annotations")]
+sources += [os.path.join(sys.argv[2], f"{name}.jar") for name in ("httpcore5", "httpcore5-h2", "httpclient5")]
+with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as out:
+    seen = set()
+    for source in sources:
+        with zipfile.ZipFile(source) as z:
+            for name in z.namelist():
+                if name.endswith(".class") and not name.startswith("META-INF/") and name != "module-info.class" and name not in seen:
+                    seen.add(name)
+                    out.writestr(name, z.read(name))
+PY
+  printf '%s\n' 'rule com.fasterxml.jackson.** org.apache.iceberg.shaded.com.fasterxml.jackson.@1' \
+    'rule org.apache.hc.** org.apache.iceberg.shaded.org.apache.hc.@1' > "$work/rules.txt"
+  java -jar /usr/share/java/jarjar.jar process "$work/rules.txt" "$work/merged.jar" "$shaded.tmp"
+  mv "$shaded.tmp" "$shaded"
+  rm -rf "$work"
 fi

@@ -62,7 +62,7 @@ def clickhouse_read(args, location):
         url = f"{args.s3_endpoint.rstrip('/')}/{location[len('s3://'):].rstrip('/')}/"
         source = f"icebergS3('{url}', '{args.s3_key}', '{os.environ['VERIFY_S3_SECRET']}')"
     else:
-        path = location[len("file://"):] if location.startswith("file://") else location
+        path = local_path(location)
         os.chdir("/")  # icebergLocal() only reads below the working directory
         source = f"icebergLocal('{path}')"
     s = session.Session()
@@ -82,6 +82,14 @@ def clickhouse_read(args, location):
     return out
 
 
+def local_path(location):
+    """`file:///p` (ours) or `file:/p` (Iceberg Java's, e.g. a table Spark created) → `/p`."""
+    for prefix in ("file://", "file:"):
+        if location.startswith(prefix):
+            return location[len(prefix):]
+    return location
+
+
 def duckdb_read(args, metadata_location):
     import glob
     import duckdb
@@ -92,8 +100,7 @@ def duckdb_read(args, metadata_location):
     for mod in (duckdb_extension_avro, duckdb_extension_iceberg):
         ext = glob.glob(os.path.join(os.path.dirname(mod.__file__), "extensions", "*", "*.duckdb_extension"))[0]
         con.execute(f"LOAD '{ext}'")
-    path = metadata_location[len("file://"):] if metadata_location.startswith("file://") else metadata_location
-    source = f"iceberg_scan('{path}')"
+    source = f"iceberg_scan('{local_path(metadata_location)}')"
     keys = args.key.split(",") if args.key else []
     distinct = f", count(DISTINCT ({', '.join(keys)}))" if keys else ", 0"
     sums = "".join(f", CAST(sum({c}) AS VARCHAR)" for c in args.sum)

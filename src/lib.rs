@@ -12,8 +12,10 @@
 //! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
 //! - [`maintenance`]: orphan-file cleanup;
 //! - [`metrics`] and [`events`]: every number and log line of one event from one place;
+//! - [`adopt`]: taking over a table and the watermark of the original pipeline;
 //! - [`server`]: the HTTP endpoint; [`status`]: the 30-second health check.
 
+pub mod adopt;
 pub mod audit;
 pub mod commit;
 pub mod config;

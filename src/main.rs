@@ -114,6 +114,34 @@ enum Command {
         #[arg(long, value_parser = iceberg_offload::maintenance::Steps::parse)]
         only: Option<iceberg_offload::maintenance::Steps>,
     },
+    /// Takes over a table the original pipeline wrote (Spark, Hadoop catalog): checks it
+    /// against the source, registers its current metadata in the configured catalog and
+    /// starts from the original's watermark (`offload_watermarks` in its PostgreSQL; rows
+    /// with cursor > last_offload_timestamp are offloaded). A dry run unless --apply.
+    Adopt {
+        /// The table (its `name` in the configuration).
+        table: String,
+        /// The original table's directory in the Hadoop warehouse (…/cold/<table>), or one of
+        /// its vN.metadata.json files.
+        #[arg(long)]
+        from: String,
+        /// Start after this RFC 3339 time instead of the original's watermark row.
+        #[arg(long)]
+        watermark: Option<String>,
+        /// The environment variable holding the original's PostgreSQL URL (never printed).
+        #[arg(long, default_value = "ORIGINAL_WATERMARKS_URL")]
+        original_url_env: String,
+        /// The table's `table_name` in offload_watermarks (default: the source table's name
+        /// without its database).
+        #[arg(long)]
+        original_name: Option<String>,
+        /// Adopt although the original's row is `running` or `failed`, or the table holds rows
+        /// after the watermark.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        apply: bool,
+    },
     /// Watermarks.
     Watermark {
         #[command(subcommand)]
@@ -292,6 +320,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
         Command::Maintain { table, dry_run, only } => {
             maintain(&cfg, table.as_deref(), only.unwrap_or_default(), dry_run).await
+        }
+        Command::Adopt { table, from, watermark, original_url_env, original_name, force, apply } => {
+            let request = iceberg_offload::adopt::Request {
+                table,
+                from,
+                watermark,
+                original_url_env,
+                original_name,
+                force,
+                apply,
+            };
+            iceberg_offload::adopt::run(&cfg, &request).await
         }
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
         Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
@@ -497,7 +537,7 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     let result = async {
         let mut journal = commit::Journal::load(&view.table, cfg.catalog.limits.storage).await?;
         let window = Window { lo: view.watermark.clone(), hi: target_w.clone(), planned_rows: 0, bounded: false };
-        let attempt = Attempt { operator_move: true, ..Attempt::new(measure) };
+        let attempt = Attempt { kind: commit::AttemptKind::OperatorMove, ..Attempt::new(measure) };
         let cx = CommitContext { catalog: catalog.clone(), limits: cfg.catalog.limits };
         commit::commit_window(&cx, &view, &mut journal, vec![], &window, 0, &attempt).await
     }

@@ -141,6 +141,23 @@ struct TableRun<'a> {
     partition_order: Option<String>,
 }
 
+/// A table that holds snapshots none of which carries our watermark was written by another
+/// engine: offloading into it would start from the first source row and double what it holds.
+fn refuse_foreign_table(view: &TableView, cfg: &TableConfig) -> Result<()> {
+    if view.origin != commit::WatermarkOrigin::Nothing || view.snapshot_id().is_none() {
+        return Ok(());
+    }
+    Err(OffloadError::Schema {
+        table: cfg.source(),
+        message: format!(
+            "the Iceberg table {} holds snapshots that this service did not write and no watermark of this service, so the first window would start at the first source row and repeat what the table holds. Take it over with `iceberg-offload adopt {} --from <its directory in the original's warehouse>`, or say where to start with `iceberg-offload watermark set {} --to <time> --apply`",
+            cfg.target(),
+            cfg.name(),
+            cfg.name()
+        ),
+    })
+}
+
 impl<'a> TableRun<'a> {
     /// Describes the source, makes sure the target exists, and resolves what earlier runs left
     /// unresolved before anything new is written: pending commits (I5), lost metadata files
@@ -163,6 +180,7 @@ impl<'a> TableRun<'a> {
         }
         let table = until_cancelled(cancel, target::ensure_from(&svc.catalog, cfg, &projection, existing)).await?;
         let view = TableView::of(table)?;
+        refuse_foreign_table(&view, cfg)?;
         let journal = until_cancelled(cancel, Journal::load(&view.table, svc.limits.storage)).await?;
         let partition_order = until_cancelled(cancel, partition_order(svc, cfg, &source, &projection)).await?;
         let mut run = Self {

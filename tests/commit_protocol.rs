@@ -15,7 +15,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, TableCommit, TableIdent};
 
-use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, Resolution, TableView, snapshot_of_run};
+use iceberg_offload::commit::{self, Attempt, AttemptKind, CommitContext, Journal, Resolution, TableView, snapshot_of_run};
 use iceberg_offload::config::CatalogLimits;
 use iceberg_offload::error::{OffloadError, PendingCause};
 
@@ -134,7 +134,7 @@ impl Fixture {
     ) -> (Vec<String>, Result<commit::Committed, OffloadError>) {
         let files = write(view, run_id, (hi_s - 10)..hi_s).await;
         let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-        let attempt = Attempt { run_id: run_id.into(), measure: measure("k2.scripted"), operator_move: false };
+        let attempt = Attempt { run_id: run_id.into(), measure: measure("k2.scripted"), kind: AttemptKind::Window };
         let result = commit::commit_window(&self.cx(), view, journal, files, &window(hi_s), 10, &attempt).await;
         (paths, result)
     }

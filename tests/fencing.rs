@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, TableView};
+use iceberg_offload::commit::{self, Attempt, AttemptKind, CommitContext, Journal, TableView};
 use iceberg_offload::config::CatalogKind;
 use iceberg_offload::error::OffloadError;
 
@@ -85,14 +85,14 @@ async fn stale_view_is_refused(dir: tempfile::TempDir, cat: Arc<dyn iceberg::Cat
     let fresh = TableView::load(&cat, &ident).await.unwrap();
     // ...the first commits its window...
     let files_a = write(&fresh, "writer-a", 0..10).await;
-    let a = Attempt { run_id: "run-a".into(), measure: measure("k2.fence"), operator_move: false };
+    let a = Attempt { run_id: "run-a".into(), measure: measure("k2.fence"), kind: AttemptKind::Window };
     let cx = context(&cat);
     let mut j = journal(&fresh).await;
     commit::commit_window(&cx, &fresh, &mut j, files_a, &window(1_700_000_100), 10, &a).await.unwrap();
     // ...and the second, still holding the old view, must be refused (I4), not rebased.
     let files_b = write(&stale, "writer-b", 0..10).await;
     let paths_b: Vec<String> = files_b.iter().map(|f| f.file_path().to_string()).collect();
-    let b = Attempt { run_id: "run-b".into(), measure: measure("k2.fence"), operator_move: false };
+    let b = Attempt { run_id: "run-b".into(), measure: measure("k2.fence"), kind: AttemptKind::Window };
     let err = commit::commit_window(&cx, &stale, &mut j, files_b, &window(1_700_000_100), 10, &b).await.unwrap_err();
     assert!(matches!(err, OffloadError::CommitConflict { .. }), "expected a conflict, got {err}");
 
@@ -132,7 +132,7 @@ async fn stray_metadata_files_are_found_by_version_or_by_run_id_never_by_age() {
     let (_dir, cat, ident) = setup().await;
     let view = TableView::load(&cat, &ident).await.unwrap();
     let files = write(&view, "w", 0..5).await;
-    let a = Attempt { run_id: "run-1".into(), measure: measure("k2.fence"), operator_move: false };
+    let a = Attempt { run_id: "run-1".into(), measure: measure("k2.fence"), kind: AttemptKind::Window };
     let mut j = journal(&view).await;
     let committed =
         commit::commit_window(&context(&cat), &view, &mut j, files, &window(1_700_000_100), 5, &a).await.unwrap();

@@ -102,8 +102,28 @@ def run(config, *args, env=None, timeout=900, check=False, exe=None):
     return p
 
 
-def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False, clickhouse=True, s3=None):
-    """`s3`: {"endpoint", "key", "secret", "warehouse"} for a warehouse on S3."""
+def spark_enabled():
+    """Spark reads in every verification unless ICEBERG_OFFLOAD_SPARK=0 (a developer's quick
+    run; CI never sets it)."""
+    return os.environ.get("ICEBERG_OFFLOAD_SPARK", "1") != "0"
+
+
+def sqlite_catalog(tmp, name="offload"):
+    """The Spark catalog (dev/spark_reader.py) for the SQLite catalog write_config sets up."""
+    tmp = Path(tmp)
+    return {"type": "jdbc", "uri": f"jdbc:sqlite:{tmp / 'catalog.db'}", "warehouse": f"file://{tmp / 'warehouse'}", "name": name}
+
+
+def spark_read(catalog, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False):
+    from spark_reader import Spark
+    return Spark.shared().read(catalog, table, key=key, sums=sums, rows=rows)
+
+
+def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False, clickhouse=True, s3=None,
+           spark_catalog=None):
+    """`s3`: {"endpoint", "key", "secret", "warehouse"} for a warehouse on S3 (Spark cannot read
+    S3 here: no AWS SDK jars offline). `spark_catalog`: how Spark reaches the table when it is
+    not the SQLite catalog in `tmp` (a REST catalog, PostgreSQL)."""
     tmp = Path(tmp)
     warehouse = s3["warehouse"] if s3 else f"file://{tmp / 'warehouse'}"
     cmd = [PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--catalog-uri", f"sqlite:////{tmp / 'catalog.db'}".replace("/////", "////"),
@@ -121,24 +141,28 @@ def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"),
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if p.returncode != 0:
         raise AssertionError(f"verifier failed:\n{p.stderr}")
-    return json.loads(p.stdout)
+    got = json.loads(p.stdout)
+    if spark_enabled() and not s3:
+        got["spark"] = spark_read(spark_catalog or sqlite_catalog(tmp), table, key=key, sums=sums, rows=rows)
+    return got
 
 
 def source_stats(gw, db, table, watermark_position, **kw):
     return k2data.source_stats(gw.scalar, db, table, watermark_position, **kw)
 
 
-def assert_equal_to_source(gw, tmp, db, table, target=None, s3=None):
-    """Invariant check: Iceberg equals the source up to W, seen by three readers we did not
+def assert_equal_to_source(gw, tmp, db, table, target=None, s3=None, spark_catalog=None):
+    """Invariant check: Iceberg equals the source up to W, seen by four readers we did not
     write: pyiceberg (the catalog), ClickHouse icebergLocal() (the table's folder, no pinned
-    metadata file) and DuckDB iceberg_scan() (the catalog's current metadata file)."""
+    metadata file), DuckDB iceberg_scan() (the catalog's current metadata file) and Spark
+    (Iceberg's Java library, through the same catalog)."""
     target = target or f"cold.{table}"
-    got = verify(tmp, target, s3=s3)
+    got = verify(tmp, target, s3=s3, spark_catalog=spark_catalog)
     py = got["pyiceberg"]
     wm = py["properties"]["offload.watermark.position"]
     src = source_stats(gw, db, table, wm)
     assert py["duplicates"] == 0, f"duplicates in Iceberg: {py['duplicates']}"
-    for reader in [r for r in ("pyiceberg", "clickhouse", "duckdb") if r in got]:
+    for reader in [r for r in ("pyiceberg", "clickhouse", "duckdb", "spark") if r in got]:
         r = got[reader]
         assert r["count"] == src["count"], f"{reader}: {r['count']} rows, source has {src['count']} up to W"
         assert r["distinct_keys"] == src["distinct_keys"], f"{reader}: distinct keys {r['distinct_keys']} vs {src['distinct_keys']}"

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, assert_equal_to_source, bronze_table, create_bronze, insert_bronze, now_ms, run, write_config
+from harness import PYTHON, ROOT, assert_equal_to_source, spark_enabled, spark_read, bronze_table, create_bronze, insert_bronze, now_ms, run, write_config
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,13 @@ def pg_verify(password, name, tmp_path):
                           "--warehouse", f"file://{tmp_path / 'warehouse'}", "--table", "cold.trades",
                           "--key", "symbol,sequence_number", "--sum", "price"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    got = json.loads(out.stdout)
+    if spark_enabled():
+        # Spark through the same PostgreSQL catalog (Iceberg Java's JdbcCatalog, Debian's driver).
+        catalog = {"type": "jdbc", "uri": f"jdbc:postgresql://127.0.0.1:5432/{name}", "user": "offload_test",
+                   "password": password, "warehouse": f"file://{tmp_path / 'warehouse'}", "name": "offload"}
+        got["spark"] = spark_read(catalog, "cold.trades", sums=("price",))
+    return got
 
 
 def test_postgres_state_store_and_catalog(gateway, db, tmp_path, postgres):
@@ -64,6 +70,9 @@ def test_postgres_state_store_and_catalog(gateway, db, tmp_path, postgres):
     # pyiceberg through the same PostgreSQL catalog sees what ClickHouse has.
     got = pg_verify(password, name, tmp_path)
     assert got["pyiceberg"]["count"] == 40_000 == got["clickhouse"]["count"]
+    if spark_enabled():
+        assert got["spark"]["count"] == 40_000 and got["spark"]["distinct_keys"] == 40_000
+        assert got["spark"]["sums"]["price"].rstrip("0") == got["pyiceberg"]["sums"]["price"].rstrip("0")
     assert got["pyiceberg"]["duplicates"] == 0
 
     # A state store that cannot be reached must not stop the offload (Iceberg is the truth).

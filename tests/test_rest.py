@@ -39,7 +39,9 @@ def test_rest_catalog_cycles_land_every_row_once(gateway, db, tmp_path, rest):
     k2data.insert_bronze_arriving_now(gateway.sql, db, "trades", 3_000, seq_start=1_000_000)
     time.sleep(1.5)
     second = run(cfg, "once", env=env, check=True)
-    got, src = assert_equal_to_source(gateway, tmp_path, db, "trades")
+    # Spark reads through the REST catalog itself (Iceberg Java's RESTCatalog, with the token).
+    got, src = assert_equal_to_source(gateway, tmp_path, db, "trades",
+                                      spark_catalog={"type": "rest", "uri": rest, "token": TOKEN})
     assert src["count"] == 28_000
     commits = [s for s in got["pyiceberg"]["snapshots"] if s.get("offload.run-id")]
     assert len(commits) == 4, commits

@@ -1,9 +1,9 @@
-"""Every ClickHouse type of the mapping round-trips, checked value by value by pyiceberg and
-by ClickHouse icebergLocal()."""
+"""Every ClickHouse type of the mapping round-trips, checked value by value by pyiceberg, by
+ClickHouse icebergLocal() and by Spark (Iceberg's Java library)."""
 import datetime as dt
 from decimal import Decimal
 
-from harness import bronze_table, now_ms, run, verify, write_config
+from harness import bronze_table, now_ms, run, spark_enabled, verify, write_config
 
 DDL = """
 CREATE TABLE {db}.types (
@@ -80,6 +80,16 @@ def test_every_type_round_trips(gateway, db, tmp_path):
         for col, value in want.items():
             assert row[col] == str(value), f"pyiceberg row {row['id']} column {col}: {row[col]!r} != {str(value)!r}"
 
+    # Spark reads the same values through the same catalog: its own Parquet and Avro readers.
+    if spark_enabled():
+        sp = got["spark"]
+        assert sp["count"] == 2 and sp["types"]["u64"] == "decimal(20,0)" and sp["types"]["fs"] == "binary"
+        assert sp["types"]["t9"] == "timestamp" and sp["types"]["m"] == "map<string,decimal(20,0)>"
+        for row, want in zip(sorted(sp["rows"], key=lambda r: r["id"]), expect):
+            for col, value in want.items():
+                have = sorted(row[col].items()) if col == "m" else row[col]
+                assert have == value, f"spark row {row['id']} column {col}: {have!r} != {value!r}"
+
     # ClickHouse reads the Iceberg files on its own: compare with the source, as ClickHouse prints both.
     ch_rows = sorted(got["clickhouse"]["rows"], key=lambda r: int(r["id"]))
     src = gateway.sql(f"""SELECT toString(u64), toString(d38), toString(e8), toString(toDateTime64(tz, 6, 'UTC')),
@@ -144,6 +154,10 @@ def test_uint64_as_long_round_trips_and_refuses_overflow(gateway, db, tmp_path):
         ("0", "None", "[]"), ("9223372036854775807", "5", "[1, 9223372036854775807]")], rows
     assert py["count"] == ch["count"] == 2
     assert int(py["sums"]["seq"]) == int(ch["sums"]["seq"]) == 9223372036854775807, (py["sums"], ch["sums"])
+    if spark_enabled():
+        sp = got["spark"]
+        assert sp["types"]["seq"] == "bigint" and sp["types"]["a"] == "array<bigint>"
+        assert sorted((r["seq"], r["n"], r["a"]) for r in sp["rows"]) == [(0, None, []), (9223372036854775807, 5, [1, 9223372036854775807])]
     snapshots = py["snapshots"]
 
     # One value above 2^63-1: the window fails, clearly, and commits nothing.

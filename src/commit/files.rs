@@ -181,11 +181,14 @@ pub async fn delete_dropped_metadata(before: &Table, after: &Table, limit: Durat
     }
     let oldest_kept = after_log.iter().map(|m| m.timestamp_ms).min().unwrap_or(i64::MAX);
     let kept: HashSet<&str> = after_log.iter().map(|m| m.metadata_file.as_str()).collect();
+    // The `vN.metadata.json` files of a table adopted from a Hadoop catalog stay: they are the
+    // original's history, and a rollback of the migration points Spark at them again.
     let dropped: Vec<&str> = before
         .metadata()
         .metadata_log()
         .iter()
         .filter(|m| m.timestamp_ms < oldest_kept && !kept.contains(m.metadata_file.as_str()))
+        .filter(|m| !file_name(&m.metadata_file).starts_with('v'))
         .map(|m| m.metadata_file.as_str())
         .collect();
     delete_paths(after, dropped, limit, "an old metadata file").await

@@ -65,6 +65,9 @@ pub const SUMMARY_SOURCE: &str = "offload.source";
 pub const PROP_MEASURE: &str = "offload.measure";
 /// Snapshot summary marker of a watermark moved by an operator (`watermark set`).
 pub const SUMMARY_MOVED: &str = "offload.watermark-moved";
+/// Snapshot summary marker and table property of a table taken over from another pipeline
+/// (`adopt`): the metadata file it was registered from.
+pub const SUMMARY_ADOPTED_FROM: &str = "offload.adopted-from";
 /// Table property: every range an operator moved `W` over, JSON `[Move]`. Kept in the
 /// properties because snapshots expire: the audit (I9) leaves these rows out for good.
 pub const PROP_MOVES: &str = "offload.watermark-moves";
@@ -135,13 +138,25 @@ pub struct Attempt {
     pub run_id: String,
     /// What the window's positions are measured on (I11).
     pub measure: Measure,
-    /// An operator moving `W` on purpose (`watermark set`): no files, marked as such.
-    pub operator_move: bool,
+    pub kind: AttemptKind,
+}
+
+/// What a commit is for. Only a window carries rows; the other two carry `W` alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptKind {
+    /// One window's rows.
+    Window,
+    /// An operator moving `W` on purpose (`watermark set`): marked, and the range moved over
+    /// recorded so that the audit (I9) does not count its rows as missing.
+    OperatorMove,
+    /// The first `W` of a table another pipeline wrote (`adopt`): marked with where the table
+    /// came from. The rows at or below `W` are the original's, audited like ours.
+    Adoption { from: String },
 }
 
 impl Attempt {
     pub fn new(measure: Measure) -> Self {
-        Self { run_id: uuid::Uuid::now_v7().to_string(), measure, operator_move: false }
+        Self { run_id: uuid::Uuid::now_v7().to_string(), measure, kind: AttemptKind::Window }
     }
 }
 
@@ -229,8 +244,14 @@ fn append(
         (PROP_MEASURE.to_string(), attempt.measure.to_json()),
     ]);
     let mut summary = summary;
-    if attempt.operator_move {
-        summary.insert(SUMMARY_MOVED.to_string(), "true".to_string());
+    match &attempt.kind {
+        AttemptKind::Window => {}
+        AttemptKind::OperatorMove => {
+            summary.insert(SUMMARY_MOVED.to_string(), "true".to_string());
+        }
+        AttemptKind::Adoption { from } => {
+            summary.insert(SUMMARY_ADOPTED_FROM.to_string(), from.clone());
+        }
     }
     let tx = Transaction::new(&view.table);
     let mut props = tx
@@ -238,7 +259,7 @@ fn append(
         .set(PROP_WATERMARK.to_string(), window.hi.cursor_rfc3339())
         .set(PROP_POSITION.to_string(), window.hi.to_json())
         .set(PROP_MEASURE.to_string(), attempt.measure.to_json());
-    if attempt.operator_move && window.lo.as_ref() != Some(&window.hi) {
+    if attempt.kind == AttemptKind::OperatorMove && window.lo.as_ref() != Some(&window.hi) {
         let mut moves = recorded_moves(view.table.metadata());
         let lo_measure = match &view.measured_on {
             MeasuredOn::Recorded(m) => Some(m.clone()),

@@ -7,7 +7,6 @@ use iceberg::table::Table;
 use iceberg::{Catalog, CatalogBuilder, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
 use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::SqlCatalogBuilder;
-use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
 
 use crate::config::{CatalogConfig, CatalogKind, CatalogLimits};
 
@@ -37,7 +36,7 @@ async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>
     if let Some(w) = &cfg.warehouse {
         props.insert("warehouse".into(), w.clone());
     }
-    let storage = Arc::new(OpenDalResolvingStorageFactory::new());
+    let storage = super::storage::factory();
     match cfg.kind {
         CatalogKind::Sql => {
             let mut uri = cfg.uri.clone();

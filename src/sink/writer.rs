@@ -76,7 +76,36 @@ pub struct WindowWriter {
     pub rows: u64,
 }
 
-/// Parquet settings: zstd (the original used zstd too), row groups of 128K rows, and a
+/// [`writer_properties_with`] at zstd level 1 (unit tests).
+#[cfg(test)]
+fn writer_properties(schema: &iceberg::spec::Schema, integers: IntegerEncoding) -> WriterProperties {
+    writer_properties_with(schema, integers, Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
+}
+
+/// The table's own codec (`write.parquet.compression-codec`, `-level`; Iceberg's names), so a
+/// table another engine created keeps its compression (the original's bronze tables: zstd
+/// level 3). Tables this service creates say zstd level 1; a value we cannot use falls back
+/// to that, with a warning.
+pub fn table_compression(table: &Table) -> Compression {
+    let props = table.metadata().properties();
+    let codec = props.get("write.parquet.compression-codec").map(|s| s.to_ascii_lowercase());
+    let level = props.get("write.parquet.compression-level").and_then(|l| l.parse::<i32>().ok());
+    let chosen = match codec.as_deref().unwrap_or("zstd") {
+        "zstd" => ZstdLevel::try_new(level.unwrap_or(1)).ok().map(Compression::ZSTD),
+        "snappy" => Some(Compression::SNAPPY),
+        "gzip" => parquet::basic::GzipLevel::try_new(level.unwrap_or(6) as u32).ok().map(Compression::GZIP),
+        "lz4" => Some(Compression::LZ4_RAW),
+        "uncompressed" | "none" => Some(Compression::UNCOMPRESSED),
+        _ => None,
+    };
+    chosen.unwrap_or_else(|| {
+        tracing::warn!(table = %table.identifier(), codec = ?codec, level = ?level,
+            "unsupported write.parquet.compression-codec/-level; writing zstd level 1");
+        Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level"))
+    })
+}
+
+/// Parquet settings: the table's codec (zstd level 1 on the tables we create), row groups of 128K rows, and a
 /// 64 KiB dictionary limit so that high-cardinality columns (timestamps, sequence numbers,
 /// prices) fall back early instead of carrying a dictionary of unique values in every row
 /// group. Measured on 3M K2 bronze rows: 1 MiB → 72.6 MB and 1.13M rows/s; 64 KiB → 49.7 MB
@@ -84,9 +113,13 @@ pub struct WindowWriter {
 /// table says `integer_encoding = "plain"`: 10M rows, 146 → 67 MB and about 17 % less CPU
 /// (docs/performance.md). Memory per open partition writer is dominated by one zstd
 /// compressor per column (about 1 MB each).
-fn writer_properties(schema: &iceberg::spec::Schema, integers: IntegerEncoding) -> WriterProperties {
+fn writer_properties_with(
+    schema: &iceberg::spec::Schema,
+    integers: IntegerEncoding,
+    compression: Compression,
+) -> WriterProperties {
     let mut builder = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
+        .set_compression(compression)
         .set_max_row_group_row_count(Some(128 * 1024))
         .set_dictionary_page_size_limit(64 * 1024);
     if integers == IntegerEncoding::Delta {
@@ -133,7 +166,8 @@ impl WindowWriter {
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
         let arrow_schema = Arc::new(schema_to_arrow_schema(&schema)?);
-        let parquet = ParquetWriterBuilder::new(writer_properties(&schema, integers), schema.clone());
+        let props = writer_properties_with(&schema, integers, table_compression(table));
+        let parquet = ParquetWriterBuilder::new(props, schema.clone());
         let location = DefaultLocationGenerator::new(metadata)?;
         let names = DefaultFileNameGenerator::new(file_prefix.to_string(), None, DataFileFormat::Parquet);
         let io = table.file_io().clone();
