@@ -142,6 +142,17 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Removes rows the table holds more often than the source (windows the original
+    /// pipeline appended twice): per day the audit finds extra rows, each row is kept as often
+    /// as ClickHouse holds it, in one fenced `replace` snapshot. Takes the table's lease.
+    Repair {
+        /// The table (its `name`).
+        #[arg(long)]
+        table: String,
+        /// Say what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Watermarks.
     Watermark {
         #[command(subcommand)]
@@ -333,6 +344,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             iceberg_offload::adopt::run(&cfg, &request).await
         }
+        Command::Repair { table, dry_run } => repair(&cfg, &table, dry_run).await,
         Command::Watermark { command: WatermarkCommand::Show { json } } => watermark_show(&cfg, json).await,
         Command::Watermark { command: WatermarkCommand::Set { table, to, apply } } => {
             watermark_set(&cfg, &table, &to, apply).await
@@ -665,6 +677,34 @@ async fn maintain(
         }
     }
     Ok(code)
+}
+
+async fn repair(cfg: &Config, name: &str, dry_run: bool) -> anyhow::Result<u8> {
+    let t = tables_named(cfg, Some(name))?.into_iter().next().expect("one table");
+    let svc = services(cfg, Arc::new(Metrics::new())).await?;
+    svc.ch.check_version().await?;
+    let state = StateStore::open(&cfg.state).await?;
+    let holder = iceberg_offload::scheduler::process_holder("repair");
+    let lease = iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await?;
+    let result = iceberg_offload::maintenance::repair::repair(&svc, t, dry_run).await;
+    state.release_lease(&lease).await.ok();
+    let r = result?;
+    if r.days.is_empty() {
+        println!("{}: no day holds more rows in Iceberg than in ClickHouse; nothing to repair", t.name());
+        return Ok(exit::OK);
+    }
+    for d in &r.days {
+        println!("{}: {} ClickHouse {} Iceberg {} (+{})", t.name(), d.day, d.source_rows, d.iceberg_rows, d.iceberg_rows - d.source_rows);
+    }
+    for why in &r.left {
+        println!("{}: left: {why}", t.name());
+    }
+    let verb = if r.committed { "removed" } else { "would remove" };
+    println!("{}: {verb} {} surplus rows from {} data files", t.name(), r.surplus, r.files);
+    if dry_run {
+        println!("dry run: nothing changed");
+    }
+    Ok(exit::OK)
 }
 
 /// What `maintain` prints of a table's run, a line per step.

@@ -8,11 +8,13 @@ import datetime as dt
 import json
 import os
 import subprocess
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+import k2data
 from harness import (PYTHON, ROOT, bronze_table, create_bronze, insert_bronze, now_ms, run, spark_read,
                      sqlite_catalog, verify, write_config)
 
@@ -111,6 +113,9 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     # Three days of history, then rows after the cut-over.
     for d in range(3):
         insert_bronze(gateway, db, table, 1000, day0 + d * DAY + 3_600_000, step_ms=60_000, seq_start=d * 1000)
+    # A row ClickHouse itself holds twice (the Kafka engine is at-least-once): the source's
+    # own duplicate, which every reader must keep and repair must not touch.
+    gateway.sql(f"INSERT INTO {db}.{table} SELECT * FROM {db}.{table} WHERE sequence_number = 1500")
     warehouse = tmp_path / "original-warehouse"
     spark = Spark.shared()
     s, _ = spark.session(hadoop(warehouse))
@@ -124,7 +129,7 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     n2, _ = original_offload(gateway, db, table, s, w1, w2)
     n2b, _ = original_offload(gateway, db, table, s, w1, w2)
     n3, max3 = original_offload(gateway, db, table, s, w2, day0 + 2 * DAY + DAY // 2)
-    assert n1 == n2 == n2b == 1000 and n3 > 0
+    assert n1 == 1000 and n2 == n2b == 1001 and n3 > 0
     url, _ = original_database(postgres, f"orig_{db}")
     psql(postgres[1], f"orig_{db}", f"""INSERT INTO offload_watermarks VALUES ('{table}',
         to_timestamp({max3} / 1000.0), 999, {n3}, 'success', now(), 12, 0, NULL, now(), now())""")
@@ -163,7 +168,7 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
         r = got[reader]
         assert r["count"] == src_count + n2b, f"{reader}: {r['count']} rows, source {src_count} + {n2b} doubled"
         assert r["distinct_keys"] == src_keys, f"{reader}: {r['distinct_keys']} distinct keys vs {src_keys}"
-    assert got["pyiceberg"]["duplicates"] == n2b
+    assert got["pyiceberg"]["duplicates"] == n2b + 1
     # Our rows went into the original's table: same field ids, the original's codec.
     props = got["pyiceberg"]["properties"]
     assert props["offload.adopted-from"].endswith(".metadata.json") and props["write.parquet.compression-level"] == "3"
@@ -178,6 +183,33 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     others = [d for k, d in days.items() if k != day1]
     assert others and all(d["iceberg_rows"] == d["source_rows"] and d["status"] == "ok" for d in others), others
     assert days[day1]["status"] == "extra", days[day1]
+
+    # repair: a dry run says what it would remove; then exactly the second copy of the
+    # original's doubled window goes, and the source's own duplicate stays twice.
+    snapshots = len(got["pyiceberg"]["snapshots"])
+    p = run(cfg, "repair", "--table", table, "--dry-run")
+    assert p.returncode == 0 and f"would remove {n2b} surplus rows" in p.stdout and "dry run" in p.stdout, p.stdout + p.stderr
+    assert len(verify(tmp_path, f"cold.{table}", sums=("price",), clickhouse=False)["pyiceberg"]["snapshots"]) == snapshots
+    p = run(cfg, "repair", "--table", table)
+    assert p.returncode == 0 and f"removed {n2b} surplus rows" in p.stdout, p.stdout + p.stderr
+    src_sum = gateway.sql(f"SELECT toString(sum(price)) FROM {db}.{table}").strip()
+    got = verify(tmp_path, f"cold.{table}", sums=("price",))
+    for reader in ("pyiceberg", "clickhouse", "duckdb", "spark"):
+        r = got[reader]
+        assert r["count"] == src_count and r["distinct_keys"] == src_keys, f"{reader} after repair: {r}"
+        assert float(r["sums"]["price"]) == float(src_sum), f"{reader} after repair: sum {r['sums']['price']} vs {src_sum}"
+    assert got["pyiceberg"]["duplicates"] == 1, "the source's own duplicate stays"
+    assert [s["operation"] for s in got["pyiceberg"]["snapshots"]].count("Operation.REPLACE") == 1
+    p = run(cfg, "audit")
+    assert p.returncode == 0, p.stdout
+    p = run(cfg, "repair", "--table", table)
+    assert p.returncode == 0 and "nothing to repair" in p.stdout, p.stdout
+    # The service goes on appending to the repaired table.
+    k2data.insert_bronze_arriving_now(gateway.sql, db, table, 100, seq_start=9000)
+    time.sleep(1.5)
+    assert run(cfg, "once").returncode == 0
+    got = verify(tmp_path, f"cold.{table}", sums=("price",), clickhouse=False)
+    assert got["spark"]["count"] == src_count + 100 == got["pyiceberg"]["count"]
 
 
 def sqlite_tables(tmp_path):

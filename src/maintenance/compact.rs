@@ -71,7 +71,7 @@ pub struct CompactReport {
 
 /// A live data file of the current snapshot, with what an EXISTING entry must keep.
 #[derive(Clone)]
-struct Live {
+pub(super) struct Live {
     file: DataFile,
     snapshot_id: i64,
     sequence_number: i64,
@@ -113,6 +113,9 @@ pub struct Compactor<'a> {
     pub limits: CatalogLimits,
     /// No partition is started after this (the run's time limit must leave room to commit).
     pub deadline: std::time::Instant,
+    /// A repair (`iceberg-offload repair`): these files rewritten with surplus copies removed,
+    /// instead of the closed partitions' small files.
+    pub repair: Option<super::repair::Repair>,
 }
 
 impl Compactor<'_> {
@@ -121,7 +124,11 @@ impl Compactor<'_> {
         let table = self.catalog.load_table(&ident).await?;
         let mut report = CompactReport::default();
         let mut records = self.settle(&table, dry_run).await;
-        let plan = match Plan::make(&table, self.cfg, self.policy, self.limits).await? {
+        let plan = match &self.repair {
+            Some(r) => Plan::for_files(&table, self.cfg, self.limits, &r.files).await?,
+            None => Plan::make(&table, self.cfg, self.policy, self.limits).await?,
+        };
+        let plan = match plan {
             Ok(plan) => plan,
             Err(why) => {
                 report.skipped = Some(why);
@@ -216,6 +223,7 @@ impl Compactor<'_> {
             WindowWriter::new_sized(table, &prefix, self.cfg.integer_encoding, true, Some(plan.target_size as usize))
                 .await?;
         let mut written = vec![];
+        let (mut emitted, mut removed) = (HashMap::new(), 0u64);
         let result: Result<(u64, usize)> = async {
             let mut rows = 0;
             for (done, partition) in plan.partitions.iter().enumerate() {
@@ -238,6 +246,14 @@ impl Compactor<'_> {
                         )));
                     }
                     rows += batch.num_rows() as u64;
+                    let batch = match &self.repair {
+                        Some(r) => {
+                            let (kept, dropped) = r.keep.filter(&writer.conform(&batch)?, &mut emitted)?;
+                            removed += dropped;
+                            kept
+                        }
+                        None => batch,
+                    };
                     writer.write(batch).await?;
                 }
             }
@@ -250,11 +266,12 @@ impl Compactor<'_> {
                 written.extend(writer.close().await?);
                 let out: u64 = written.iter().map(|f| f.record_count()).sum();
                 let expected: u64 = plan.replaced().map(|l| l.file.record_count()).sum();
-                if rows != expected || out != expected {
+                let surplus = self.repair.as_ref().map_or(0, |r| r.keep.surplus);
+                if rows != expected || out + removed != expected || removed != surplus {
                     let paths: Vec<String> = written.iter().map(|f| f.file_path().to_string()).collect();
                     AttemptFiles { table, run_id, paths: &paths, limit: self.limits.storage }.discard().await;
                     return Err(OffloadError::Crash(format!(
-                        "compaction of {}: {expected} rows to rewrite, {rows} read, {out} written; nothing committed",
+                        "rewrite of {}: {expected} rows to rewrite, {rows} read, {removed} removed (planned {surplus}), {out} written; nothing committed",
                         table.identifier()
                     )));
                 }
@@ -519,6 +536,12 @@ struct Plan {
     target_size: u64,
     small_files: usize,
     totals: Totals,
+    /// Every live data file of the default spec.
+    all: Vec<Live>,
+    /// Each manifest's live entries.
+    of_manifest: HashMap<String, Vec<Live>>,
+    /// Manifests of the default spec.
+    default_spec: HashSet<String>,
 }
 
 impl Plan {
@@ -528,6 +551,52 @@ impl Plan {
 
     fn merged_entries(&self) -> impl Iterator<Item = &Live> {
         self.entries.iter()
+    }
+
+    /// The files `paths` (all live, else nothing is done), one group per partition, in cursor
+    /// order; manifests merged as a compaction does.
+    async fn for_files(
+        table: &Table,
+        cfg: &TableConfig,
+        limits: CatalogLimits,
+        paths: &HashSet<String>,
+    ) -> Result<std::result::Result<Plan, String>> {
+        let policy = CompactionPolicy { target_size: 128 << 20, after: Duration::ZERO, max_bytes: 0, manifests_max: usize::MAX };
+        let mut plan = match Plan::make(table, cfg, policy, limits).await? {
+            Ok(p) => p,
+            Err(why) => return Ok(Err(why)),
+        };
+        let mut by_partition: HashMap<Struct, Vec<Live>> = HashMap::new();
+        for live in plan.all.drain(..).filter(|l| paths.contains(l.file.file_path())) {
+            by_partition.entry(live.file.partition().clone()).or_default().push(live);
+        }
+        let found: usize = by_partition.values().map(Vec::len).sum();
+        if found != paths.len() {
+            return Ok(Err(format!("{} of the {} files to rewrite are no longer live; run again", paths.len() - found, paths.len())));
+        }
+        let mut partitions: Vec<Vec<Live>> = by_partition.into_values().collect();
+        for p in &mut partitions {
+            p.sort_by_key(|l| l.cursor.map(|c| c.0));
+        }
+        partitions.sort_by_key(|p| p.first().and_then(|l| l.cursor.map(|c| c.0)));
+        plan.select(partitions);
+        Ok(Ok(plan))
+    }
+
+    /// Which manifests a replace of `partitions`' files rewrites, and their live entries.
+    fn select(&mut self, partitions: Vec<Vec<Live>>) {
+        let replaced: HashSet<String> = partitions.iter().flatten().map(|l| l.file.file_path().to_string()).collect();
+        self.merged = self
+            .of_manifest
+            .iter()
+            .filter(|(path, ls)| {
+                self.default_spec.contains(*path)
+                    && (self.merge_all || ls.iter().any(|l| replaced.contains(l.file.file_path())))
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        self.entries = self.merged.iter().flat_map(|p| self.of_manifest.get(p).cloned().unwrap_or_default()).collect();
+        self.partitions = partitions;
     }
 
     /// `Ok(Err(why))`: nothing can be compacted for a reason worth reporting.
@@ -562,6 +631,7 @@ impl Plan {
         let mut totals = Totals::default();
         let mut by_partition: HashMap<Struct, Vec<Live>> = HashMap::new();
         let mut of_manifest: HashMap<String, Vec<Live>> = HashMap::new();
+        let mut all: Vec<Live> = vec![];
         for m in &manifests {
             let manifest = m.load_manifest(io).await?;
             for e in manifest.entries().iter().filter(|e| e.is_alive()) {
@@ -586,6 +656,7 @@ impl Plan {
                 };
                 if m.partition_spec_id == spec_id {
                     by_partition.entry(live.file.partition().clone()).or_default().push(live.clone());
+                    all.push(live.clone());
                 }
                 of_manifest.entry(m.manifest_path.clone()).or_default().push(live);
             }
@@ -620,20 +691,23 @@ impl Plan {
             partitions.push(p);
         }
         let merge_all = manifests.iter().filter(|m| m.partition_spec_id == spec_id).count() > policy.manifests_max;
-        let replaced: HashSet<&str> = partitions.iter().flatten().map(|l| l.file.file_path()).collect();
-        let merged: HashSet<String> = manifests
-            .iter()
-            .filter(|m| m.partition_spec_id == spec_id)
-            .filter(|m| {
-                merge_all
-                    || of_manifest
-                        .get(&m.manifest_path)
-                        .is_some_and(|ls| ls.iter().any(|l| replaced.contains(l.file.file_path())))
-            })
-            .map(|m| m.manifest_path.clone())
-            .collect();
-        let entries = merged.iter().flat_map(|p| of_manifest.remove(p).unwrap_or_default()).collect();
-        Ok(Ok(Plan { partitions, manifests, merged, merge_all, entries, target_size, small_files, totals }))
+        let default_spec: HashSet<String> =
+            manifests.iter().filter(|m| m.partition_spec_id == spec_id).map(|m| m.manifest_path.clone()).collect();
+        let mut plan = Plan {
+            partitions: vec![],
+            manifests,
+            merged: HashSet::new(),
+            merge_all,
+            entries: vec![],
+            target_size,
+            small_files,
+            totals,
+            all,
+            of_manifest,
+            default_spec,
+        };
+        plan.select(partitions);
+        Ok(Ok(plan))
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod compact;
 pub mod expire;
 pub mod orphans;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -108,6 +109,7 @@ pub async fn maintain_table(
             policy,
             limits: svc.limits,
             deadline: std::time::Instant::now() + mc.timeout / 2,
+            repair: None,
         };
         match compactor.run(dry_run).await {
             Ok(r) => report.compact = Some(r),

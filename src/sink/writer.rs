@@ -148,6 +148,41 @@ fn writer_properties_with(
     builder.build()
 }
 
+/// Casts a batch, by column name, to `schema` (the table's Arrow schema): missing columns
+/// are NULL, a required column may not hold NULLs.
+pub fn conform(schema: &SchemaRef, table_name: &str, batch: &RecordBatch) -> Result<RecordBatch> {
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let col = match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => c.clone(),
+            Some(c) => arrow_cast::cast(c, field.data_type()).map_err(|e| OffloadError::Schema {
+                table: table_name.to_string(),
+                message: format!(
+                    "column {:?}: cannot convert {} to {}: {e}",
+                    field.name(),
+                    c.data_type(),
+                    field.data_type()
+                ),
+            })?,
+            None => arrow_array::new_null_array(field.data_type(), batch.num_rows()),
+        };
+        if !field.is_nullable() && col.null_count() > 0 {
+            return Err(OffloadError::Schema {
+                table: table_name.to_string(),
+                message: format!(
+                    "column {:?} is required in the Iceberg table but the source sent NULLs",
+                    field.name()
+                ),
+            });
+        }
+        columns.push(col);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| OffloadError::Schema {
+        table: table_name.to_string(),
+        message: format!("batch does not fit the table schema: {e}"),
+    })
+}
+
 impl WindowWriter {
     /// `file_prefix` must be unique per attempt (the attempt id).
     /// `clustered`: the rows will arrive sorted by partition (see [`Inner::Clustered`]).
@@ -203,36 +238,7 @@ impl WindowWriter {
 
     /// Casts a source batch to the table's Arrow schema.
     pub fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch> {
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.arrow_schema.fields().len());
-        for field in self.arrow_schema.fields() {
-            let col = match batch.column_by_name(field.name()) {
-                Some(c) if c.data_type() == field.data_type() => c.clone(),
-                Some(c) => arrow_cast::cast(c, field.data_type()).map_err(|e| OffloadError::Schema {
-                    table: self.table_name.clone(),
-                    message: format!(
-                        "column {:?}: cannot convert {} to {}: {e}",
-                        field.name(),
-                        c.data_type(),
-                        field.data_type()
-                    ),
-                })?,
-                None => arrow_array::new_null_array(field.data_type(), batch.num_rows()),
-            };
-            if !field.is_nullable() && col.null_count() > 0 {
-                return Err(OffloadError::Schema {
-                    table: self.table_name.clone(),
-                    message: format!(
-                        "column {:?} is required in the Iceberg table but the source sent NULLs",
-                        field.name()
-                    ),
-                });
-            }
-            columns.push(col);
-        }
-        RecordBatch::try_new(self.arrow_schema.clone(), columns).map_err(|e| OffloadError::Schema {
-            table: self.table_name.clone(),
-            message: format!("batch does not fit the table schema: {e}"),
-        })
+        conform(&self.arrow_schema, &self.table_name, batch)
     }
 
     pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {

@@ -451,6 +451,26 @@ impl SourceTable {
         (format!("SELECT {list} FROM {} WHERE {pred}{order}", self.from()), params)
     }
 
+    /// The SELECT of every row at or below `w` whose cursor lies in `range` (ns, inclusive):
+    /// what `repair` counts against the table.
+    pub fn select_range(&self, projection: &Projection, w: &Position, range: (i64, i64)) -> (String, Vec<(String, String)>) {
+        let list = projection
+            .iter()
+            .map(|(name, expr, _, _)| format!("{expr} AS {}", quote_ident(name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (pred, mut params) = self.window_predicate(None, w);
+        let cursor = quote_ident(&self.table.cursor);
+        params.push(("range_lo".into(), range.0.to_string()));
+        params.push(("range_hi".into(), range.1.to_string()));
+        let sql = format!(
+            "SELECT {list} FROM {} WHERE ({pred}) AND {cursor} >= fromUnixTimestamp64Nano({{range_lo:Int64}}, 'UTC') \
+             AND {cursor} <= fromUnixTimestamp64Nano({{range_hi:Int64}}, 'UTC')",
+            self.from()
+        );
+        (sql, params)
+    }
+
     /// The partition values of a row as ClickHouse computes them, for `ORDER BY`: rows of one
     /// partition then come together, so the writer keeps one Parquet writer open at a time.
     /// Computed on the value as offloaded (the projection's expression), with Iceberg's
