@@ -139,6 +139,8 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     cfg = adopt_config(gateway, db, table, tmp_path)
     env = {"ORIGINAL_WATERMARKS_URL": url}
     table_dir = warehouse / "cold" / table
+    p = run(cfg, "validate")
+    assert p.returncode == 0, p.stdout + p.stderr
     p = run(cfg, "adopt", table, "--from", str(table_dir), env=env)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
@@ -159,6 +161,8 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     for _ in range(2):
         p = run(cfg, "once")
         assert p.returncode == 0, p.stdout + p.stderr
+    shown = run(cfg, "watermark", "show").stdout
+    assert table in shown, shown
 
     # No gap, no overlap: every source row once, except the original's doubled window.
     src_count = int(gateway.sql(f"SELECT count() FROM {db}.{table}").strip())
@@ -266,3 +270,23 @@ def test_adopt_refuses_what_it_must(gateway, db, tmp_path, postgres):
     p = run(cfg, "once")
     assert p.returncode == 3 and "did not write" in p.stdout and "iceberg-offload adopt" in p.stdout, p.stdout
     assert spark_read(sqlite_catalog(tmp_path), f"cold.{table}", sums=())["count"] == n, "nothing may be written"
+
+
+def test_migration_guide_commands_are_real_and_tested():
+    """docs/migration.md: every iceberg-offload command in it exists with the flags it uses,
+    and every one of them is run by the end-to-end test above."""
+    import re
+    from harness import binary
+    guide = (ROOT / "docs" / "migration.md").read_text()
+    this = Path(__file__).read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", guide, re.S)
+    commands = [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("iceberg-offload ")]
+    assert len(commands) >= 8, commands
+    for command in commands:
+        words = command.split()[1:]
+        sub = words[:2] if words[0] == "watermark" else words[:1]
+        help_text = subprocess.run([binary(), *sub, "--help"], capture_output=True, text=True)
+        assert help_text.returncode == 0, f"{command}: {help_text.stderr}"
+        for flag in [w for w in words if w.startswith("--")]:
+            assert flag in help_text.stdout, f"{command}: {flag} is not an option of `{' '.join(sub)}`"
+        assert f'run(cfg, "{sub[0]}"' in this, f"{command}: not run by the end-to-end test"
