@@ -15,8 +15,9 @@
 //!    semantics were `cursor > last_offload_timestamp`: a position without a tiebreak is
 //!    exactly that (every row at that cursor value is done).
 //!
-//! The original's files are never modified: its `vN.metadata.json` files stay (a rollback
-//! points Spark at the Hadoop directory again), see `commit::files::delete_dropped_metadata`.
+//! The original's files are never modified by `adopt`, and its `vN.metadata.json` files are
+//! never deleted (`commit::files`); what maintenance later does to its data files limits the
+//! rollback (docs/migration.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +53,11 @@ pub async fn locate(io: &FileIO, from: &str) -> anyhow::Result<HadoopTable> {
         let name = from.rsplit('/').next().unwrap_or(&from);
         let version = crate::commit::files::version_of(name)
             .with_context(|| format!("{from}: cannot tell the version from the file name (vN.metadata.json)"))?;
+        if let Some(next) = next_hadoop_version(&from)
+            && io.exists(&next).await?
+        {
+            anyhow::bail!("{from} is not the table's newest version: {next} exists; give the table's directory instead");
+        }
         (from.clone(), version)
     } else {
         let dir = format!("{from}/metadata");
@@ -72,6 +78,26 @@ pub async fn locate(io: &FileIO, from: &str) -> anyhow::Result<HadoopTable> {
         .await
         .with_context(|| format!("cannot read the original table's metadata {metadata_location}"))?;
     Ok(HadoopTable { metadata_location, version, metadata })
+}
+
+/// `…/vN.metadata.json` → `…/v{N+1}.metadata.json`: the file the original's Hadoop catalog
+/// writes next. `None` for other names.
+pub fn next_hadoop_version(path: &str) -> Option<String> {
+    let (dir, name) = path.rsplit_once('/')?;
+    let n: u64 = name.strip_prefix('v')?.strip_suffix(".metadata.json")?.parse().ok()?;
+    Some(format!("{dir}/v{}.metadata.json", n + 1))
+}
+
+/// Refuses when the original wrote a version after the one being adopted: it is still running.
+async fn ensure_original_stopped(io: &FileIO, adopted: &str) -> anyhow::Result<()> {
+    if let Some(next) = next_hadoop_version(adopted)
+        && io.exists(&next).await?
+    {
+        anyhow::bail!(
+            "the original pipeline wrote {next} after {adopted}: it is still running. Stop it first (docs/migration.md, step 1), then adopt again"
+        );
+    }
+    Ok(())
 }
 
 impl HadoopTable {
@@ -282,6 +308,9 @@ pub async fn run(cfg: &crate::config::Config, req: &Request) -> anyhow::Result<u
     if catalog.table_exists(&ident).await? {
         return resume(cfg, t, req, &catalog, &ident).await;
     }
+    // The watermark first, the table second: a run of the original finishing in between
+    // would then show as a newer version (refused below), never as a W the table lacks.
+    let start = start(req, t).await?;
     let original = locate(&io, &req.from).await?;
     if let Some(why) = original.refusal() {
         anyhow::bail!("cannot adopt {}: {why}", t.target());
@@ -293,13 +322,29 @@ pub async fn run(cfg: &crate::config::Config, req: &Request) -> anyhow::Result<u
     let projection = source.projection()?;
     target::check_compatible(&original_table, t, &projection)
         .map_err(|e| anyhow::anyhow!("cannot adopt {} as {}: {e}", original.metadata_location, t.target()))?;
-    let start = start(req, t).await?;
     let w = start.position();
     if w.cursor_ns > crate::util::now_epoch_ns() {
         anyhow::bail!("the watermark {} is in the future", w.display());
     }
-    let above = original.cursor_upper_bound(&original_table, &t.cursor).await?.filter(|max| *max > w.cursor_ns);
+    let newest = original.cursor_upper_bound(&original_table, &t.cursor).await?;
+    let above = newest.filter(|max| *max > w.cursor_ns);
     print_plan(t, &original, &start, above);
+    // Rows at or below W that the table cannot hold (after its newest row): the original
+    // recorded a window this version does not contain; starting at W would skip them.
+    let skipped = match newest {
+        Some(max) if max < w.cursor_ns => source.count(&ch, Some(&Position::at(max)), &w).await?,
+        None => source.count(&ch, None, &w).await?,
+        _ => 0,
+    };
+    if skipped > 0 && !req.force {
+        anyhow::bail!(
+            "the source holds {skipped} rows after the table's newest row ({}) and at or below the watermark {}: no version of the table adopted holds them, and starting at the watermark would never offload them. Is {} the original's newest version? Give --watermark {} to offload them, or add --force",
+            newest.map(|m| Position::at(m).display()).unwrap_or_else(|| "none".into()),
+            w.display(),
+            original.metadata_location,
+            newest.map(|m| Position::at(m).cursor_rfc3339()).unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+        );
+    }
     if let Some(max) = above
         && !req.force
     {
@@ -316,6 +361,7 @@ pub async fn run(cfg: &crate::config::Config, req: &Request) -> anyhow::Result<u
         println!("dry run: nothing changed; add --apply to register the table and record the watermark");
         return Ok(0);
     }
+    ensure_original_stopped(&io, &original.metadata_location).await?;
     let location = write_adopted_metadata(&io, &original, adopted_properties(t, &original.metadata_location)).await?;
     let table = register(&catalog, &ident, location.clone()).await?;
     println!("registered {} at {location}", t.target());
@@ -332,16 +378,18 @@ async fn resume(
     ident: &TableIdent,
 ) -> anyhow::Result<u8> {
     let view = crate::commit::TableView::load(catalog, ident).await?;
-    if let Some(w) = &view.watermark {
-        println!("{} is already in the catalog with watermark {}: nothing to adopt", t.target(), w.display());
-        return Ok(0);
-    }
     let Some(from) = view.table.metadata().properties().get(SUMMARY_ADOPTED_FROM).cloned() else {
         anyhow::bail!(
-            "{} is already in the catalog and was not registered by `adopt`; drop it from the catalog first, or use another target",
+            "{} is already in the catalog and was not registered by `adopt` (did the service run before adopting? then it created a new table and offloaded from the first source row): drop it from the catalog (and its files) first, or adopt into another target",
             t.target()
         );
     };
+    if let Some(w) = &view.watermark {
+        println!("{} is already in the catalog, adopted from {from}, with watermark {}: nothing to adopt", t.target(), w.display());
+        return Ok(0);
+    }
+    let io = crate::sink::storage::file_io(&crate::sink::catalog::storage_properties(&cfg.catalog)?);
+    ensure_original_stopped(&io, &from).await?;
     let start = start(req, t).await?;
     println!("{} was registered from {from}; its watermark was not recorded yet", t.target());
     println!("  watermark:      {} ({})", start.position().display(), describe_start(&start));
@@ -357,6 +405,11 @@ async fn resume(
 async fn start(req: &Request, t: &TableConfig) -> anyhow::Result<Start> {
     if let Some(text) = &req.watermark {
         return Ok(Start::Given(Position::parse(text).map_err(|e| anyhow::anyhow!("--watermark: {e}"))?));
+    }
+    if req.original_url_env.contains("://") || req.original_url_env.contains('@') {
+        anyhow::bail!(
+            "--original-url-env takes the name of an environment variable holding the URL, not the URL itself (it would show in process lists and logs)"
+        );
     }
     let url = std::env::var(&req.original_url_env).map_err(|_| {
         anyhow::anyhow!(

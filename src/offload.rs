@@ -144,18 +144,41 @@ struct TableRun<'a> {
 /// A table that holds snapshots none of which carries our watermark was written by another
 /// engine: offloading into it would start from the first source row and double what it holds.
 fn refuse_foreign_table(view: &TableView, cfg: &TableConfig) -> Result<()> {
-    if view.origin != commit::WatermarkOrigin::Nothing || view.snapshot_id().is_none() {
+    let adopted = view.table.metadata().properties().contains_key(commit::SUMMARY_ADOPTED_FROM);
+    if view.origin != commit::WatermarkOrigin::Nothing || (view.snapshot_id().is_none() && !adopted) {
         return Ok(());
     }
-    Err(OffloadError::Schema {
-        table: cfg.source(),
-        message: format!(
-            "the Iceberg table {} holds snapshots that this service did not write and no watermark of this service, so the first window would start at the first source row and repeat what the table holds. Take it over with `iceberg-offload adopt {} --from <its directory in the original's warehouse>`, or say where to start with `iceberg-offload watermark set {} --to <time> --apply`",
+    let message = if adopted {
+        format!(
+            "the Iceberg table {} was registered by `adopt`, which stopped before recording its watermark; run `iceberg-offload adopt {} --from <the same directory> --apply` again to finish",
             cfg.target(),
-            cfg.name(),
             cfg.name()
-        ),
-    })
+        )
+    } else {
+        format!(
+            "the Iceberg table {} holds snapshots that this service did not write and no watermark of this service, so the first window would start at the first source row and repeat what the table holds. Take it over with `iceberg-offload adopt {} --from <its directory in the original's warehouse>` (docs/migration.md)",
+            cfg.target(),
+            cfg.name()
+        )
+    };
+    Err(OffloadError::Schema { table: cfg.source(), message })
+}
+
+/// An adopted table whose original pipeline wrote a version after the one adopted: two
+/// writers, each invisible to the other's catalog. Nothing is written until it is stopped.
+async fn refuse_original_still_writing(view: &TableView, cfg: &TableConfig) -> Result<()> {
+    let Some(from) = view.table.metadata().properties().get(commit::SUMMARY_ADOPTED_FROM) else { return Ok(()) };
+    let Some(next) = crate::adopt::next_hadoop_version(from) else { return Ok(()) };
+    if view.table.file_io().exists(&next).await.unwrap_or(false) {
+        return Err(OffloadError::Schema {
+            table: cfg.source(),
+            message: format!(
+                "the original pipeline wrote {next} after {} was adopted from {from}: it is still running. Stop it (docs/migration.md, step 1); its rows since then are not in this table",
+                cfg.target()
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl<'a> TableRun<'a> {
@@ -181,6 +204,7 @@ impl<'a> TableRun<'a> {
         let table = until_cancelled(cancel, target::ensure_from(&svc.catalog, cfg, &projection, existing)).await?;
         let view = TableView::of(table)?;
         refuse_foreign_table(&view, cfg)?;
+        until_cancelled(cancel, refuse_original_still_writing(&view, cfg)).await?;
         let journal = until_cancelled(cancel, Journal::load(&view.table, svc.limits.storage)).await?;
         let partition_order = until_cancelled(cancel, partition_order(svc, cfg, &source, &projection)).await?;
         let mut run = Self {

@@ -215,6 +215,12 @@ def test_adopt_a_spark_hadoop_table_and_its_watermark(gateway, db, tmp_path, pos
     got = verify(tmp_path, f"cold.{table}", sums=("price",), clickhouse=False)
     assert got["spark"]["count"] == src_count + 100 == got["pyiceberg"]["count"]
 
+    # The original started again by mistake (a Spark append through the Hadoop catalog, a
+    # version after the adopted one): the service stops writing and says why.
+    original_offload(gateway, db, table, s, day0 + 2 * DAY + DAY // 2, day0 + 2 * DAY + DAY // 2 + 3_600_000)
+    p = run(cfg, "once")
+    assert p.returncode == 3 and "still running" in p.stdout, p.stdout
+
 
 def sqlite_tables(tmp_path):
     import sqlite3
@@ -248,7 +254,7 @@ def test_adopt_refuses_what_it_must(gateway, db, tmp_path, postgres):
 
     # uint64 left as decimal(20,0): the original's BIGINT does not fit; the message says what to set.
     cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, table, settle_delay="1s")], tmp_path)
-    p = run(cfg, "adopt", table, "--from", table_dir, env=env)
+    p = run(cfg, "adopt", table, "--from", table_dir, "--watermark", "2020-01-01T00:00:00Z")
     assert p.returncode == 1 and "sequence_number" in p.stderr and 'uint64 = "long"' in p.stderr, p.stderr
 
     cfg = adopt_config(gateway, db, table, tmp_path)
@@ -270,6 +276,17 @@ def test_adopt_refuses_what_it_must(gateway, db, tmp_path, postgres):
     p = run(cfg, "once")
     assert p.returncode == 3 and "did not write" in p.stdout and "iceberg-offload adopt" in p.stdout, p.stdout
     assert spark_read(sqlite_catalog(tmp_path), f"cold.{table}", sums=())["count"] == n, "nothing may be written"
+
+    # The service ran before adopt (a new table, offloaded from the first source row): adopt
+    # refuses instead of saying there is nothing to do.
+    cat.drop_table(("cold", table))
+    assert run(cfg, "once").returncode == 0
+    psql(password, f"orig_{db}", f"UPDATE offload_watermarks SET status = 'success' WHERE table_name = '{table}'")
+    p = run(cfg, "adopt", table, "--from", table_dir, "--apply", env=env)
+    assert p.returncode == 1 and "not registered by `adopt`" in p.stderr, p.stdout + p.stderr
+    # The URL itself where the variable's name belongs: refused, and not echoed.
+    p = run(cfg, "adopt", table, "--from", table_dir, "--original-url-env", url)
+    assert p.returncode == 1 and password not in p.stdout + p.stderr, p.stderr
 
 
 def test_migration_guide_commands_are_real_and_tested():

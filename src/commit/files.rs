@@ -110,7 +110,8 @@ fn stray_metadata_files(table: &Table, dir: &Path) -> Vec<(String, PathBuf)> {
     entries
         .flatten()
         .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
-        .filter(|(name, _)| name.ends_with(".metadata.json") && !keep.contains(name))
+        // `vN.metadata.json`: an adopted table's original history (Hadoop catalog), never ours.
+        .filter(|(name, _)| name.ends_with(".metadata.json") && !name.starts_with('v') && !keep.contains(name))
         .collect()
 }
 
@@ -150,7 +151,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// The folder of the table's metadata files, for a warehouse on the local file system.
 fn local_metadata_dir(table: &Table) -> Option<PathBuf> {
     let current = table.metadata_location()?;
-    let path = current.strip_prefix("file://").or_else(|| current.strip_prefix("file:"))?;
+    // `file:///p`, `file:/p`, or a bare `/p` (Iceberg Java's Hadoop catalog, adopted tables).
+    let path = current.strip_prefix("file://").or_else(|| current.strip_prefix("file:")).or_else(|| {
+        current.starts_with('/').then_some(current)
+    })?;
     Path::new(path).parent().map(Path::to_path_buf)
 }
 

@@ -2,10 +2,10 @@
 //! windows the original pipeline appended twice after a crash.
 //!
 //! The audit (I9) names the UTC days with more rows in Iceberg than in ClickHouse. The data
-//! files holding rows of those days are read, and each distinct row (every column, hashed to
-//! 128 bits) counted; the source's rows over the same cursor range, at or below `W`, are
-//! counted the same way. A row the table holds more often than the source is kept as often
-//! as the source holds it (at least once: a row the source no longer has is not deleted). The
+//! files holding rows of those days are read, and each distinct row (over the source's
+//! columns, hashed to 128 bits) counted; the source's rows over the same cursor range, at or
+//! below `W`, are counted the same way. A row the table holds more often than the source is
+//! kept as often as the source holds it; a row the source does not hold is left alone. The
 //! files are written again without the surplus in one `replace` snapshot through compaction's
 //! commit path, fenced like every commit (I4) and journaled (I5); the rows read, removed and
 //! written must add up, or nothing is committed.
@@ -47,6 +47,9 @@ pub struct Repair {
 pub struct KeepCopies {
     hashers: (RandomState, RandomState),
     schema: SchemaRef,
+    /// The columns compared: the source's (a column only the table has, filled by another
+    /// writer, says nothing about whether two rows are copies of one source row).
+    columns: Vec<usize>,
     table: String,
     keep: HashMap<u128, u64>,
     /// Rows to remove in all.
@@ -54,11 +57,13 @@ pub struct KeepCopies {
 }
 
 impl KeepCopies {
-    fn new(table: &Table) -> Result<Self> {
+    fn new(table: &Table, source_columns: &[String]) -> Result<Self> {
         let schema = std::sync::Arc::new(schema_to_arrow_schema(table.metadata().current_schema())?);
+        let columns = source_columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
         Ok(Self {
             hashers: (RandomState::new(), RandomState::new()),
             schema,
+            columns,
             table: table.identifier().to_string(),
             keep: HashMap::new(),
             surplus: 0,
@@ -67,7 +72,9 @@ impl KeepCopies {
 
     /// One 128-bit hash per row of `batch` (cast to the table's schema first), over every column.
     fn hashes(&self, batch: &RecordBatch) -> Result<Vec<u128>> {
-        let batch = conform(&self.schema, &self.table, batch)?;
+        let batch = conform(&self.schema, &self.table, batch)?
+            .project(&self.columns)
+            .map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
         let fields = batch.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
         let converter = RowConverter::new(fields).map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
         let rows = converter.convert_columns(batch.columns()).map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
@@ -147,12 +154,20 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     let audited = (day_start(first.unwrap_or(NaiveDate::MIN)), day_start(last.succ_opt().unwrap_or(last)));
     let extra: Vec<(i64, i64)> = report.days.iter().map(|d| (day_start(d.day), day_start(d.day.succ_opt().unwrap_or(d.day)))).collect();
     let mut files = vec![];
-    for f in live_files(table, cfg).await? {
+    let (live, unbounded) = live_files(table, cfg).await?;
+    if unbounded > 0 {
+        report.left.push(format!("{unbounded} data files have no bounds of {} in their manifest entry: not examined", cfg.cursor));
+    }
+    for f in live {
         if !extra.iter().any(|(s, e)| f.lo < *e && f.hi >= *s) {
             continue;
         }
-        if f.lo < audited.0 || f.hi >= audited.1 {
-            report.left.push(format!("{}: holds rows of days the source no longer has; left as it is", f.path));
+        if f.lo < audited.0 {
+            report.left.push(format!("{}: also holds rows of days the source no longer has; left as it is", f.path));
+            continue;
+        }
+        if f.hi >= audited.1 {
+            report.left.push(format!("{}: also holds rows after the last day audited; left as it is", f.path));
             continue;
         }
         files.push(f);
@@ -160,17 +175,30 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     let Some(range) = files.iter().map(|f| (f.lo, f.hi)).reduce(|a, b| (a.0.min(b.0), a.1.max(b.1))) else {
         return Ok(report);
     };
-    let mut keep = KeepCopies::new(table)?;
+    // Manifest bounds are microseconds: a nanosecond cursor's last row may lie up to 999 ns later.
+    let range = (range.0, range.1.saturating_add(999));
+    let projection = source.projection()?;
+    let names: Vec<String> = projection.iter().map(|(name, ..)| name.clone()).collect();
+    let mut keep = KeepCopies::new(table, &names)?;
     let paths: HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
     let mut in_table = count_table_rows(table, &paths, &keep).await?;
     in_table.retain(|_, n| *n > 1);
-    let in_source = count_source_rows(&svc.ch, &source, &w, range, &keep, &in_table).await?;
+    let in_source = count_source_rows(&svc.ch, &source, &projection, &w, range, &keep, &in_table).await?;
+    let mut unmatched = 0;
     for (h, n) in in_table {
-        let right = in_source.get(&h).copied().unwrap_or(0).max(1);
+        // A row the source does not hold (any more, or never in this form) is left as it is:
+        // nothing says how many copies are right.
+        let Some(&right) = in_source.get(&h) else {
+            unmatched += n;
+            continue;
+        };
         if n > right {
             keep.keep.insert(h, right);
             keep.surplus += n - right;
         }
+    }
+    if unmatched > 0 {
+        report.left.push(format!("{unmatched} rows held more than once are not in the source: left as they are"));
     }
     report.surplus = keep.surplus;
     report.files = paths.len();
@@ -203,12 +231,13 @@ fn day_start(d: NaiveDate) -> i64 {
     d.and_hms_opt(0, 0, 0).and_then(|t| t.and_utc().timestamp_nanos_opt()).unwrap_or(i64::MIN)
 }
 
-/// The current snapshot's live data files with their cursor range (files without cursor
-/// bounds in their manifest entry are left out: nothing says which days they hold).
-async fn live_files(table: &Table, cfg: &TableConfig) -> Result<Vec<FileRange>> {
+/// The current snapshot's live data files with their cursor range, and how many have no
+/// cursor bounds in their manifest entry (left out: nothing says which days they hold).
+async fn live_files(table: &Table, cfg: &TableConfig) -> Result<(Vec<FileRange>, usize)> {
     let meta = table.metadata();
-    let Some(snapshot) = meta.current_snapshot() else { return Ok(vec![]) };
-    let Some(cursor) = meta.current_schema().field_by_name(&cfg.cursor).map(|f| f.id) else { return Ok(vec![]) };
+    let Some(snapshot) = meta.current_snapshot() else { return Ok((vec![], 0)) };
+    let Some(cursor) = meta.current_schema().field_by_name(&cfg.cursor).map(|f| f.id) else { return Ok((vec![], 0)) };
+    let mut unbounded = 0;
     let io = table.file_io();
     let bytes = io.new_input(snapshot.manifest_list())?.read().await?;
     let mut out = vec![];
@@ -220,12 +249,13 @@ async fn live_files(table: &Table, cfg: &TableConfig) -> Result<Vec<FileRange>> 
             let f = e.data_file();
             let lo = f.lower_bounds().get(&cursor).and_then(crate::sink::days::cursor_ns);
             let hi = f.upper_bounds().get(&cursor).and_then(crate::sink::days::cursor_ns);
-            if let (Some(lo), Some(hi)) = (lo, hi) {
-                out.push(FileRange { path: f.file_path().to_string(), lo, hi });
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => out.push(FileRange { path: f.file_path().to_string(), lo, hi }),
+                _ => unbounded += 1,
             }
         }
     }
-    Ok(out)
+    Ok((out, unbounded))
 }
 
 /// Copies of each row in the files `paths`.
@@ -250,13 +280,13 @@ async fn count_table_rows(table: &Table, paths: &HashSet<String>, keep: &KeepCop
 async fn count_source_rows(
     ch: &ClickHouse,
     source: &SourceTable,
+    projection: &crate::source::query::Projection,
     w: &Position,
     range: (i64, i64),
     keep: &KeepCopies,
     wanted: &HashMap<u128, u64>,
 ) -> Result<BTreeMap<u128, u64>> {
-    let projection = source.projection()?;
-    let (sql, params) = source.select_range(&projection, w, range);
+    let (sql, params) = source.select_range(projection, w, range);
     let mut counts = BTreeMap::new();
     let mut stream = Box::pin(ch.query_arrow(&sql, &params, 65_536).await?);
     while let Some(batch) = stream.next().await {
