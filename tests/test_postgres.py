@@ -38,7 +38,7 @@ def pg_setup(gateway, db, tmp_path, postgres, rows, settle):
     return cfg, name, password
 
 
-def pg_verify(password, name, tmp_path):
+def pg_verify(password, name, tmp_path, spark=True):
     """pyiceberg through the same PostgreSQL catalog, and ClickHouse icebergLocal()."""
     out = subprocess.run([PYTHON, str(ROOT / "dev" / "verify_iceberg.py"),
                           "--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
@@ -46,7 +46,7 @@ def pg_verify(password, name, tmp_path):
                           "--key", "symbol,sequence_number", "--sum", "price"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    if spark_enabled():
+    if spark and spark_enabled():
         # Spark through the same PostgreSQL catalog (Iceberg Java's JdbcCatalog, Debian's driver).
         catalog = {"type": "jdbc", "uri": f"jdbc:postgresql://127.0.0.1:5432/{name}", "user": "offload_test",
                    "password": password, "warehouse": f"file://{tmp_path / 'warehouse'}", "name": "offload"}
