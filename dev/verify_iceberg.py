@@ -105,8 +105,28 @@ def duckdb_read(args, metadata_location):
     distinct = f", count(DISTINCT ({', '.join(keys)}))" if keys else ", 0"
     sums = "".join(f", CAST(sum({c}) AS VARCHAR)" for c in args.sum)
     row = con.execute(f"SELECT count(*){distinct}{sums} FROM {source}").fetchone()
-    return {"count": int(row[0]), "distinct_keys": int(row[1]),
-            "sums": {c: (v if v is not None else "0") for c, v in zip(args.sum, row[2:])}}
+    out = {"count": int(row[0]), "distinct_keys": int(row[1]),
+           "sums": {c: (v if v is not None else "0") for c, v in zip(args.sum, row[2:])}}
+    if args.rows:
+        # Values as DuckDB's Python client gives them, printed as pyiceberg's are (str);
+        # timestamps with time zone in UTC.
+        # TIMESTAMP WITH TIME ZONE as epoch microseconds (the Python client would need pytz).
+        import datetime as dt
+        described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+        zoned = {name for name, kind, *_ in described if kind == "TIMESTAMP WITH TIME ZONE"}
+        select = ", ".join(f'epoch_us("{n}") AS "{n}"' if n in zoned else f'"{n}"' for n, *_ in described)
+        cur = con.execute(f"SELECT {select} FROM {source}")
+        names = [d[0] for d in cur.description]
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+        def show(name, x):
+            if x is not None and name in zoned:
+                return str(epoch + dt.timedelta(microseconds=x))
+            if isinstance(x, dict):
+                return json.dumps(sorted((str(k), str(v)) for k, v in x.items()))
+            return str(x)
+        out["rows"] = [{n: show(n, x) for n, x in zip(names, r)} for r in cur.fetchall()]
+    return out
 
 
 def main():
