@@ -6,16 +6,15 @@ pyiceberg against the source: no gap and no overlap at the cut-over, only the or
 duplicates doubled, and the audit names them by day."""
 import datetime as dt
 import json
-import os
 import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 
 import k2data
-from harness import (PYTHON, ROOT, bronze_table, create_bronze, insert_bronze, now_ms, run, spark_read,
+from test_postgres import postgres, psql  # noqa: F401 - the PostgreSQL fixture and client, shared
+from harness import (ROOT, bronze_table, create_bronze, insert_bronze, now_ms, run, spark_read,
                      sqlite_catalog, verify, write_config)
 
 DAY = 86_400_000
@@ -39,20 +38,6 @@ CREATE TABLE offload_watermarks (
   last_run_duration_seconds INTEGER, failure_count INTEGER DEFAULT 0, last_error_message TEXT,
   created_at TIMESTAMPTZ DEFAULT NOW(), updated_at TIMESTAMPTZ DEFAULT NOW())
 """
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    pwfile = tmp_path_factory.mktemp("pg") / "password"
-    base = subprocess.run([str(ROOT / "dev" / "postgres.sh"), str(pwfile)], check=True, capture_output=True,
-                          text=True).stdout.strip().splitlines()[-1]
-    return base, pwfile.read_text().strip()
-
-
-def psql(password, db, sql):
-    env = dict(os.environ, PGPASSWORD=password)
-    return subprocess.run(["psql", "-h", "127.0.0.1", "-U", "offload_test", "-d", db, "-tA", "-F", "\t", "-c", sql],
-                          check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
 def original_database(postgres, name):
