@@ -28,6 +28,7 @@ missing=()
 [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
 [ -x /usr/bin/systemd-analyze ] || missing+=(systemd)
 [ -x /usr/bin/faketime ] || missing+=(faketime)   # the service's clock set off from ClickHouse's (tests)
+[ -x /usr/bin/sqlite3 ] || missing+=(sqlite3)     # the runbooks' state-store queries, run by the tests as written
 # Spark as an independent reader (dev/spark_reader.py): JDBC drivers for our SQL catalogs, and
 # jarjar to relocate the Jackson that the iceberg-spark-runtime jar from PyPI lacks.
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)

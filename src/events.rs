@@ -141,11 +141,13 @@ impl CommitFailed<'_> {
 pub struct PendingCommits<'a> {
     pub table: &'a str,
     pub count: usize,
+    /// When the oldest of them started (Unix milliseconds).
+    pub oldest_started_ms: Option<i64>,
 }
 
 impl PendingCommits<'_> {
     pub fn emit(&self, m: &Metrics) {
-        m.pending_commits.with_label_values(&[self.table]).set(self.count as f64);
+        m.set_pending_commits(self.table, self.count, self.oldest_started_ms.map(|ms| ms as f64 / 1000.0));
         if self.count > 0 {
             tracing::warn!(
                 table = self.table,
@@ -466,6 +468,9 @@ impl Maintained<'_> {
                 }
                 m.maintenance_runs_total.with_label_values(&[self.table, "success"]).inc();
                 m.maintenance_last_success_timestamp_seconds.with_label_values(&[self.table]).set(unix_now());
+                if let Some(bytes) = r.metadata_bytes {
+                    m.table_metadata_bytes.with_label_values(&[self.table]).set(bytes as f64);
+                }
                 if let Some(e) = &r.expire {
                     m.snapshots_expired_total.with_label_values(&[self.table]).inc_by(e.snapshots_expired as u64);
                     m.maintenance_files_deleted_total
@@ -592,6 +597,9 @@ pub struct NullCursorRows<'a> {
 impl NullCursorRows<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.null_cursor_rows.with_label_values(&[self.table]).set(self.rows as f64);
+        if self.rows == 0 {
+            return;
+        }
         tracing::warn!(
             table = self.table,
             null_cursor_rows = self.rows,

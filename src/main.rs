@@ -66,9 +66,10 @@ enum Command {
     /// The 30-second health check: scheduler, last cycle, metrics, per-table watermark, lag and
     /// last error, firing alerts. Exit 0 healthy, 1 unhealthy.
     Status {
-        /// The scheduler's HTTP endpoint.
-        #[arg(long, default_value = "http://localhost:8000")]
-        url: String,
+        /// The scheduler's HTTP endpoint [default: the configuration's service.metrics_listen,
+        /// on localhost when it listens on every address]
+        #[arg(long)]
+        url: Option<String>,
         /// Prometheus, to list firing IcebergOffload alerts.
         #[arg(long)]
         prometheus: Option<String>,
@@ -144,7 +145,8 @@ enum Command {
     },
     /// Removes rows the table holds more often than the source (windows the original
     /// pipeline appended twice): per day the audit finds extra rows, each row is kept as often
-    /// as ClickHouse holds it, in one fenced `replace` snapshot. Takes the table's lease.
+    /// as ClickHouse holds it, in one fenced `replace` snapshot. Takes the table's lease (exit
+    /// 4 when another writer holds it).
     Repair {
         /// The table (its `name`).
         #[arg(long)]
@@ -320,6 +322,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             cleanup(&cfg, &older_than, dry_run, allow_below_floor).await
         }
         Command::Status { url, prometheus, json } => {
+            let url = url.unwrap_or_else(|| iceberg_offload::status::local_url(&cfg.service.metrics_listen));
             let report = iceberg_offload::status::run(&cfg, &url, prometheus.as_deref()).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -685,7 +688,15 @@ async fn repair(cfg: &Config, name: &str, dry_run: bool) -> anyhow::Result<u8> {
     svc.ch.check_version().await?;
     let state = StateStore::open(&cfg.state).await?;
     let holder = iceberg_offload::scheduler::process_holder("repair");
-    let lease = iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await?;
+    let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
+        Ok(lease) => lease,
+        // Another writer (the daemon in a cycle) has the table: try again after it, as `maintain` says.
+        Err(e @ iceberg_offload::error::OffloadError::LeaseHeld { .. }) => {
+            println!("{}: skipped: {e}", t.name());
+            return Ok(exit::LEASE_HELD);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let result = iceberg_offload::maintenance::repair::repair(&svc, t, dry_run).await;
     state.release_lease(&lease).await.ok();
     let r = result?;

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub cycles_total: IntCounterVec,
     pub cycles_interrupted_total: prometheus::IntCounter,
     pub pending_commits: GaugeVec,
+    pub pending_commit_age_seconds: GaugeVec,
     pub clock_skew_seconds: Gauge,
     pub errors_total: IntCounterVec,
     pub lag_minutes: GaugeVec,
@@ -55,6 +56,7 @@ pub struct Metrics {
     pub compaction_bytes_rewritten_total: IntCounterVec,
     pub table_small_files: GaugeVec,
     pub table_manifests: GaugeVec,
+    pub table_metadata_bytes: GaugeVec,
     pub maintenance_duration_seconds: GaugeVec,
     pub consecutive_failures: GaugeVec,
     pub null_cursor_rows: GaugeVec,
@@ -65,6 +67,8 @@ pub struct Metrics {
     pub cycle_last_duration_seconds: Gauge,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
     last_table_success: Mutex<HashMap<String, f64>>,
+    /// Unix time the oldest pending commit attempt of each table started, for its age at scrape.
+    oldest_pending: Mutex<HashMap<String, Option<f64>>>,
     /// Start of the running cycle (Unix seconds) and the duration of the last finished one.
     cycle_clock: Mutex<(Option<f64>, f64)>,
     heartbeat: Mutex<Option<std::sync::Arc<std::sync::atomic::AtomicI64>>>,
@@ -147,6 +151,11 @@ impl Metrics {
             pending_commits: gauge_vec(
                 "offload_pending_commits",
                 "Commit attempts whose outcome is unknown (timeout, 5xx, lost connection); their files are kept until resolved",
+                &["table"],
+            ),
+            pending_commit_age_seconds: gauge_vec(
+                "offload_pending_commit_age_seconds",
+                "Age of the table's oldest commit attempt whose outcome is unknown (0 when none is pending)",
                 &["table"],
             ),
             errors_total,
@@ -260,6 +269,11 @@ impl Metrics {
                 "Manifests the table's current snapshot lists, after the last maintenance run",
                 &["table"],
             ),
+            table_metadata_bytes: gauge_vec(
+                "offload_table_metadata_bytes",
+                "Size of the table's current metadata.json after its last maintenance run (every commit reads and rewrites it)",
+                &["table"],
+            ),
             maintenance_duration_seconds: gauge_vec(
                 "offload_maintenance_duration_seconds",
                 "Duration of the table's last maintenance run",
@@ -290,6 +304,7 @@ impl Metrics {
                 "Duration of the running cycle so far, or of the last cycle when none is running",
             ),
             last_table_success: Mutex::new(HashMap::new()),
+            oldest_pending: Mutex::new(HashMap::new()),
             cycle_clock: Mutex::new((None, 0.0)),
             heartbeat: Mutex::new(None),
             registry,
@@ -312,7 +327,15 @@ impl Metrics {
         self.files_written_total.with_label_values(&[table]);
         self.consecutive_failures.with_label_values(&[table]).set(0.0);
         self.late_rows.with_label_values(&[table]).set(0.0);
-        self.pending_commits.with_label_values(&[table]).set(0.0);
+        self.null_cursor_rows.with_label_values(&[table]).set(0.0);
+        self.set_pending_commits(table, 0, None);
+    }
+
+    /// The table's commit attempts of unknown outcome (I5): how many, and since when the oldest.
+    pub fn set_pending_commits(&self, table: &str, count: usize, oldest_started_unix: Option<f64>) {
+        self.pending_commits.with_label_values(&[table]).set(count as f64);
+        self.oldest_pending.lock().expect("lock").insert(table.to_string(), oldest_started_unix);
+        self.pending_commit_age_seconds.with_label_values(&[table]).set(0.0);
     }
 
     /// Static series of a running service.
@@ -348,13 +371,17 @@ impl Metrics {
         *self.cycle_clock.lock().expect("lock") = (None, seconds);
     }
 
-    /// The text exposition, with lag recomputed now (so it grows between cycles).
+    /// The text exposition, with lag and pending age recomputed now (so they grow between cycles).
     pub fn render(&self) -> String {
         let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
         for (table, t) in self.last_table_success.lock().expect("lock").iter() {
             let lag = (now - t).max(0.0);
             self.lag_minutes.with_label_values(&[table]).set(lag / 60.0);
             self.lag_seconds.with_label_values(&[table]).set(lag);
+        }
+        for (table, oldest) in self.oldest_pending.lock().expect("lock").iter() {
+            let age = oldest.map(|t| (now - t).max(0.0)).unwrap_or(0.0);
+            self.pending_commit_age_seconds.with_label_values(&[table]).set(age);
         }
         let (running, last) = *self.cycle_clock.lock().expect("lock");
         self.cycle_last_duration_seconds.set(running.map(|start| now - start).unwrap_or(last));

@@ -115,7 +115,12 @@ pub async fn offload_table(
     }
     .await;
     outcome.pending_commits = Some(run.journal.entries().len());
-    events::PendingCommits { table: cfg.name(), count: run.journal.entries().len() }.emit(&svc.metrics);
+    events::PendingCommits {
+        table: cfg.name(),
+        count: run.journal.entries().len(),
+        oldest_started_ms: run.journal.entries().iter().map(|a| a.started_at_ms).min(),
+    }
+    .emit(&svc.metrics);
     result?;
     run.measure(outcome).await;
     run.audit(outcome).await;
@@ -287,8 +292,8 @@ impl<'a> TableRun<'a> {
         let (svc, cfg) = (self.svc, self.cfg);
         if self.source.cursor_is_nullable()
             && let Ok(n) = until_cancelled(self.cancel, self.source.null_cursor_rows(&svc.ch)).await
-            && n > 0
         {
+            // Emitted at 0 too, so the gauge returns to 0 once the source is fixed.
             events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
         }
     }

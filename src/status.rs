@@ -41,6 +41,17 @@ pub struct Report {
 /// Lag above which a table counts as unhealthy (the guide's critical threshold).
 const LAG_CRITICAL_MINUTES: f64 = 30.0;
 
+/// The daemon's endpoint from `service.metrics_listen`: an address that listens everywhere
+/// (`0.0.0.0`, `[::]`) is reached on this host's loopback.
+pub fn local_url(listen: &str) -> String {
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "8000"));
+    let host = match host {
+        "" | "0.0.0.0" | "[::]" | "::" => "localhost",
+        other => other,
+    };
+    format!("http://{host}:{port}")
+}
+
 pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) -> Report {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("http client");
     let base = scheduler_url.trim_end_matches('/');
@@ -193,5 +204,16 @@ pub fn print(report: &Report) {
             t.failure_count,
             t.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_url_of_metrics_listen() {
+        assert_eq!(super::local_url("0.0.0.0:8000"), "http://localhost:8000");
+        assert_eq!(super::local_url("[::]:9100"), "http://localhost:9100");
+        assert_eq!(super::local_url("10.0.0.5:8000"), "http://10.0.0.5:8000");
+        assert_eq!(super::local_url("127.0.0.1:41234"), "http://127.0.0.1:41234");
     }
 }

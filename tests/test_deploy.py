@@ -47,9 +47,10 @@ def test_promtool_checks_config_and_rules():
 
 
 def test_every_rule_is_unit_tested_with_promtool():
-    out = sh("promtool", "test", "rules", str(DEPLOY / "prometheus" / "tests" / "iceberg-offload-alerts.test.yml"))
-    assert "SUCCESS" in out
-    tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "prometheus" / "tests" / "iceberg-offload-alerts.test.yml").read_text()))
+    files = sorted((DEPLOY / "prometheus" / "tests").glob("*.test.yml"))
+    out = sh("promtool", "test", "rules", *map(str, files))
+    assert out.count("SUCCESS") == len(files) and "FAILED" not in out, out
+    tested = {name for f in files for name in re.findall(r"alertname: (\w+)", f.read_text())}
     assert set(alerts()) <= tested, f"alerts without a promtool test: {set(alerts()) - tested}"
 
 

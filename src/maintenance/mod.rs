@@ -40,6 +40,8 @@ pub struct MaintenanceReport {
     pub skipped: Option<String>,
     /// A step that failed while the others ran (compaction lost a race, say).
     pub failed: Option<String>,
+    /// Size of the current metadata.json after the run (what every commit reads and rewrites).
+    pub metadata_bytes: Option<u64>,
 }
 
 /// The steps of a run (`maintain --only`): all by default.
@@ -122,7 +124,17 @@ pub async fn maintain_table(
         let now_ms = crate::util::now_epoch_ns() / 1_000_000;
         report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
     }
+    report.metadata_bytes = metadata_bytes(svc, &ident).await;
     Ok(report)
+}
+
+/// The size of the table's current metadata file; `None` when it cannot be read now (the
+/// gauge keeps its last value rather than failing a maintenance run that succeeded).
+async fn metadata_bytes(svc: &Services, ident: &iceberg::TableIdent) -> Option<u64> {
+    let table = svc.catalog.load_table(ident).await.ok()?;
+    let location = table.metadata_location()?;
+    let input = table.file_io().new_input(location).ok()?;
+    Some(input.metadata().await.ok()?.size)
 }
 
 /// When each table was last maintained by this process, and its commits since.
