@@ -13,6 +13,8 @@ cargo build --locked --features fault-injection 2>&1 | tail -n 3 >&2
 mkdir -p "$CARGO_TARGET_DIR/fault-injection"
 cp "$CARGO_TARGET_DIR/debug/iceberg-offload" "$CARGO_TARGET_DIR/fault-injection/iceberg-offload"
 cargo build --locked 2>&1 | tail -n 3 >&2
+echo "== cargo fmt --check" >&2
+cargo fmt --check >&2
 echo "== cargo clippy (warnings are errors)" >&2
 cargo clippy --locked --all-targets -- -D warnings 2>&1 | tail -n 20 >&2
 test "${PIPESTATUS[0]}" -eq 0

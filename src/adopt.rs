@@ -56,7 +56,9 @@ pub async fn locate(io: &FileIO, from: &str) -> anyhow::Result<HadoopTable> {
         if let Some(next) = next_hadoop_version(&from)
             && io.exists(&next).await?
         {
-            anyhow::bail!("{from} is not the table's newest version: {next} exists; give the table's directory instead");
+            anyhow::bail!(
+                "{from} is not the table's newest version: {next} exists; give the table's directory instead"
+            );
         }
         (from.clone(), version)
     } else {
@@ -175,7 +177,9 @@ impl OriginalWatermark {
         .context("reading offload_watermarks from the original's PostgreSQL")?;
         conn.close().await.ok();
         let row = row.with_context(|| {
-            format!("offload_watermarks has no row for {table_name:?}; give the original's table name with --original-name")
+            format!(
+                "offload_watermarks has no row for {table_name:?}; give the original's table name with --original-name"
+            )
         })?;
         let ts: chrono::DateTime<chrono::Utc> = row.try_get(0)?;
         Ok(Self {
@@ -241,10 +245,11 @@ pub async fn write_adopted_metadata(
     original: &HadoopTable,
     properties: HashMap<String, String>,
 ) -> anyhow::Result<String> {
-    let meta = TableMetadataBuilder::new_from_metadata(original.metadata.clone(), Some(original.metadata_location.clone()))
-        .set_properties(properties)?
-        .build()?
-        .metadata;
+    let meta =
+        TableMetadataBuilder::new_from_metadata(original.metadata.clone(), Some(original.metadata_location.clone()))
+            .set_properties(properties)?
+            .build()?
+            .metadata;
     let location = format!(
         "{}/metadata/{:05}-{}.metadata.json",
         meta.location().trim_end_matches('/'),
@@ -385,7 +390,11 @@ async fn resume(
         );
     };
     if let Some(w) = &view.watermark {
-        println!("{} is already in the catalog, adopted from {from}, with watermark {}: nothing to adopt", t.target(), w.display());
+        println!(
+            "{} is already in the catalog, adopted from {from}, with watermark {}: nothing to adopt",
+            t.target(),
+            w.display()
+        );
         return Ok(0);
     }
     let io = crate::sink::storage::file_io(&crate::sink::catalog::storage_properties(&cfg.catalog)?);
@@ -479,15 +488,22 @@ async fn commit_start(
         let view = TableView::of(table)?;
         let mut journal = Journal::load(&view.table, cfg.catalog.limits.storage).await?;
         let window = Window { lo: None, hi: w.clone(), planned_rows: 0, bounded: false };
-        let attempt = Attempt { kind: AttemptKind::Adoption { from: from.to_string() }, ..Attempt::new(source.measure()) };
+        let attempt =
+            Attempt { kind: AttemptKind::Adoption { from: from.to_string() }, ..Attempt::new(source.measure()) };
         let cx = CommitContext { catalog: catalog.clone(), limits: cfg.catalog.limits };
         commit::commit_window(&cx, &view, &mut journal, vec![], &window, 0, &attempt).await
     }
     .await;
     state.release_lease(&lease).await.ok();
     let committed = result?;
-    tracing::warn!(table = t.name(), watermark = w.display(), snapshot_id = committed.snapshot_id, from,
-        "adopted {} from {from}", t.target());
+    tracing::warn!(
+        table = t.name(),
+        watermark = w.display(),
+        snapshot_id = committed.snapshot_id,
+        from,
+        "adopted {} from {from}",
+        t.target()
+    );
     println!("adopted: {} starts after {} (snapshot {})", t.target(), w.display(), committed.snapshot_id);
     Ok(0)
 }

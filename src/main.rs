@@ -705,7 +705,14 @@ async fn repair(cfg: &Config, name: &str, dry_run: bool) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     for d in &r.days {
-        println!("{}: {} ClickHouse {} Iceberg {} (+{})", t.name(), d.day, d.source_rows, d.iceberg_rows, d.iceberg_rows - d.source_rows);
+        println!(
+            "{}: {} ClickHouse {} Iceberg {} (+{})",
+            t.name(),
+            d.day,
+            d.source_rows,
+            d.iceberg_rows,
+            d.iceberg_rows - d.source_rows
+        );
     }
     for why in &r.left {
         println!("{}: left: {why}", t.name());

@@ -15,7 +15,9 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, TableCommit, TableIdent};
 
-use iceberg_offload::commit::{self, Attempt, AttemptKind, CommitContext, Journal, Resolution, TableView, snapshot_of_run};
+use iceberg_offload::commit::{
+    self, Attempt, AttemptKind, CommitContext, Journal, Resolution, TableView, snapshot_of_run,
+};
 use iceberg_offload::config::CatalogLimits;
 use iceberg_offload::error::{OffloadError, PendingCause};
 

@@ -152,9 +152,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn local_metadata_dir(table: &Table) -> Option<PathBuf> {
     let current = table.metadata_location()?;
     // `file:///p`, `file:/p`, or a bare `/p` (Iceberg Java's Hadoop catalog, adopted tables).
-    let path = current.strip_prefix("file://").or_else(|| current.strip_prefix("file:")).or_else(|| {
-        current.starts_with('/').then_some(current)
-    })?;
+    let path = current
+        .strip_prefix("file://")
+        .or_else(|| current.strip_prefix("file:"))
+        .or_else(|| current.starts_with('/').then_some(current))?;
     Path::new(path).parent().map(Path::to_path_buf)
 }
 

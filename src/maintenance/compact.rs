@@ -561,7 +561,8 @@ impl Plan {
         limits: CatalogLimits,
         paths: &HashSet<String>,
     ) -> Result<std::result::Result<Plan, String>> {
-        let policy = CompactionPolicy { target_size: 128 << 20, after: Duration::ZERO, max_bytes: 0, manifests_max: usize::MAX };
+        let policy =
+            CompactionPolicy { target_size: 128 << 20, after: Duration::ZERO, max_bytes: 0, manifests_max: usize::MAX };
         let mut plan = match Plan::make(table, cfg, policy, limits).await? {
             Ok(p) => p,
             Err(why) => return Ok(Err(why)),
@@ -572,7 +573,11 @@ impl Plan {
         }
         let found: usize = by_partition.values().map(Vec::len).sum();
         if found != paths.len() {
-            return Ok(Err(format!("{} of the {} files to rewrite are no longer live; run again", paths.len() - found, paths.len())));
+            return Ok(Err(format!(
+                "{} of the {} files to rewrite are no longer live; run again",
+                paths.len() - found,
+                paths.len()
+            )));
         }
         let mut partitions: Vec<Vec<Live>> = by_partition.into_values().collect();
         for p in &mut partitions {

@@ -77,7 +77,8 @@ impl KeepCopies {
             .map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
         let fields = batch.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
         let converter = RowConverter::new(fields).map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
-        let rows = converter.convert_columns(batch.columns()).map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
+        let rows =
+            converter.convert_columns(batch.columns()).map_err(|e| OffloadError::Crash(format!("repair: {e}")))?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -136,7 +137,10 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     let ident = crate::sink::table::ident(cfg);
     let view = TableView::load(&svc.catalog, &ident).await?;
     let Some(w) = view.watermark.clone() else {
-        return Err(OffloadError::Schema { table: cfg.source(), message: "the table has no watermark: nothing to repair against".into() });
+        return Err(OffloadError::Schema {
+            table: cfg.source(),
+            message: "the table has no watermark: nothing to repair against".into(),
+        });
     };
     let source = SourceTable::describe(&svc.ch, cfg).await?;
     let now_ns = crate::util::now_epoch_ns() + svc.ch.clock_offset_ns().await?.1;
@@ -152,11 +156,15 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     }
     let table = &view.table;
     let audited = (day_start(first.unwrap_or(NaiveDate::MIN)), day_start(last.succ_opt().unwrap_or(last)));
-    let extra: Vec<(i64, i64)> = report.days.iter().map(|d| (day_start(d.day), day_start(d.day.succ_opt().unwrap_or(d.day)))).collect();
+    let extra: Vec<(i64, i64)> =
+        report.days.iter().map(|d| (day_start(d.day), day_start(d.day.succ_opt().unwrap_or(d.day)))).collect();
     let mut files = vec![];
     let (live, unbounded) = live_files(table, cfg).await?;
     if unbounded > 0 {
-        report.left.push(format!("{unbounded} data files have no bounds of {} in their manifest entry: not examined", cfg.cursor));
+        report.left.push(format!(
+            "{unbounded} data files have no bounds of {} in their manifest entry: not examined",
+            cfg.cursor
+        ));
     }
     for f in live {
         if !extra.iter().any(|(s, e)| f.lo < *e && f.hi >= *s) {
@@ -262,7 +270,12 @@ async fn live_files(table: &Table, cfg: &TableConfig) -> Result<(Vec<FileRange>,
 async fn count_table_rows(table: &Table, paths: &HashSet<String>, keep: &KeepCopies) -> Result<HashMap<u128, u64>> {
     let mut counts = HashMap::new();
     let scan = table.scan().select_all().build()?;
-    let tasks: Vec<_> = scan.plan_files().await?.try_filter(|t| futures::future::ready(paths.contains(&t.data_file_path))).try_collect().await?;
+    let tasks: Vec<_> = scan
+        .plan_files()
+        .await?
+        .try_filter(|t| futures::future::ready(paths.contains(&t.data_file_path)))
+        .try_collect()
+        .await?;
     for task in tasks {
         let reader = ArrowReaderBuilder::new(table.file_io().clone(), iceberg::Runtime::current()).build();
         let mut batches = reader.read(futures::stream::iter([Ok(task)]).boxed())?.stream();

@@ -453,7 +453,12 @@ impl SourceTable {
 
     /// The SELECT of every row at or below `w` whose cursor lies in `range` (ns, inclusive):
     /// what `repair` counts against the table.
-    pub fn select_range(&self, projection: &Projection, w: &Position, range: (i64, i64)) -> (String, Vec<(String, String)>) {
+    pub fn select_range(
+        &self,
+        projection: &Projection,
+        w: &Position,
+        range: (i64, i64),
+    ) -> (String, Vec<(String, String)>) {
         let list = projection
             .iter()
             .map(|(name, expr, _, _)| format!("{expr} AS {}", quote_ident(name)))
