@@ -134,7 +134,8 @@ def main():
     ap.add_argument("--catalog-uri", required=True)
     ap.add_argument("--catalog-name", default="offload")
     ap.add_argument("--warehouse", required=True)
-    ap.add_argument("--table", required=True)
+    ap.add_argument("--table", required=True, action="append",
+                    help="repeatable: with several, the output is {table: result} (one start for many tables)")
     ap.add_argument("--key", default="")
     ap.add_argument("--sum", action="append", default=[])
     ap.add_argument("--rows", action="store_true")
@@ -143,12 +144,17 @@ def main():
     ap.add_argument("--s3-endpoint", default="")
     ap.add_argument("--s3-key", default="")
     args = ap.parse_args()
-    out = {"pyiceberg": pyiceberg_read(args)}
-    if not args.no_clickhouse:
-        out["clickhouse"] = clickhouse_read(args, out["pyiceberg"]["location"])
-    if not args.s3_endpoint and not args.no_duckdb:
-        out["duckdb"] = duckdb_read(args, out["pyiceberg"]["metadata_location"])
-    json.dump(out, sys.stdout)
+    tables = args.table
+    results = {}
+    for table in tables:
+        args.table = table
+        out = {"pyiceberg": pyiceberg_read(args)}
+        if not args.no_clickhouse:
+            out["clickhouse"] = clickhouse_read(args, out["pyiceberg"]["location"])
+        if not args.s3_endpoint and not args.no_duckdb:
+            out["duckdb"] = duckdb_read(args, out["pyiceberg"]["metadata_location"])
+        results[table] = out
+    json.dump(results[tables[0]] if len(tables) == 1 else results, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,12 @@ struct RawService {
     audit_recent_days: u32,
     #[serde(default = "d_audit_full_every")]
     audit_full_every: String,
+    #[serde(default = "d_member_timeout")]
+    member_timeout: String,
+}
+
+fn d_member_timeout() -> String {
+    "30s".into()
 }
 
 fn d_audit_recent_days() -> u32 {
@@ -404,6 +410,9 @@ pub struct ServiceConfig {
     pub audit_recent_days: u32,
     /// ...and every retained day once per `audit_full_every` (0s: never).
     pub audit_full_every: Duration,
+    /// A `run` replica whose heartbeat is older than this is gone: its tables go to the live
+    /// replicas at their next cycle, and its leases are taken over at once.
+    pub member_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -666,7 +675,13 @@ impl Config {
             metrics_listen: s.metrics_listen,
             audit_recent_days: s.audit_recent_days,
             audit_full_every: dur("service.audit_full_every", &s.audit_full_every)?,
+            member_timeout: dur("service.member_timeout", &s.member_timeout)?,
         };
+        if service.member_timeout < Duration::from_secs(3) {
+            return Err(inv(
+                "service.member_timeout must be at least 3s (replicas heartbeat every second or more)".into()
+            ));
+        }
         if service.interval < Duration::from_secs(1) {
             return Err(inv("service.interval must be at least 1s".into()));
         }

@@ -461,7 +461,7 @@ impl Maintained<'_> {
                 );
             }
             Ok(r) => {
-                if let Some(why) = r.skipped.as_ref().or(r.expire.as_ref().and_then(|e| e.skipped.as_ref())) {
+                if let Some(why) = r.skip_reason() {
                     m.maintenance_runs_total.with_label_values(&[self.table, "skipped"]).inc();
                     tracing::info!(table = self.table, "maintenance of {} skipped: {why}", self.table);
                     return;
@@ -608,6 +608,116 @@ impl NullCursorRows<'_> {
             self.table,
             self.cursor
         );
+    }
+}
+
+/// What the state store remembers of a table's audits and maintenance, at start or when the
+/// table comes to this replica: the alerts on work not done for days need the time it was last
+/// done, not the time this process last did it.
+pub struct HistoryRecalled<'a> {
+    pub table: &'a str,
+    pub full_audit_unix: Option<f64>,
+    pub maintenance_unix: Option<f64>,
+}
+
+impl HistoryRecalled<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        if let Some(t) = self.full_audit_unix {
+            m.audit_last_timestamp_seconds.with_label_values(&[self.table, crate::audit::Scope::Full.as_str()]).set(t);
+        }
+        if let Some(t) = self.maintenance_unix {
+            m.maintenance_last_success_timestamp_seconds.with_label_values(&[self.table]).set(t);
+        }
+    }
+}
+
+/// This replica's heartbeat reached the state store.
+pub struct ReplicaHeartbeat<'a> {
+    pub member: &'a str,
+    /// The first one: the replica joined.
+    pub first: bool,
+    pub every: Duration,
+    pub timeout: Duration,
+}
+
+impl ReplicaHeartbeat<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.member_heartbeat(unix_now());
+        if self.first {
+            tracing::info!(
+                member = self.member,
+                "replica member {} joined: heartbeat every {:.1}s, gone after {:.0}s of silence",
+                self.member,
+                self.every.as_secs_f64(),
+                self.timeout.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// A replica's heartbeat stopped without it leaving: its tables go to the live replicas.
+pub struct ReplicaLost<'a> {
+    pub member: &'a str,
+    pub silent_for: Duration,
+}
+
+impl ReplicaLost<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.replica_members_lost_total.inc();
+        tracing::warn!(
+            member = self.member,
+            "replica {} is gone (no heartbeat for {:.0}s): its tables go to the live replicas, its leases are taken over",
+            self.member,
+            self.silent_for.as_secs_f64()
+        );
+    }
+}
+
+/// The tables this replica owns for the cycle, among the live members it sees.
+pub struct ReplicaOwnership<'a> {
+    pub members: usize,
+    /// (table, owned by this replica)
+    pub tables: &'a [(&'a str, bool)],
+    /// Tables whose owner changed since the previous cycle (gained or lost).
+    pub gained: &'a [&'a str],
+    pub lost: &'a [&'a str],
+}
+
+impl ReplicaOwnership<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let owned = self.tables.iter().filter(|(_, o)| *o).count();
+        m.replica_members.set(self.members as f64);
+        m.replica_tables_owned.set(owned as f64);
+        for (table, is_owned) in self.tables {
+            m.table_owned.with_label_values(&[table]).set(if *is_owned { 1.0 } else { 0.0 });
+        }
+        for table in self.lost {
+            m.forget_table(table);
+        }
+        if !self.gained.is_empty() || !self.lost.is_empty() {
+            tracing::info!(
+                members = self.members,
+                owned,
+                "replicas: {} live, this one owns {owned} of {} tables (gained: {}; handed over: {})",
+                self.members,
+                self.tables.len(),
+                if self.gained.is_empty() { "none".to_string() } else { self.gained.join(", ") },
+                if self.lost.is_empty() { "none".to_string() } else { self.lost.join(", ") },
+            );
+        }
+    }
+}
+
+/// A lease taken from a holder known to be gone, without waiting for it to expire.
+pub struct LeaseTakenOver<'a> {
+    pub table: &'a str,
+    pub from: &'a str,
+}
+
+impl LeaseTakenOver<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.replica_takeovers_total.inc();
+        tracing::warn!(table = self.table, "took over the lease of {} from {}, which is gone", self.table, self.from);
     }
 }
 

@@ -25,6 +25,7 @@ pub mod fault;
 pub mod maintenance;
 pub mod metrics;
 pub mod offload;
+pub mod replicas;
 pub mod scheduler;
 pub mod server;
 pub mod sink;

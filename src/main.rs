@@ -281,29 +281,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let metrics = Arc::new(Metrics::new());
             let svc = services(&cfg, metrics.clone()).await?;
             let ready = Arc::new(AtomicBool::new(check_clickhouse(&svc).await?));
-            for t in &cfg.tables {
-                metrics.init_table(t.name(), &t.layer);
-            }
-            // Lag is known from the last successful run before this start, not only after the
-            // first cycle: a service that keeps crashing shows a growing lag.
-            if let Some(state) = &svc.state {
-                for row in state.watermarks().await.unwrap_or_default() {
-                    let last = row.last_successful_run.as_deref().and_then(iceberg_offload::status::parse_time);
-                    if let (Some(t), true) = (last, cfg.tables.iter().any(|t| t.name() == row.table_name)) {
-                        iceberg_offload::events::LastSuccessRecalled {
-                            table: &row.table_name,
-                            unix_seconds: t.timestamp_millis() as f64 / 1000.0,
-                        }
-                        .emit(&metrics);
-                    }
-                }
-            }
             let schedule = cfg.service.interval.as_secs_f64() / 60.0;
             let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
             let listen = cfg.service.metrics_listen.clone();
             let stale_after =
                 (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
-            let scheduler = Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()).with_maintenance());
+            let scheduler =
+                Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()).with_maintenance().with_replicas());
+            // Lag is known from the last successful run before this start, not only after the
+            // first cycle: a service that keeps crashing shows a growing lag.
+            scheduler.recall(&scheduler.config.tables.iter().collect::<Vec<_>>()).await;
             metrics.init_service(scheduler.config.tables.len(), schedule, &tables, scheduler.heartbeat.clone());
             let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
             let server = tokio::spawn(async move { server::serve(&listen, state).await });
@@ -402,6 +389,7 @@ fn print_report(report: &iceberg_offload::scheduler::CycleReport) {
             TableResult::Failed(e) => println!("  {name}: FAILED [{}] {e}", e.class()),
             TableResult::Skipped(reason) => println!("  {name}: skipped ({reason})"),
             TableResult::Interrupted => println!("  {name}: interrupted (shutdown)"),
+            TableResult::NotOwned => println!("  {name}: owned by another replica"),
         }
     }
 }
@@ -814,6 +802,8 @@ async fn audit(cfg: &Config, only: Option<&str>, json: bool) -> anyhow::Result<u
         let results = subject.audit(first, last).await?;
         if let Some(s) = &state {
             s.record_audit(t.name(), &results, retained).await?;
+            // Every retained day was audited: a full audit (the daemon learns of it at its next start).
+            s.record_full_audit(t.name(), chrono::Utc::now().timestamp_millis()).await?;
         }
         all_ok &= results.iter().all(|r| r.status() == AuditStatus::Ok);
         if json {
@@ -853,6 +843,14 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
         Some(s) => s.watermarks().await.unwrap_or_default(),
         None => vec![],
     };
+    let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
+    let owners = match &state {
+        Some(s) => iceberg_offload::replicas::owners(s, &names, cfg.service.member_timeout)
+            .await
+            .map(|(_, o)| o)
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
     let mut out = vec![];
     for t in &cfg.tables {
         let view = match catalog.load_table(&target::ident(t)).await {
@@ -886,6 +884,7 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
             "last_error": m.and_then(|r| r.last_error_message.clone()),
             "rows_behind": behind,
             "pending_commits": pending,
+            "owner": owners.get(t.name()),
         }));
     }
     if json {
@@ -904,6 +903,7 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
                 "last_error",
                 "rows_behind",
                 "pending_commits",
+                "owner",
             ] {
                 let v = &r[key];
                 let text = match v {

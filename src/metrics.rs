@@ -12,6 +12,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
+use crate::audit::{AuditStatus, Scope};
 use crate::error::ErrorClass;
 
 pub const DURATION_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
@@ -65,6 +66,14 @@ pub struct Metrics {
     pub build_info: GaugeVec,
     pub scheduler_last_tick_timestamp_seconds: Gauge,
     pub cycle_last_duration_seconds: Gauge,
+    pub replica_tables_owned: Gauge,
+    pub replica_members: Gauge,
+    pub table_owned: GaugeVec,
+    pub replica_takeovers_total: prometheus::IntCounter,
+    pub replica_members_lost_total: prometheus::IntCounter,
+    pub replica_heartbeat_age_seconds: Gauge,
+    /// Unix time of this replica's last heartbeat written to the state store.
+    last_member_heartbeat: Mutex<Option<f64>>,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
     last_table_success: Mutex<HashMap<String, f64>>,
     /// Unix time the oldest pending commit attempt of each table started, for its age at scrape.
@@ -76,6 +85,8 @@ pub struct Metrics {
 
 /// Results of `offload_commit_attempts_total`.
 pub const COMMIT_RESULTS: [&str; 5] = ["committed", "conflict", "unknown_resolved", "pending", "error"];
+/// Results of `offload_maintenance_runs_total`.
+pub const MAINTENANCE_RESULTS: [&str; 3] = ["success", "failure", "skipped"];
 /// Outcomes of `offload_runs_total`.
 pub const RUN_OUTCOMES: [&str; 5] = ["success", "noop", "failure", "skipped", "interrupted"];
 
@@ -133,6 +144,19 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(cycle_duration_seconds.clone())).expect("unique metric");
+        let int_counter = |name: &str, help: &str| {
+            let c = prometheus::IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let replica_takeovers_total = int_counter(
+            "offload_replica_takeovers_total",
+            "Table leases this replica took over from a replica found gone (heartbeat too old) or a dead process of this host",
+        );
+        let replica_members_lost_total = int_counter(
+            "offload_replica_members_lost_total",
+            "Replicas found gone by this one: their heartbeat stopped without leaving (SIGKILL, crash, partition); each loss is counted by one replica",
+        );
         let rows_per_second = RowsPerSecond::new();
         registry.register(Box::new(rows_per_second.clone())).expect("unique metric");
         // The standard process_* series (resident memory, CPU seconds, open fds, start time):
@@ -303,6 +327,26 @@ impl Metrics {
                 "offload_cycle_last_duration_seconds",
                 "Duration of the running cycle so far, or of the last cycle when none is running",
             ),
+            replica_tables_owned: gauge(
+                "offload_replica_tables_owned",
+                "Tables this replica owns at its last cycle (all configured tables for a single replica)",
+            ),
+            replica_members: gauge(
+                "offload_replica_members",
+                "Live replicas (this one included) this replica saw at its last cycle",
+            ),
+            table_owned: gauge_vec(
+                "offload_table_owned",
+                "1 when this replica owns the table at its last cycle, 0 when another live replica does",
+                &["table"],
+            ),
+            replica_takeovers_total,
+            replica_members_lost_total,
+            replica_heartbeat_age_seconds: gauge(
+                "offload_replica_heartbeat_age_seconds",
+                "Seconds since this replica last wrote its heartbeat to the state store (0 before the first)",
+            ),
+            last_member_heartbeat: Mutex::new(None),
             last_table_success: Mutex::new(HashMap::new()),
             oldest_pending: Mutex::new(HashMap::new()),
             cycle_clock: Mutex::new((None, 0.0)),
@@ -325,10 +369,55 @@ impl Metrics {
         }
         self.bytes_written_total.with_label_values(&[table]);
         self.files_written_total.with_label_values(&[table]);
+        // From 0, so that `increase()` sees the first failure (a series born at 1 hides it).
+        for result in MAINTENANCE_RESULTS {
+            self.maintenance_runs_total.with_label_values(&[table, result]);
+        }
         self.consecutive_failures.with_label_values(&[table]).set(0.0);
         self.late_rows.with_label_values(&[table]).set(0.0);
         self.null_cursor_rows.with_label_values(&[table]).set(0.0);
         self.set_pending_commits(table, 0, None);
+    }
+
+    /// A heartbeat of this replica reached the state store.
+    pub fn member_heartbeat(&self, unix: f64) {
+        *self.last_member_heartbeat.lock().expect("lock") = Some(unix);
+    }
+
+    /// Another replica owns the table now: the series only its owner keeps current go, so
+    /// that a former owner's stale values never hold an alert (counters stay: they are history).
+    pub fn forget_table(&self, table: &str) {
+        self.last_table_success.lock().expect("lock").remove(table);
+        self.oldest_pending.lock().expect("lock").remove(table);
+        for g in [
+            &self.lag_minutes,
+            &self.lag_seconds,
+            &self.watermark_timestamp_seconds,
+            &self.table_last_success_timestamp_seconds,
+            &self.watermark_data_timestamp_seconds,
+            &self.rows_behind,
+            &self.ttl_headroom_seconds,
+            &self.late_rows,
+            &self.audit_extra_rows,
+            &self.consecutive_failures,
+            &self.null_cursor_rows,
+            &self.pending_commits,
+            &self.pending_commit_age_seconds,
+            &self.maintenance_last_success_timestamp_seconds,
+            &self.table_snapshots,
+            &self.table_small_files,
+            &self.table_manifests,
+            &self.table_metadata_bytes,
+            &self.maintenance_duration_seconds,
+        ] {
+            let _ = g.remove_label_values(&[table]);
+        }
+        for status in AuditStatus::ALL {
+            let _ = self.audit_days.remove_label_values(&[table, status.as_str()]);
+        }
+        for scope in [Scope::Recent, Scope::Full] {
+            let _ = self.audit_last_timestamp_seconds.remove_label_values(&[table, scope.as_str()]);
+        }
     }
 
     /// The table's commit attempts of unknown outcome (I5): how many, and since when the oldest.
@@ -382,6 +471,9 @@ impl Metrics {
         for (table, oldest) in self.oldest_pending.lock().expect("lock").iter() {
             let age = oldest.map(|t| (now - t).max(0.0)).unwrap_or(0.0);
             self.pending_commit_age_seconds.with_label_values(&[table]).set(age);
+        }
+        if let Some(t) = *self.last_member_heartbeat.lock().expect("lock") {
+            self.replica_heartbeat_age_seconds.set((now - t).max(0.0));
         }
         let (running, last) = *self.cycle_clock.lock().expect("lock");
         self.cycle_last_duration_seconds.set(running.map(|start| now - start).unwrap_or(last));

@@ -287,15 +287,19 @@ impl<'a> TableRun<'a> {
         }
     }
 
-    /// Rows that can never be offloaded (NULL cursor): reported, best effort.
+    /// Rows that can never be offloaded (NULL cursor): reported, best effort. A cursor made
+    /// non-`Nullable` has none (the gauge returns to 0).
     async fn check_source(&self) {
         let (svc, cfg) = (self.svc, self.cfg);
-        if self.source.cursor_is_nullable()
-            && let Ok(n) = until_cancelled(self.cancel, self.source.null_cursor_rows(&svc.ch)).await
-        {
-            // Emitted at 0 too, so the gauge returns to 0 once the source is fixed.
-            events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows: n }.emit(&svc.metrics);
-        }
+        let rows = if self.source.cursor_is_nullable() {
+            match until_cancelled(self.cancel, self.source.null_cursor_rows(&svc.ch)).await {
+                Ok(n) => n,
+                Err(_) => return,
+            }
+        } else {
+            0
+        };
+        events::NullCursorRows { table: cfg.name(), cursor: &cfg.cursor, rows }.emit(&svc.metrics);
     }
 
     /// Plans, reads, writes and commits the next window. Returns whether more settled rows

@@ -2,6 +2,7 @@
 //! a limit, a per-table timeout that really cancels, retries with backoff for transient
 //! errors, a lease per table, and a shutdown that never leaves half a commit.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use crate::error::OffloadError;
 use crate::events;
 use crate::maintenance;
 use crate::offload::{Services, TableOutcome, offload_table};
+use crate::replicas::{self, Membership};
 use crate::state::{Lease, RunRecord, StateStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub enum TableResult {
     /// A shutdown stopped the table before it finished; nothing half-done was committed and
     /// the next start resumes from the Iceberg watermark.
     Interrupted,
+    /// Another live replica owns the table this cycle: not this process's work.
+    NotOwned,
 }
 
 #[derive(Debug)]
@@ -89,6 +93,10 @@ pub struct Scheduler {
     pub ready: Arc<AtomicBool>,
     /// Whether tables are maintained after their offload when due (`run`; `once` does not).
     pub maintain: bool,
+    /// The replicas sharing the tables (`run` with a state store); `None`: every table is ours.
+    pub membership: Option<Arc<Membership>>,
+    /// The tables this replica owned at its last cycle (`None` before the first).
+    owned: std::sync::Mutex<Option<HashSet<String>>>,
 }
 
 impl Scheduler {
@@ -107,7 +115,18 @@ impl Scheduler {
             heartbeat: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp())),
             ready: Arc::new(AtomicBool::new(true)),
             maintain: false,
+            membership: None,
+            owned: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Shares the tables with the other `run` processes of the same state store.
+    pub fn with_replicas(mut self) -> Self {
+        if let Some(state) = &self.services.state {
+            let timeout = self.config.service.member_timeout;
+            self.membership = Some(Arc::new(Membership::new(state.clone(), self.holder.clone(), timeout)));
+        }
+        self
     }
 
     /// Maintains tables after their offload when due (`[maintenance]`).
@@ -160,11 +179,16 @@ impl Scheduler {
                 }
             })
         };
+        let owned = self.ownership().await;
         let limit = Arc::new(Semaphore::new(self.config.service.parallelism));
         let jobs = self.config.tables.iter().map(|t| {
             let limit = limit.clone();
             let cycle_id = cycle_id.clone();
+            let ours = owned.as_ref().is_none_or(|o| o.contains(t.name()));
             async move {
+                if !ours {
+                    return (t.name().to_string(), TableResult::NotOwned);
+                }
                 let _permit = limit.acquire().await.expect("semaphore open");
                 (t.name().to_string(), self.run_table(t, &cycle_id).await)
             }
@@ -193,10 +217,78 @@ impl Scheduler {
         report
     }
 
+    /// The tables this replica runs this cycle: those the balanced assignment over the live
+    /// members gives it. `None` (every table) without replicas, or when the state store cannot
+    /// say who is live: then leases and I4 keep it correct, as with a single process.
+    async fn ownership(&self) -> Option<HashSet<String>> {
+        let m = self.membership.as_ref()?;
+        let metrics = &self.services.metrics;
+        let live = match m.refresh(metrics).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!("cannot read the replica membership: {e}; this cycle runs every table (leases decide)");
+                return None;
+            }
+        };
+        let names: Vec<&str> = self.config.tables.iter().map(|t| t.name()).collect();
+        let owners = replicas::assign(&names, &live);
+        let mine: HashSet<String> =
+            owners.iter().filter(|(_, owner)| **owner == m.id).map(|(t, _)| t.to_string()).collect();
+        let (gained, lost) = {
+            let mut previous = self.owned.lock().expect("not poisoned");
+            // Before the first cycle every table's series exist (from start): as if all were ours.
+            let had = |t: &str| previous.as_ref().is_none_or(|p| p.contains(t));
+            let gained: Vec<&str> = names.iter().copied().filter(|t| mine.contains(*t) && !had(t)).collect();
+            let lost: Vec<&str> = names.iter().copied().filter(|t| !mine.contains(*t) && had(t)).collect();
+            *previous = Some(mine.clone());
+            (gained, lost)
+        };
+        let tables: Vec<(&str, bool)> = names.iter().map(|t| (*t, mine.contains(*t))).collect();
+        events::ReplicaOwnership { members: live.len(), tables: &tables, gained: &gained, lost: &lost }.emit(metrics);
+        let gained: Vec<&TableConfig> = self.config.tables.iter().filter(|t| gained.contains(&t.name())).collect();
+        self.recall(&gained).await;
+        Some(mine)
+    }
+
+    /// Creates the tables' series and recalls their last success from the state store, so that
+    /// their lag is right from the first scrape (at start, and when a table comes to this replica).
+    pub async fn recall(&self, tables: &[&TableConfig]) {
+        let metrics = &self.services.metrics;
+        for t in tables {
+            metrics.init_table(t.name(), &t.layer);
+        }
+        let Some(state) = &self.services.state else { return };
+        for t in tables {
+            let unix = |ms: Option<i64>| ms.map(|ms| ms as f64 / 1000.0);
+            events::HistoryRecalled {
+                table: t.name(),
+                full_audit_unix: unix(state.last_full_audit(t.name()).await.ok().flatten()),
+                // Only where this process maintains: with maintenance off, no alert on its age.
+                maintenance_unix: if self.maintain {
+                    unix(state.last_maintenance_success(t.name()).await.ok().flatten())
+                } else {
+                    None
+                },
+            }
+            .emit(metrics);
+        }
+        for row in state.watermarks().await.unwrap_or_default() {
+            let last = row.last_successful_run.as_deref().and_then(crate::status::parse_time);
+            if let (Some(at), true) = (last, tables.iter().any(|t| t.name() == row.table_name)) {
+                events::LastSuccessRecalled {
+                    table: &row.table_name,
+                    unix_seconds: at.timestamp_millis() as f64 / 1000.0,
+                }
+                .emit(metrics);
+            }
+        }
+    }
+
     /// One table within a cycle: lease, attempts within the table's time, state mirror.
     async fn run_table(&self, t: &TableConfig, cycle_id: &str) -> TableResult {
         let started = Instant::now();
-        let lease = match LeaseGuard::take(&self.services, t, &self.holder, self.config.service.lease_ttl).await {
+        let gone = |holder: &str| self.membership.as_ref().is_some_and(|m| m.is_lost(holder));
+        let lease = match LeaseGuard::take(&self.services, t, &self.holder, self.config.service.lease_ttl, gone).await {
             Ok(lease) => lease,
             Err(reason) => {
                 events::TableSkipped { table: t.name(), reason: &reason }.emit(&self.services.metrics);
@@ -372,6 +464,20 @@ impl Scheduler {
     /// The daemon: one cycle at start, then one at each interval boundary (UTC).
     /// A cycle that overruns skips the boundaries it missed, so cycles never overlap.
     pub async fn run_forever(&self) {
+        let heartbeats = self.membership.clone().map(|m| {
+            let (metrics, tick) = (self.services.metrics.clone(), self.heartbeat.clone());
+            tokio::spawn(async move { heartbeat_while_ticking(&m, &metrics, &tick).await })
+        });
+        self.cycles_until_shutdown().await;
+        if let Some(h) = heartbeats {
+            h.abort();
+        }
+        if let Some(m) = &self.membership {
+            m.leave().await;
+        }
+    }
+
+    async fn cycles_until_shutdown(&self) {
         loop {
             if self.shutdown.is_cancelled() {
                 break;
@@ -415,14 +521,25 @@ impl LeaseGuard {
     }
 
     /// Takes the lease, or says why the table must be skipped (another live holder has it).
-    async fn take(svc: &Services, t: &TableConfig, holder: &str, ttl: Duration) -> Result<Self, String> {
+    async fn take(
+        svc: &Services,
+        t: &TableConfig,
+        holder: &str,
+        ttl: Duration,
+        gone: impl Fn(&str) -> bool,
+    ) -> Result<Self, String> {
         let Some(state) = svc.state.clone() else { return Ok(Self { state: None, lease: None, renew: None }) };
         if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
             tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
             return Ok(Self { state: None, lease: None, renew: None });
         }
-        let lease = match acquire(&state, t.name(), holder, ttl).await {
-            Ok(l) => Some(l),
+        let lease = match acquire_from(&state, t.name(), holder, ttl, |h| holder_is_dead(h) || gone(h)).await {
+            Ok((l, from)) => {
+                if let Some(from) = from {
+                    events::LeaseTakenOver { table: t.name(), from: &from }.emit(&svc.metrics);
+                }
+                Some(l)
+            }
             Err(e @ OffloadError::LeaseHeld { .. }) => return Err(e.to_string()),
             Err(e) => {
                 tracing::warn!(
@@ -470,17 +587,30 @@ pub fn process_holder(tag: &str) -> String {
 
 /// Takes the lease, taking over at once one held by a process of this host that is gone.
 pub async fn acquire(state: &StateStore, table: &str, holder: &str, ttl: Duration) -> Result<Lease, OffloadError> {
+    let (lease, from) = acquire_from(state, table, holder, ttl, holder_is_dead).await?;
+    if let Some(dead) = from {
+        tracing::warn!(table, "took over the lease of {dead}, a process of this host that is gone");
+    }
+    Ok(lease)
+}
+
+/// Takes the lease, taking it over at once from a holder `gone` says is gone (a dead process
+/// of this host, a replica found lost). Also returns whom it was taken from.
+async fn acquire_from(
+    state: &StateStore,
+    table: &str,
+    holder: &str,
+    ttl: Duration,
+    gone: impl Fn(&str) -> bool,
+) -> Result<(Lease, Option<String>), OffloadError> {
     match state.acquire_lease(table, holder, ttl).await {
-        Err(OffloadError::LeaseHeld { holder: dead, .. }) if holder_is_dead(&dead) => {
+        Err(OffloadError::LeaseHeld { holder: dead, .. }) if gone(&dead) => {
             match state.take_over_lease(table, &dead, holder, ttl).await? {
-                Some(l) => {
-                    tracing::warn!(table, "took over the lease of {dead}, a process of this host that is gone");
-                    Ok(l)
-                }
-                None => state.acquire_lease(table, holder, ttl).await,
+                Some(l) => Ok((l, Some(dead))),
+                None => Ok((state.acquire_lease(table, holder, ttl).await?, None)),
             }
         }
-        other => other,
+        other => other.map(|l| (l, None)),
     }
 }
 
@@ -497,6 +627,22 @@ fn holder_is_dead(holder: &str) -> bool {
     match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
         (Some(host), Some(pid)) => host == hostname() && !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         _ => false,
+    }
+}
+
+/// Writes this replica's heartbeat while its scheduler loop ticks: a replica stuck past its
+/// cycle budget stops ticking, stops heartbeating, and its tables go to the others.
+async fn heartbeat_while_ticking(m: &Membership, metrics: &crate::metrics::Metrics, tick: &AtomicI64) {
+    let every = m.heartbeat_every();
+    loop {
+        let since_tick = chrono::Utc::now().timestamp() - tick.load(Ordering::Relaxed);
+        // The loop ticks at least every 5 s while it is healthy.
+        if since_tick <= 15
+            && let Err(e) = m.heartbeat(metrics).await
+        {
+            tracing::warn!("replica heartbeat not written: {e}");
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -28,6 +28,8 @@ pub struct TableHealth {
     pub lag_minutes: Option<f64>,
     pub failure_count: i64,
     pub last_error: Option<String>,
+    /// The live replica that owns the table (`None`: no `run` process is live).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,12 +46,13 @@ const LAG_CRITICAL_MINUTES: f64 = 30.0;
 /// The daemon's endpoint from `service.metrics_listen`: an address that listens everywhere
 /// (`0.0.0.0`, `[::]`) is reached on this host's loopback.
 pub fn local_url(listen: &str) -> String {
-    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "8000"));
-    let host = match host {
-        "" | "0.0.0.0" | "[::]" | "::" => "localhost",
-        other => other,
-    };
-    format!("http://{host}:{port}")
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => format!("http://localhost:{}", addr.port()),
+        Ok(std::net::SocketAddr::V6(addr)) => format!("http://[{}]:{}", addr.ip(), addr.port()),
+        Ok(addr) => format!("http://{addr}"),
+        // A host name (`metrics.internal:8000`).
+        Err(_) => format!("http://{listen}"),
+    }
 }
 
 pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) -> Report {
@@ -94,6 +97,28 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
             vec![]
         }
     };
+    let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
+    let owners = match &state {
+        Ok(s) => match crate::replicas::owners(s, &names, cfg.service.member_timeout).await {
+            Ok((live, owners)) => {
+                checks.push(Check {
+                    name: "replicas".into(),
+                    ok: !live.is_empty(),
+                    detail: if live.is_empty() {
+                        "no live `run` process".into()
+                    } else {
+                        format!("{} live: {}", live.len(), live.join(", "))
+                    },
+                });
+                owners
+            }
+            Err(e) => {
+                checks.push(Check { name: "replicas".into(), ok: false, detail: format!("{e}") });
+                Default::default()
+            }
+        },
+        Err(_) => Default::default(),
+    };
     let cat = catalog::build(&cfg.catalog).await;
     if let Err(e) = &cat {
         checks.push(Check { name: "catalog".into(), ok: false, detail: format!("{e:#}") });
@@ -118,6 +143,7 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
             lag_minutes: lag,
             failure_count: m.map(|r| r.failure_count).unwrap_or(0),
             last_error: m.and_then(|r| r.last_error_message.clone()),
+            owner: owners.get(t.name()).cloned(),
         });
     }
 
@@ -195,13 +221,14 @@ pub fn print(report: &Report) {
         let lag = t.lag_minutes.map(|l| format!("{l:.1} min")).unwrap_or_else(|| "never offloaded".into());
         let bad = !t.lag_minutes.is_some_and(|l| l <= LAG_CRITICAL_MINUTES) || t.failure_count >= 3;
         println!(
-            "  [{}] table {:<28} watermark {}  lag {}  status {}  failures {}{}",
+            "  [{}] table {:<28} watermark {}  lag {}  status {}  failures {}  owner {}{}",
             if bad { "!!" } else { "ok" },
             t.table,
             t.iceberg_watermark.as_deref().unwrap_or("-"),
             lag,
             t.status.as_deref().unwrap_or("-"),
             t.failure_count,
+            t.owner.as_deref().unwrap_or("-"),
             t.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
         );
     }
@@ -215,5 +242,8 @@ mod tests {
         assert_eq!(super::local_url("[::]:9100"), "http://localhost:9100");
         assert_eq!(super::local_url("10.0.0.5:8000"), "http://10.0.0.5:8000");
         assert_eq!(super::local_url("127.0.0.1:41234"), "http://127.0.0.1:41234");
+        assert_eq!(super::local_url("[::1]:8000"), "http://[::1]:8000");
+        assert_eq!(super::local_url("[0:0:0:0:0:0:0:0]:8000"), "http://localhost:8000");
+        assert_eq!(super::local_url("metrics.internal:8000"), "http://metrics.internal:8000");
     }
 }

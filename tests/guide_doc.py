@@ -148,7 +148,7 @@ def top_level_alternatives(pattern):
 
 
 def top_level_comparison(query):
-    """The left side of a comparison at the top level of a query, or None."""
+    """The two sides of a comparison at the top level of a query, or None."""
     depth, quote = 0, None
     for i, ch in enumerate(query):
         if quote:
@@ -159,6 +159,48 @@ def top_level_comparison(query):
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif depth == 0 and ch in "<>" or (depth == 0 and query[i:i + 2] in ("==", "!=")):
-            return query[:i].strip()
+        elif depth == 0 and (ch in "<>" or query[i:i + 2] in ("==", "!=")):
+            width = 2 if query[i:i + 2] in ("==", "!=", ">=", "<=") else 1
+            return query[:i].strip(), query[i + width:].strip()
     return None
+
+
+METRIC_NAME = re.compile(r"\b((?:offload|process)_[a-z0-9_]+|watermark_timestamp_seconds|up)\b")
+
+
+def metric_names(expr):
+    """The exported metric families an expression reads (histogram and summary series folded)."""
+    names = set()
+    for name in METRIC_NAME.findall(re.sub(r'"[^"]*"', '""', expr)):
+        names.add(re.sub(r"_(bucket|sum|count)$", "", name) if not name.endswith("_total") else name)
+    return names
+
+
+def string_literals(rust_source):
+    """The string literals of Rust source (where log messages live): a small lexer that skips
+    comments and char literals (`'"'`), and reads `r#"…"#` raw strings."""
+    out, i, n, src = [], 0, len(rust_source), rust_source
+    while i < n:
+        if src.startswith("//", i):
+            i = src.find("\n", i)
+            i = n if i < 0 else i
+        elif src.startswith('r#"', i):
+            end = src.find('"#', i + 3)
+            out.append(src[i + 3:end])
+            i = end + 2
+        elif src[i] == '"':
+            j, buf = i + 1, []
+            while src[j] != '"':
+                if src[j] == "\\":
+                    buf.append(src[j:j + 2])
+                    j += 2
+                else:
+                    buf.append(src[j])
+                    j += 1
+            out.append("".join(buf))
+            i = j + 1
+        elif src[i] == "'" and re.match(r"'(\\.|[^\\'])'", src[i:i + 4]):
+            i += len(re.match(r"'(\\.|[^\\'])'", src[i:i + 4]).group(0))
+        else:
+            i += 1
+    return out

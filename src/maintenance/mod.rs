@@ -44,6 +44,13 @@ pub struct MaintenanceReport {
     pub metadata_bytes: Option<u64>,
 }
 
+impl MaintenanceReport {
+    /// Why the run did nothing (pending commits), from the run or its expiry step.
+    pub fn skip_reason(&self) -> Option<&String> {
+        self.skipped.as_ref().or(self.expire.as_ref().and_then(|e| e.skipped.as_ref()))
+    }
+}
+
 /// The steps of a run (`maintain --only`): all by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Steps {
@@ -124,7 +131,10 @@ pub async fn maintain_table(
         let now_ms = crate::util::now_epoch_ns() / 1_000_000;
         report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
     }
-    report.metadata_bytes = metadata_bytes(svc, &ident).await;
+    if !dry_run {
+        report.metadata_bytes =
+            tokio::time::timeout(svc.limits.storage, metadata_bytes(svc, &ident)).await.ok().flatten();
+    }
     Ok(report)
 }
 
@@ -198,7 +208,16 @@ pub async fn run_if_due(svc: &Services, cfg: &TableConfig, mc: &MaintenanceConfi
         Err(_) => Err(OffloadError::Timeout(mc.timeout)),
     };
     match &result {
-        Ok(r) if r.failed.is_none() => svc.maintenance.done(cfg.name(), now),
+        Ok(r) if r.failed.is_none() => {
+            svc.maintenance.done(cfg.name(), now);
+            if r.skip_reason().is_none()
+                && let Some(state) = &svc.state
+                && let Err(e) =
+                    state.record_maintenance_success(cfg.name(), chrono::Utc::now().timestamp_millis()).await
+            {
+                tracing::warn!(table = cfg.name(), "maintenance success not recorded in the state store: {e}");
+            }
+        }
         _ => svc.maintenance.failed(cfg.name(), now),
     }
     crate::events::Maintained { table: cfg.name(), result: &result, duration: started.elapsed() }.emit(&svc.metrics);

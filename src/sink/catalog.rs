@@ -57,11 +57,23 @@ async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>
             }
             // sqlx's Any driver needs the drivers installed once per process.
             sqlx::any::install_default_drivers();
-            let catalog = SqlCatalogBuilder::default()
-                .with_storage_factory(storage)
-                .load(cfg.name.clone(), props)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot open the SQL catalog at {}: {e}", redact_url(&uri)))?;
+            // Replicas starting together on a fresh PostgreSQL catalog race on its
+            // `CREATE TABLE IF NOT EXISTS`; the loser's table exists by then, so it opens again.
+            let mut attempt = 0;
+            let catalog = loop {
+                attempt += 1;
+                match SqlCatalogBuilder::default()
+                    .with_storage_factory(storage.clone())
+                    .load(cfg.name.clone(), props.clone())
+                    .await
+                {
+                    Ok(catalog) => break catalog,
+                    Err(e) if attempt < 5 && crate::state::lost_create_race(&e) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                    }
+                    Err(e) => anyhow::bail!("cannot open the SQL catalog at {}: {e}", redact_url(&uri)),
+                }
+            };
             Ok(Arc::new(catalog))
         }
         CatalogKind::Rest => {

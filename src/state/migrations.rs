@@ -86,6 +86,25 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         5,
         &["CREATE TABLE IF NOT EXISTS offload_audit_runs (table_name TEXT PRIMARY KEY, last_full_ms BIGINT NOT NULL)"],
     ),
+    (
+        // Replicas: each `run` process heartbeats here; the live ones share the tables. Times
+        // are the state store's clock, so hosts whose clocks disagree still agree on who is live.
+        6,
+        &["CREATE TABLE IF NOT EXISTS offload_members (
+            member_id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            started_at_ms BIGINT NOT NULL,
+            heartbeat_at_ms BIGINT NOT NULL,
+            lost_at_ms BIGINT)"],
+    ),
+    (
+        // When each table's last maintenance succeeded, so that a restart does not forget it
+        // (the alert on maintenance not done for two days needs the time, not this process's).
+        7,
+        &[
+            "CREATE TABLE IF NOT EXISTS offload_maintenance_runs (table_name TEXT PRIMARY KEY, last_success_ms BIGINT NOT NULL)",
+        ],
+    ),
 ];
 
 fn dialect_sql(stmt: &str, dialect: Dialect) -> String {
@@ -96,7 +115,23 @@ fn dialect_sql(stmt: &str, dialect: Dialect) -> String {
     stmt.replace("{TS}", ts).replace("{ID}", id).replace("{NOW}", now)
 }
 
+/// Applies the migrations; replicas starting together on a fresh database race on the same
+/// `CREATE TABLE IF NOT EXISTS` (PostgreSQL answers the loser with a unique violation), and
+/// the loser applies them again once the winner's tables exist.
 pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match apply(pool, dialect).await {
+            Err(e) if attempt < 5 && super::lost_create_race(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn apply(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS offload_schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
     )

@@ -6,7 +6,10 @@
 //! comes from Iceberg. Losing this database loses history, not correctness. SQLite by
 //! default, PostgreSQL when the URL says `postgres://`; migrations are versioned.
 
+mod members;
 mod migrations;
+
+pub use members::Member;
 
 use std::time::Duration;
 
@@ -77,6 +80,22 @@ pub struct Lease {
     pub table_name: String,
     pub holder: String,
     pub token: i64,
+}
+
+/// Whether an error is PostgreSQL's answer to two concurrent `CREATE TABLE IF NOT EXISTS` of
+/// the same table (unique violation in its type catalog, or duplicate table), decided by the
+/// SQLSTATE anywhere in the error's chain.
+pub fn lost_create_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(sqlx::Error::Database(db)) = err.downcast_ref::<sqlx::Error>()
+            && matches!(db.code().as_deref(), Some("23505") | Some("42P07"))
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn now_ms() -> i64 {
@@ -421,6 +440,33 @@ impl StateStore {
                 .fetch_optional(&self.pool)
                 .await?;
             Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
+        })
+        .await
+    }
+
+    /// When the table's last successful maintenance run ended (ms since the epoch).
+    pub async fn last_maintenance_success(&self, table: &str) -> Result<Option<i64>> {
+        self.limited(async {
+            let row = sqlx::query("SELECT last_success_ms FROM offload_maintenance_runs WHERE table_name = $1")
+                .bind(table)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
+        })
+        .await
+    }
+
+    pub async fn record_maintenance_success(&self, table: &str, at_ms: i64) -> Result<()> {
+        self.limited(async {
+            sqlx::query(
+                "INSERT INTO offload_maintenance_runs (table_name, last_success_ms) VALUES ($1, $2) \
+                 ON CONFLICT (table_name) DO UPDATE SET last_success_ms = excluded.last_success_ms",
+            )
+            .bind(table)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
         })
         .await
     }

@@ -1,0 +1,209 @@
+//! Replicas that share the tables: every `run` process heartbeats in the state store, and the
+//! live ones divide the configured tables by a balanced rendezvous hash that each computes
+//! alone and all compute alike.
+//!
+//! Correctness never depends on any of this: a table runs under its lease (I6) and every
+//! commit is fenced on the snapshot it read (I4), so two replicas that disagree for a moment
+//! about who owns a table cannot both land a window. Membership spreads the work, and bounds
+//! how long a dead replica's tables wait: `service.member_timeout` plus one interval, instead of
+//! `service.lease_ttl`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::events;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+
+/// This process as a member of the replicas sharing one state store.
+pub struct Membership {
+    state: StateStore,
+    /// The same string as the scheduler's lease holder, so that a lease can be traced to its
+    /// member.
+    pub id: String,
+    host: String,
+    timeout: Duration,
+    /// Members found lost (heartbeat older than the timeout) at the last refresh.
+    lost: Mutex<HashSet<String>>,
+    joined: std::sync::atomic::AtomicBool,
+}
+
+impl Membership {
+    pub fn new(state: StateStore, id: String, timeout: Duration) -> Self {
+        let host = id.split(':').next().unwrap_or("host").to_string();
+        Self { state, id, host, timeout, lost: Mutex::new(HashSet::new()), joined: Default::default() }
+    }
+
+    /// How often a member heartbeats: six heartbeats fit in the timeout, so one slow write
+    /// never makes a live member look gone.
+    pub fn heartbeat_every(&self) -> Duration {
+        (self.timeout / 6).max(Duration::from_millis(500))
+    }
+
+    pub async fn heartbeat(&self, metrics: &Metrics) -> Result<()> {
+        self.state.heartbeat_member(&self.id, &self.host).await?;
+        let first = !self.joined.swap(true, std::sync::atomic::Ordering::Relaxed);
+        events::ReplicaHeartbeat { member: &self.id, first, every: self.heartbeat_every(), timeout: self.timeout }
+            .emit(metrics);
+        Ok(())
+    }
+
+    /// The live members now (this one included), sorted. A member silent for longer than the
+    /// timeout is marked lost, and counted once by the replica that marks it.
+    pub async fn refresh(&self, metrics: &Metrics) -> Result<Vec<String>> {
+        let timeout_ms = self.timeout.as_millis() as i64;
+        let members = self.state.members().await?;
+        let mut live = vec![];
+        let mut lost = HashSet::new();
+        for m in members {
+            if m.heartbeat_age_ms() <= timeout_ms {
+                live.push(m.id);
+                continue;
+            }
+            if m.lost_at_ms.is_none() && self.state.mark_member_lost(&m.id, timeout_ms).await? {
+                events::ReplicaLost { member: &m.id, silent_for: Duration::from_millis(m.heartbeat_age_ms() as u64) }
+                    .emit(metrics);
+            }
+            lost.insert(m.id);
+        }
+        // Rows of members silent for a day are history: every lease they held expired long ago.
+        self.state.forget_members(86_400_000).await.ok();
+        if !live.contains(&self.id) {
+            // Our own heartbeat has not landed yet (first cycle) or failed: we still run.
+            live.push(self.id.clone());
+            live.sort();
+        }
+        *self.lost.lock().expect("not poisoned") = lost;
+        Ok(live)
+    }
+
+    /// Whether a lease holder is a member found lost at the last refresh: its leases are taken
+    /// over at once.
+    pub fn is_lost(&self, holder: &str) -> bool {
+        self.lost.lock().expect("not poisoned").contains(holder)
+    }
+
+    /// Leaves the membership (SIGTERM): the other replicas take this one's tables at their next
+    /// cycle instead of after the timeout.
+    pub async fn leave(&self) {
+        if let Err(e) = self.state.remove_member(&self.id).await {
+            tracing::warn!("could not leave the replica membership (peers take over after the timeout): {e}");
+        }
+    }
+}
+
+/// The live replicas and the owner of each table, as the replicas compute them now (for
+/// `status` and `watermark show`; reads only).
+pub async fn owners(
+    state: &StateStore,
+    tables: &[&str],
+    timeout: Duration,
+) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let timeout_ms = timeout.as_millis() as i64;
+    let live: Vec<String> =
+        state.members().await?.into_iter().filter(|m| m.heartbeat_age_ms() <= timeout_ms).map(|m| m.id).collect();
+    let owners = assign(tables, &live).into_iter().map(|(t, o)| (t.to_string(), o)).collect();
+    Ok((live, owners))
+}
+
+/// Which member owns each table: rendezvous hashing with bounded loads. Tables are taken in
+/// name order; each goes to the member that ranks it highest among those below the load cap,
+/// ⌈tables / members⌉. Deterministic in (tables, members), so every replica that sees the same
+/// members computes the same owners; a member joining or leaving moves few tables.
+pub fn assign<'a>(tables: &[&'a str], members: &[String]) -> HashMap<&'a str, String> {
+    let mut owners = HashMap::new();
+    if members.is_empty() {
+        return owners;
+    }
+    let cap = tables.len().div_ceil(members.len());
+    let mut load = vec![0usize; members.len()];
+    let mut sorted: Vec<&str> = tables.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for table in sorted {
+        let mut ranked: Vec<usize> = (0..members.len()).collect();
+        ranked.sort_by_key(|&i| std::cmp::Reverse((score(&members[i], table), i)));
+        let chosen = ranked.into_iter().find(|&i| load[i] < cap).expect("the cap leaves room");
+        load[chosen] += 1;
+        owners.insert(table, members[chosen].clone());
+    }
+    owners
+}
+
+/// A stable 64-bit score of (member, table): FNV-1a then a SplitMix64 finaliser. Stable across
+/// builds and platforms, unlike std's hasher, so replicas of different versions agree.
+fn score(member: &str, table: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in member.bytes().chain([0xff]).chain(table.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("bronze_trades_{i:03}")).collect()
+    }
+
+    fn members(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_table_has_one_owner_and_loads_are_balanced() {
+        let names = tables(30);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let m = members(&["pod-a:1:x1", "pod-b:1:y2", "pod-c:1:z3"]);
+        let owners = assign(&refs, &m);
+        assert_eq!(owners.len(), 30);
+        for id in &m {
+            assert_eq!(owners.values().filter(|o| *o == id).count(), 10, "{id}");
+        }
+        let names = tables(100);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let owners = assign(&refs, &m);
+        let loads: Vec<usize> = m.iter().map(|id| owners.values().filter(|o| *o == id).count()).collect();
+        // Bounded loads: nobody above ⌈100/3⌉ = 34, so nobody below 100 − 2 × 34 = 32.
+        assert!(loads.iter().all(|&l| (32..=34).contains(&l)) && loads.iter().sum::<usize>() == 100, "{loads:?}");
+    }
+
+    #[test]
+    fn the_assignment_does_not_depend_on_the_order_seen() {
+        let names = tables(40);
+        let mut refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let m = members(&["a:1:1", "b:2:2", "c:3:3", "d:4:4"]);
+        let one = assign(&refs, &m);
+        refs.reverse();
+        assert_eq!(one, assign(&refs, &m));
+    }
+
+    #[test]
+    fn a_member_leaving_moves_mostly_its_own_tables() {
+        let names = tables(60);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let before = assign(&refs, &members(&["a:1:1", "b:2:2", "c:3:3"]));
+        let after = assign(&refs, &members(&["a:1:1", "b:2:2"]));
+        let moved_from_survivors = refs.iter().filter(|t| before[*t] != "c:3:3" && before[*t] != after[*t]).count();
+        // c's 20 tables must move; of the survivors' 40, few do (capacity shifts only).
+        assert!(moved_from_survivors <= 10, "{moved_from_survivors} of the survivors' tables moved");
+        assert!(after.values().all(|o| o != "c:3:3"));
+    }
+
+    #[test]
+    fn one_member_owns_everything_and_none_owns_nothing() {
+        let names = tables(5);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert!(assign(&refs, &members(&["solo:1:1"])).values().all(|o| o == "solo:1:1"));
+        assert!(assign(&refs, &[]).is_empty());
+    }
+}
