@@ -32,6 +32,7 @@ missing=()
 # Spark as an independent reader (dev/spark_reader.py): JDBC drivers for our SQL catalogs, and
 # jarjar to relocate the Jackson that the iceberg-spark-runtime jar from PyPI lacks.
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v npm >/dev/null || missing+=(npm)   # the Prometheus Operator CRD schemas (deploy/kubernetes/)
 [ -f /usr/share/java/sqlite-jdbc.jar ] || missing+=(libxerial-sqlite-jdbc-java)
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 [ -f /usr/share/java/jarjar.jar ] || missing+=(libjarjar-java)
@@ -76,4 +77,14 @@ PY
   java -jar /usr/share/java/jarjar.jar process "$work/rules.txt" "$work/merged.jar" "$shaded.tmp"
   mv "$shaded.tmp" "$shaded"
   rm -rf "$work"
+fi
+
+# The Prometheus Operator's CRD schemas (ServiceMonitor, PrometheusRule), from npm, to validate
+# deploy/kubernetes/ offline (kubernetes-validate knows the built-in kinds only).
+crds="$ICEBERG_OFFLOAD_CACHE/node/prometheus-operator-6.0.0"
+if [ ! -f "$crds/node_modules/@kubernetes-models/prometheus-operator/package.json" ]; then
+  echo "setup: installing @kubernetes-models/prometheus-operator 6.0.0 (npm)" >&2
+  mkdir -p "$crds"
+  (cd "$crds" && printf '{"private": true}\n' > package.json && \
+    npm install --silent --no-audit --no-fund @kubernetes-models/prometheus-operator@6.0.0 >/dev/null)
 fi

@@ -244,6 +244,9 @@ struct RawCatalog {
     /// (e.g. `"s3.secret-access-key" = "AWS_SECRET_ACCESS_KEY"`).
     #[serde(default)]
     properties_env: BTreeMap<String, String>,
+    /// The same, values read from files (a Kubernetes Secret mounted as a volume).
+    #[serde(default)]
+    properties_file: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -446,6 +449,8 @@ pub struct CatalogConfig {
     pub credential: Secret,
     pub properties: BTreeMap<String, String>,
     pub properties_env: BTreeMap<String, String>,
+    /// Property → file holding its value (trailing newline trimmed).
+    pub properties_file: BTreeMap<String, PathBuf>,
     pub limits: CatalogLimits,
 }
 
@@ -721,6 +726,7 @@ impl Config {
             name: c.name,
             properties: c.properties,
             properties_env: c.properties_env,
+            properties_file: c.properties_file.into_iter().map(|(k, f)| (k, resolve_path(base, &f))).collect(),
             limits: CatalogLimits {
                 call: dur("catalog.timeout", &c.timeout)?,
                 commit: dur("catalog.commit_timeout", &c.commit_timeout)?,

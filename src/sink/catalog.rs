@@ -19,7 +19,7 @@ pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
     Ok(Arc::new(TimeLimited { inner, limits: cfg.limits }))
 }
 
-/// `catalog.properties` with `catalog.properties_env` resolved: what the catalog and its
+/// `catalog.properties` with `catalog.properties_env` and `catalog.properties_file` resolved: what the catalog and its
 /// storage are configured with (`s3.endpoint`, `s3.access-key-id`, …).
 pub fn storage_properties(cfg: &CatalogConfig) -> anyhow::Result<HashMap<String, String>> {
     let mut props: HashMap<String, String> = cfg.properties.clone().into_iter().collect();
@@ -27,6 +27,11 @@ pub fn storage_properties(cfg: &CatalogConfig) -> anyhow::Result<HashMap<String,
         let value = std::env::var(env)
             .map_err(|_| anyhow::anyhow!("catalog.properties_env.{key}: environment variable {env} is not set"))?;
         props.insert(key.clone(), value);
+    }
+    for (key, file) in &cfg.properties_file {
+        let value = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("catalog.properties_file.{key}: cannot read {}: {e}", file.display()))?;
+        props.insert(key.clone(), value.trim_end_matches(['\n', '\r']).to_string());
     }
     Ok(props)
 }
@@ -316,6 +321,7 @@ mod tests {
             credential: Default::default(),
             properties: [("s3.endpoint".to_string(), "http://127.0.0.1:9".to_string())].into(),
             properties_env: Default::default(),
+            properties_file: Default::default(),
             limits: Default::default(),
         };
         match build(&cfg).await {

@@ -70,6 +70,7 @@ pub async fn catalog_with_table(
         credential: Default::default(),
         properties: Default::default(),
         properties_env: Default::default(),
+        properties_file: Default::default(),
         limits: Default::default(),
     };
     let cat = catalog::build(&cfg).await.unwrap();
