@@ -682,6 +682,12 @@ impl Config {
             audit_full_every: dur("service.audit_full_every", &s.audit_full_every)?,
             member_timeout: dur("service.member_timeout", &s.member_timeout)?,
         };
+        if service.member_timeout > service.lease_ttl {
+            return Err(inv(format!(
+                "service.member_timeout ({:?}) must not exceed service.lease_ttl ({:?}): a replica found gone has its leases taken over",
+                service.member_timeout, service.lease_ttl
+            )));
+        }
         if service.member_timeout < Duration::from_secs(3) {
             return Err(inv(
                 "service.member_timeout must be at least 3s (replicas heartbeat every second or more)".into()

@@ -708,6 +708,23 @@ impl ReplicaOwnership<'_> {
     }
 }
 
+/// Whether the live replicas are configured with different tables (then each runs all of its
+/// own, and the leases decide who runs a table).
+pub struct ReplicaTablesMismatch {
+    pub mismatched: bool,
+}
+
+impl ReplicaTablesMismatch {
+    pub fn emit(&self, m: &Metrics) {
+        m.replica_tables_mismatch.set(if self.mismatched { 1.0 } else { 0.0 });
+        if self.mismatched {
+            tracing::warn!(
+                "the live replicas are configured with different tables: each runs all of its tables this cycle (leases decide); give every replica the same [[tables]]"
+            );
+        }
+    }
+}
+
 /// A lease taken from a holder known to be gone, without waiting for it to expire.
 pub struct LeaseTakenOver<'a> {
     pub table: &'a str,

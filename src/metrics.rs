@@ -72,6 +72,7 @@ pub struct Metrics {
     pub replica_takeovers_total: prometheus::IntCounter,
     pub replica_members_lost_total: prometheus::IntCounter,
     pub replica_heartbeat_age_seconds: Gauge,
+    pub replica_tables_mismatch: Gauge,
     /// Unix time of this replica's last heartbeat written to the state store.
     last_member_heartbeat: Mutex<Option<f64>>,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
@@ -345,6 +346,10 @@ impl Metrics {
             replica_heartbeat_age_seconds: gauge(
                 "offload_replica_heartbeat_age_seconds",
                 "Seconds since this replica last wrote its heartbeat to the state store (0 before the first)",
+            ),
+            replica_tables_mismatch: gauge(
+                "offload_replica_tables_mismatch",
+                "1 when the live replicas are configured with different tables (each then runs all of its own; leases decide)",
             ),
             last_member_heartbeat: Mutex::new(None),
             last_table_success: Mutex::new(HashMap::new()),

@@ -27,13 +27,19 @@ pub struct Membership {
     timeout: Duration,
     /// Members found lost (heartbeat older than the timeout) at the last refresh.
     lost: Mutex<HashSet<String>>,
+    /// Fingerprint of the configured tables: replicas configured with different tables would
+    /// each hand some table to a replica that does not have it.
+    tables_hash: String,
     joined: std::sync::atomic::AtomicBool,
 }
 
 impl Membership {
-    pub fn new(state: StateStore, id: String, timeout: Duration) -> Self {
+    pub fn new(state: StateStore, id: String, timeout: Duration, tables: &[&str]) -> Self {
         let host = id.split(':').next().unwrap_or("host").to_string();
-        Self { state, id, host, timeout, lost: Mutex::new(HashSet::new()), joined: Default::default() }
+        let mut sorted = tables.to_vec();
+        sorted.sort_unstable();
+        let tables_hash = format!("{:016x}", score("tables", &sorted.join("\n")));
+        Self { state, id, host, timeout, lost: Mutex::new(HashSet::new()), tables_hash, joined: Default::default() }
     }
 
     /// How often a member heartbeats: six heartbeats fit in the timeout, so one slow write
@@ -43,23 +49,32 @@ impl Membership {
     }
 
     pub async fn heartbeat(&self, metrics: &Metrics) -> Result<()> {
-        self.state.heartbeat_member(&self.id, &self.host).await?;
+        self.state.heartbeat_member(&self.id, &self.host, &self.tables_hash).await?;
         let first = !self.joined.swap(true, std::sync::atomic::Ordering::Relaxed);
         events::ReplicaHeartbeat { member: &self.id, first, every: self.heartbeat_every(), timeout: self.timeout }
             .emit(metrics);
         Ok(())
     }
 
-    /// The live members now (this one included), sorted. A member silent for longer than the
-    /// timeout is marked lost, and counted once by the replica that marks it.
-    pub async fn refresh(&self, metrics: &Metrics) -> Result<Vec<String>> {
+    /// The live members now (this one included), sorted, or `None` when they are not
+    /// configured with the same tables (then every replica runs all its tables: the leases
+    /// decide). A member silent for longer than the timeout is marked lost, and counted once by
+    /// the replica that marks it; nobody is marked lost while this replica's own heartbeat is
+    /// stale (then the state store, not the others, was the trouble).
+    pub async fn refresh(&self, metrics: &Metrics) -> Result<Option<Vec<String>>> {
         let timeout_ms = self.timeout.as_millis() as i64;
         let members = self.state.members().await?;
+        let own_fresh = members.iter().any(|m| m.id == self.id && m.heartbeat_age_ms() <= timeout_ms);
         let mut live = vec![];
         let mut lost = HashSet::new();
+        let mut mismatched = false;
         for m in members {
             if m.heartbeat_age_ms() <= timeout_ms {
+                mismatched |= m.tables_hash != self.tables_hash;
                 live.push(m.id);
+                continue;
+            }
+            if !own_fresh {
                 continue;
             }
             if m.lost_at_ms.is_none() && self.state.mark_member_lost(&m.id, timeout_ms).await? {
@@ -76,7 +91,20 @@ impl Membership {
             live.sort();
         }
         *self.lost.lock().expect("not poisoned") = lost;
-        Ok(live)
+        events::ReplicaTablesMismatch { mismatched }.emit(metrics);
+        Ok(if mismatched { None } else { Some(live) })
+    }
+
+    /// Takes over `table`'s lease from `holder` if it is a member silent now.
+    pub async fn take_over(
+        &self,
+        table: &str,
+        holder: &str,
+        me: &str,
+        ttl: Duration,
+    ) -> Result<Option<crate::state::Lease>> {
+        let timeout_ms = self.timeout.as_millis() as i64;
+        self.state.take_over_lease_of_silent_member(table, holder, me, ttl, timeout_ms).await
     }
 
     /// Whether a lease holder is a member found lost at the last refresh: its leases are taken

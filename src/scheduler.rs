@@ -124,7 +124,8 @@ impl Scheduler {
     pub fn with_replicas(mut self) -> Self {
         if let Some(state) = &self.services.state {
             let timeout = self.config.service.member_timeout;
-            self.membership = Some(Arc::new(Membership::new(state.clone(), self.holder.clone(), timeout)));
+            let tables: Vec<&str> = self.config.tables.iter().map(|t| t.name()).collect();
+            self.membership = Some(Arc::new(Membership::new(state.clone(), self.holder.clone(), timeout, &tables)));
         }
         self
     }
@@ -223,17 +224,21 @@ impl Scheduler {
     async fn ownership(&self) -> Option<HashSet<String>> {
         let m = self.membership.as_ref()?;
         let metrics = &self.services.metrics;
-        let live = match m.refresh(metrics).await {
-            Ok(live) => live,
+        let names: Vec<&str> = self.config.tables.iter().map(|t| t.name()).collect();
+        let (members, mine): (usize, HashSet<String>) = match m.refresh(metrics).await {
+            Ok(Some(live)) => {
+                let owners = replicas::assign(&names, &live);
+                (live.len(), owners.iter().filter(|(_, o)| **o == m.id).map(|(t, _)| t.to_string()).collect())
+            }
+            // Configured with different tables: each replica runs all of its own (leases decide).
+            Ok(None) => (0, names.iter().map(|t| t.to_string()).collect()),
             Err(e) => {
-                tracing::warn!("cannot read the replica membership: {e}; this cycle runs every table (leases decide)");
-                return None;
+                // What the replicas last agreed on stands; before any agreement, every table.
+                let previous = self.owned.lock().expect("not poisoned").clone();
+                tracing::warn!("cannot read the replica membership: {e}; this cycle keeps the last ownership");
+                return previous;
             }
         };
-        let names: Vec<&str> = self.config.tables.iter().map(|t| t.name()).collect();
-        let owners = replicas::assign(&names, &live);
-        let mine: HashSet<String> =
-            owners.iter().filter(|(_, owner)| **owner == m.id).map(|(t, _)| t.to_string()).collect();
         let (gained, lost) = {
             let mut previous = self.owned.lock().expect("not poisoned");
             // Before the first cycle every table's series exist (from start): as if all were ours.
@@ -244,7 +249,7 @@ impl Scheduler {
             (gained, lost)
         };
         let tables: Vec<(&str, bool)> = names.iter().map(|t| (*t, mine.contains(*t))).collect();
-        events::ReplicaOwnership { members: live.len(), tables: &tables, gained: &gained, lost: &lost }.emit(metrics);
+        events::ReplicaOwnership { members, tables: &tables, gained: &gained, lost: &lost }.emit(metrics);
         let gained: Vec<&TableConfig> = self.config.tables.iter().filter(|t| gained.contains(&t.name())).collect();
         self.recall(&gained).await;
         Some(mine)
@@ -260,15 +265,19 @@ impl Scheduler {
         let Some(state) = &self.services.state else { return };
         for t in tables {
             let unix = |ms: Option<i64>| ms.map(|ms| ms as f64 / 1000.0);
+            // Only where this process maintains: with maintenance off, no alert on its age.
+            let maintained = match self.maintain {
+                true => state.last_maintenance_success(t.name()).await.ok().flatten(),
+                false => None,
+            };
+            // A table that comes to this replica (or a restart) is not maintained again at once.
+            if let Some(at) = maintained.and_then(chrono::DateTime::from_timestamp_millis) {
+                self.services.maintenance.done(t.name(), at);
+            }
             events::HistoryRecalled {
                 table: t.name(),
                 full_audit_unix: unix(state.last_full_audit(t.name()).await.ok().flatten()),
-                // Only where this process maintains: with maintenance off, no alert on its age.
-                maintenance_unix: if self.maintain {
-                    unix(state.last_maintenance_success(t.name()).await.ok().flatten())
-                } else {
-                    None
-                },
+                maintenance_unix: unix(maintained),
             }
             .emit(metrics);
         }
@@ -287,8 +296,8 @@ impl Scheduler {
     /// One table within a cycle: lease, attempts within the table's time, state mirror.
     async fn run_table(&self, t: &TableConfig, cycle_id: &str) -> TableResult {
         let started = Instant::now();
-        let gone = |holder: &str| self.membership.as_ref().is_some_and(|m| m.is_lost(holder));
-        let lease = match LeaseGuard::take(&self.services, t, &self.holder, self.config.service.lease_ttl, gone).await {
+        let ttl = self.config.service.lease_ttl;
+        let lease = match LeaseGuard::take(&self.services, t, &self.holder, ttl, self.membership.as_deref()).await {
             Ok(lease) => lease,
             Err(reason) => {
                 events::TableSkipped { table: t.name(), reason: &reason }.emit(&self.services.metrics);
@@ -464,13 +473,22 @@ impl Scheduler {
     /// The daemon: one cycle at start, then one at each interval boundary (UTC).
     /// A cycle that overruns skips the boundaries it missed, so cycles never overlap.
     pub async fn run_forever(&self) {
+        // Heartbeats go on until the last cycle has finished (a commit in flight at SIGTERM
+        // completes first), then stop before the member row is deleted: a heartbeat still in
+        // flight on another connection would otherwise bring the row back after the leave.
+        let stop = CancellationToken::new();
+        if self.membership.is_some() {
+            // The heartbeat's age counts from start: one that never lands is seen growing.
+            self.services.metrics.member_heartbeat(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
         let heartbeats = self.membership.clone().map(|m| {
-            let (metrics, tick) = (self.services.metrics.clone(), self.heartbeat.clone());
-            tokio::spawn(async move { heartbeat_while_ticking(&m, &metrics, &tick).await })
+            let (metrics, tick, stop) = (self.services.metrics.clone(), self.heartbeat.clone(), stop.clone());
+            tokio::spawn(async move { heartbeat_while_ticking(&m, &metrics, &tick, &stop).await })
         });
         self.cycles_until_shutdown().await;
+        stop.cancel();
         if let Some(h) = heartbeats {
-            h.abort();
+            let _ = h.await;
         }
         if let Some(m) = &self.membership {
             m.leave().await;
@@ -526,21 +544,34 @@ impl LeaseGuard {
         t: &TableConfig,
         holder: &str,
         ttl: Duration,
-        gone: impl Fn(&str) -> bool,
+        membership: Option<&Membership>,
     ) -> Result<Self, String> {
         let Some(state) = svc.state.clone() else { return Ok(Self { state: None, lease: None, renew: None }) };
         if let Err(e) = state.ensure_table(t.name(), &t.target()).await {
             tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
             return Ok(Self { state: None, lease: None, renew: None });
         }
-        let lease = match acquire_from(&state, t.name(), holder, ttl, |h| holder_is_dead(h) || gone(h)).await {
+        let lease = match acquire_from(&state, t.name(), holder, ttl, holder_is_dead).await {
             Ok((l, from)) => {
                 if let Some(from) = from {
                     events::LeaseTakenOver { table: t.name(), from: &from }.emit(&svc.metrics);
                 }
                 Some(l)
             }
-            Err(e @ OffloadError::LeaseHeld { .. }) => return Err(e.to_string()),
+            // A replica found gone: taken over at once if it is still silent now.
+            Err(e @ OffloadError::LeaseHeld { .. }) => {
+                let OffloadError::LeaseHeld { holder: ref from, .. } = e else { unreachable!() };
+                match membership.filter(|m| m.is_lost(from)) {
+                    Some(m) => match m.take_over(t.name(), from, holder, ttl).await {
+                        Ok(Some(l)) => {
+                            events::LeaseTakenOver { table: t.name(), from }.emit(&svc.metrics);
+                            Some(l)
+                        }
+                        _ => return Err(e.to_string()),
+                    },
+                    None => return Err(e.to_string()),
+                }
+            }
             Err(e) => {
                 tracing::warn!(
                     table = t.name(),
@@ -632,9 +663,14 @@ fn holder_is_dead(holder: &str) -> bool {
 
 /// Writes this replica's heartbeat while its scheduler loop ticks: a replica stuck past its
 /// cycle budget stops ticking, stops heartbeating, and its tables go to the others.
-async fn heartbeat_while_ticking(m: &Membership, metrics: &crate::metrics::Metrics, tick: &AtomicI64) {
+async fn heartbeat_while_ticking(
+    m: &Membership,
+    metrics: &crate::metrics::Metrics,
+    tick: &AtomicI64,
+    stop: &CancellationToken,
+) {
     let every = m.heartbeat_every();
-    loop {
+    while !stop.is_cancelled() {
         let since_tick = chrono::Utc::now().timestamp() - tick.load(Ordering::Relaxed);
         // The loop ticks at least every 5 s while it is healthy.
         if since_tick <= 15
@@ -642,7 +678,10 @@ async fn heartbeat_while_ticking(m: &Membership, metrics: &crate::metrics::Metri
         {
             tracing::warn!("replica heartbeat not written: {e}");
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => {}
+        }
     }
 }
 

@@ -95,8 +95,12 @@ def test_the_pieces_fit_together():
     wanted = re.findall(r'"(/etc/iceberg-offload/secrets/[\w-]+)"', m["configmap.yaml"]["data"]["config.toml"])
     keys = set(m["secret.yaml"]["stringData"])
     assert wanted and {Path(w).name for w in wanted} <= keys and all(w.startswith(secret_dir + "/") for w in wanted)
-    # SIGTERM lets a commit already sent finish (catalog.commit_timeout, 60 s by default).
-    assert pod["terminationGracePeriodSeconds"] > 60
+    # SIGTERM lets a commit already sent resolve: its allowance (src/config.rs
+    # commit_allowance: commit_timeout + timeout + 2 x storage_timeout, defaults 60/30/60 s).
+    catalog = conf["catalog"]
+    secs = lambda key, default: int(str(catalog.get(key, default)).rstrip("s"))  # noqa: E731
+    allowance = secs("commit_timeout", "60s") + secs("timeout", "30s") + 2 * secs("storage_timeout", "60s")
+    assert pod["terminationGracePeriodSeconds"] >= allowance + 20, allowance
     # Replicas share the tables through PostgreSQL; the warehouse is shared storage.
     assert conf["state"]["url"].startswith("postgres://") and conf["catalog"]["warehouse"].startswith("s3://")
     assert m["deployment.yaml"]["spec"]["replicas"] >= 2 and m["poddisruptionbudget.yaml"]["spec"]["maxUnavailable"] == 1

@@ -15,6 +15,8 @@ pub struct Member {
     pub heartbeat_at_ms: i64,
     /// Set once, by the replica that found the member's heartbeat too old.
     pub lost_at_ms: Option<i64>,
+    /// A fingerprint of the tables the member is configured with.
+    pub tables_hash: String,
     /// The state store's clock when the row was read.
     pub now_ms: i64,
 }
@@ -36,14 +38,15 @@ impl StateStore {
 
     /// Records that the member is alive now (joining on its first call). A member that was
     /// found lost and comes back is a member again.
-    pub async fn heartbeat_member(&self, id: &str, host: &str) -> Result<()> {
+    pub async fn heartbeat_member(&self, id: &str, host: &str, tables_hash: &str) -> Result<()> {
         let now = self.now_ms_sql();
         let sql = format!(
-            "INSERT INTO offload_members (member_id, host, started_at_ms, heartbeat_at_ms) VALUES ($1, $2, {now}, {now}) \
-             ON CONFLICT (member_id) DO UPDATE SET heartbeat_at_ms = {now}, lost_at_ms = NULL"
+            "INSERT INTO offload_members (member_id, host, started_at_ms, heartbeat_at_ms, tables_hash) \
+             VALUES ($1, $2, {now}, {now}, $3) \
+             ON CONFLICT (member_id) DO UPDATE SET heartbeat_at_ms = {now}, lost_at_ms = NULL, tables_hash = $3"
         );
         self.limited(async {
-            sqlx::query(&sql).bind(id).bind(host).execute(&self.pool).await?;
+            sqlx::query(&sql).bind(id).bind(host).bind(tables_hash).execute(&self.pool).await?;
             Ok(())
         })
         .await
@@ -60,7 +63,7 @@ impl StateStore {
 
     pub async fn members(&self) -> Result<Vec<Member>> {
         let sql = format!(
-            "SELECT member_id, host, heartbeat_at_ms, lost_at_ms, {} FROM offload_members ORDER BY member_id",
+            "SELECT member_id, host, heartbeat_at_ms, lost_at_ms, tables_hash, {} FROM offload_members ORDER BY member_id",
             self.now_ms_sql()
         );
         self.limited(async {
@@ -72,7 +75,8 @@ impl StateStore {
                         host: r.try_get(1)?,
                         heartbeat_at_ms: r.try_get(2)?,
                         lost_at_ms: r.try_get(3)?,
-                        now_ms: r.try_get(4)?,
+                        tables_hash: r.try_get(4)?,
+                        now_ms: r.try_get(5)?,
                     })
                 })
                 .collect()
@@ -91,6 +95,45 @@ impl StateStore {
         self.limited(async {
             let res = sqlx::query(&sql).bind(id).bind(timeout_ms).execute(&self.pool).await?;
             Ok(res.rows_affected() == 1)
+        })
+        .await
+    }
+
+    /// Takes over a lease held by a member that is silent *now* (its heartbeat older than
+    /// `timeout_ms` at this statement, not at the last look): a member that came back keeps
+    /// its leases.
+    pub async fn take_over_lease_of_silent_member(
+        &self,
+        table: &str,
+        member: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+        timeout_ms: i64,
+    ) -> Result<Option<super::Lease>> {
+        let sql = format!(
+            "UPDATE offload_leases SET holder = $1, expires_at_ms = $2, token = token + 1 \
+             WHERE table_name = $3 AND holder = $4 AND EXISTS (SELECT 1 FROM offload_members \
+             WHERE member_id = $4 AND heartbeat_at_ms < {} - $5)",
+            self.now_ms_sql()
+        );
+        self.limited(async {
+            let res = sqlx::query(&sql)
+                .bind(holder)
+                .bind(super::now_ms() + ttl.as_millis() as i64)
+                .bind(table)
+                .bind(member)
+                .bind(timeout_ms)
+                .execute(&self.pool)
+                .await?;
+            if res.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
+                .bind(table)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+            Ok(Some(super::Lease { table_name: table.into(), holder: holder.into(), token }))
         })
         .await
     }

@@ -95,7 +95,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             host TEXT NOT NULL,
             started_at_ms BIGINT NOT NULL,
             heartbeat_at_ms BIGINT NOT NULL,
-            lost_at_ms BIGINT)"],
+            lost_at_ms BIGINT,
+            tables_hash TEXT NOT NULL DEFAULT '')"],
     ),
     (
         // When each table's last maintenance succeeded, so that a restart does not forget it
