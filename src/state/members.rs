@@ -128,12 +128,7 @@ impl StateStore {
             if res.rows_affected() != 1 {
                 return Ok(None);
             }
-            let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
-                .bind(table)
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?;
-            Ok(Some(super::Lease { table_name: table.into(), holder: holder.into(), token }))
+            Ok(Some(self.lease_taken(table, holder).await?))
         })
         .await
     }

@@ -434,53 +434,39 @@ impl StateStore {
 
     /// When the table's last full audit finished (ms since the epoch).
     pub async fn last_full_audit(&self, table: &str) -> Result<Option<i64>> {
-        self.limited(async {
-            let row = sqlx::query("SELECT last_full_ms FROM offload_audit_runs WHERE table_name = $1")
-                .bind(table)
-                .fetch_optional(&self.pool)
-                .await?;
-            Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
-        })
-        .await
+        self.last_time("offload_audit_runs", "last_full_ms", table).await
+    }
+
+    pub async fn record_full_audit(&self, table: &str, at_ms: i64) -> Result<()> {
+        self.record_time("offload_audit_runs", "last_full_ms", table, at_ms).await
     }
 
     /// When the table's last successful maintenance run ended (ms since the epoch).
     pub async fn last_maintenance_success(&self, table: &str) -> Result<Option<i64>> {
+        self.last_time("offload_maintenance_runs", "last_success_ms", table).await
+    }
+
+    pub async fn record_maintenance_success(&self, table: &str, at_ms: i64) -> Result<()> {
+        self.record_time("offload_maintenance_runs", "last_success_ms", table, at_ms).await
+    }
+
+    /// A per-table time (ms) kept in `relation.column` (a constant of this module, never input).
+    async fn last_time(&self, relation: &str, column: &str, table: &str) -> Result<Option<i64>> {
+        let sql = format!("SELECT {column} FROM {relation} WHERE table_name = $1");
         self.limited(async {
-            let row = sqlx::query("SELECT last_success_ms FROM offload_maintenance_runs WHERE table_name = $1")
-                .bind(table)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row = sqlx::query(&sql).bind(table).fetch_optional(&self.pool).await?;
             Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
         })
         .await
     }
 
-    pub async fn record_maintenance_success(&self, table: &str, at_ms: i64) -> Result<()> {
+    async fn record_time(&self, relation: &str, column: &str, table: &str, at_ms: i64) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {relation} (table_name, {column}) VALUES ($1, $2) \
+             ON CONFLICT (table_name) DO UPDATE SET {column} = excluded.{column}"
+        );
         self.limited(async {
-            sqlx::query(
-                "INSERT INTO offload_maintenance_runs (table_name, last_success_ms) VALUES ($1, $2) \
-                 ON CONFLICT (table_name) DO UPDATE SET last_success_ms = excluded.last_success_ms",
-            )
-            .bind(table)
-            .bind(at_ms)
-            .execute(&self.pool)
-            .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn record_full_audit(&self, table: &str, at_ms: i64) -> Result<()> {
-        self.limited(async {
-            sqlx::query(
-                "INSERT INTO offload_audit_runs (table_name, last_full_ms) VALUES ($1, $2) \
-                 ON CONFLICT (table_name) DO UPDATE SET last_full_ms = excluded.last_full_ms",
-            )
-            .bind(table)
-            .bind(at_ms)
-            .execute(&self.pool)
-            .await?;
+            sqlx::query(&sql).bind(table).bind(at_ms).execute(&self.pool).await?;
             Ok(())
         })
         .await
@@ -555,14 +541,19 @@ impl StateStore {
             if res.rows_affected() != 1 {
                 return Ok(None);
             }
-            let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
-                .bind(table)
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?;
-            Ok(Some(Lease { table_name: table.into(), holder: holder.into(), token }))
+            Ok(Some(self.lease_taken(table, holder).await?))
         })
         .await
+    }
+
+    /// The lease `holder` has just taken over (its new token).
+    async fn lease_taken(&self, table: &str, holder: &str) -> Result<Lease> {
+        let token: i64 = sqlx::query("SELECT token FROM offload_leases WHERE table_name = $1")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(Lease { table_name: table.into(), holder: holder.into(), token })
     }
 
     /// Extends a held lease; false if it was lost (expired and taken by another holder).
