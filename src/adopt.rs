@@ -482,8 +482,8 @@ async fn commit_start(
 ) -> anyhow::Result<u8> {
     use crate::commit::{self, Attempt, AttemptKind, CommitContext, Journal, TableView, Window};
     let state = crate::state::StateStore::open(&cfg.state).await?;
-    let holder = crate::scheduler::process_holder("adopt");
-    let lease = crate::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await?;
+    let holder = crate::state::process_holder("adopt");
+    let lease = crate::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await?;
     let result = async {
         let view = TableView::of(table)?;
         let mut journal = Journal::load(&view.table, cfg.catalog.limits.storage).await?;

@@ -25,61 +25,7 @@ use crate::sink::days::{Day, DayCounters};
 use crate::source::ClickHouse;
 use crate::source::query::SourceTable;
 
-/// One day's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuditStatus {
-    Ok,
-    Missing,
-    Extra,
-}
-
-impl AuditStatus {
-    pub const ALL: [AuditStatus; 3] = [AuditStatus::Ok, AuditStatus::Missing, AuditStatus::Extra];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditStatus::Ok => "ok",
-            AuditStatus::Missing => "missing",
-            AuditStatus::Extra => "extra",
-        }
-    }
-}
-
-/// Source against Iceberg for one day of the cursor.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DayAudit {
-    pub day: NaiveDate,
-    pub source_rows: u64,
-    pub iceberg_rows: u64,
-}
-
-impl DayAudit {
-    pub fn status(&self) -> AuditStatus {
-        match self.source_rows.cmp(&self.iceberg_rows) {
-            std::cmp::Ordering::Equal => AuditStatus::Ok,
-            std::cmp::Ordering::Greater => AuditStatus::Missing,
-            std::cmp::Ordering::Less => AuditStatus::Extra,
-        }
-    }
-}
-
-/// Which days an audit covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The last `audit_recent_days` days up to `W`.
-    Recent,
-    /// Every day the source still holds.
-    Full,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Recent => "recent",
-            Scope::Full => "full",
-        }
-    }
-}
+pub use crate::report::{AuditStatus, AuditTotals, DayAudit, Scope};
 
 /// What the audits of one process know, per table: when the last full audit ran, and the
 /// latest verdict of every retained day (the metrics are their sums).
@@ -93,14 +39,6 @@ pub struct Audits {
 struct TableAudits {
     last_full: Option<Instant>,
     days: BTreeMap<NaiveDate, DayAudit>,
-}
-
-/// The days held after an audit, summed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditTotals {
-    pub days: [u64; 3],
-    pub missing_rows: u64,
-    pub extra_rows: u64,
 }
 
 impl Audits {

@@ -394,10 +394,31 @@ pub struct MaintenanceConfig {
     pub timeout: Duration,
     /// Defaults of `history.expire.max-snapshot-age-ms` / `min-snapshots-to-keep`; a table's
     /// own properties win.
-    pub retention: crate::maintenance::expire::Retention,
+    pub retention: Retention,
     /// Compaction of closed partitions and manifest merging (`[maintenance] compact`).
     pub compact: bool,
-    pub compaction: crate::maintenance::compact::CompactionPolicy,
+    pub compaction: CompactionPolicy,
+}
+
+/// How long snapshots are kept; the table's own properties win over these defaults
+/// (`Retention::of`, in `maintenance::expire`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub min_keep: usize,
+}
+
+/// `[maintenance]` compaction settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactionPolicy {
+    /// `write.target-file-size-bytes` when the table does not set it.
+    pub target_size: u64,
+    /// A partition is closed once its newest row is this much older than `W`.
+    pub after: Duration,
+    /// At most this many bytes rewritten per run (the rest next run, oldest first).
+    pub max_bytes: u64,
+    /// Above this many manifests, every manifest of the default spec is merged.
+    pub manifests_max: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -642,6 +663,16 @@ fn resolve_file_url(base: &Path, url: &str) -> String {
     if url.contains("://") { url.to_string() } else { format!("file://{}", resolve_path(base, url).display()) }
 }
 
+/// A `config: …` error with the message given.
+fn inv(m: String) -> ConfigError {
+    ConfigError::Invalid(m)
+}
+
+/// Parses the duration `v` of `field`, naming the field if it is invalid.
+fn dur(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    parse_duration(v).map_err(|e| inv(format!("{field}: {e}")))
+}
+
 impl Config {
     /// Loads a config file; relative paths inside it are relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -663,10 +694,18 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        let inv = |m: String| ConfigError::Invalid(m);
-        let dur = |field: &str, v: &str| parse_duration(v).map_err(|e| inv(format!("{field}: {e}")));
+        // One section after the other, in this order: the first invalid field is the one reported.
+        let service = Self::parse_service(raw.service)?;
+        let clickhouse = Self::parse_clickhouse(raw.clickhouse, base)?;
+        let catalog = Self::parse_catalog(raw.catalog, base)?;
+        let state = Self::parse_state(raw.state, base)?;
+        let tables = Self::parse_tables(raw.tables)?;
+        let maintenance = Self::parse_maintenance(raw.maintenance)?;
+        Ok(Config { service, clickhouse, catalog, state, maintenance, tables })
+    }
 
-        let s = raw.service;
+    /// `[service]`: durations, and the bounds that keep leases and heartbeats consistent.
+    fn parse_service(s: RawService) -> Result<ServiceConfig, ConfigError> {
         if s.parallelism == 0 {
             return Err(inv("service.parallelism must be at least 1".into()));
         }
@@ -696,14 +735,17 @@ impl Config {
         if service.interval < Duration::from_secs(1) {
             return Err(inv("service.interval must be at least 1s".into()));
         }
+        Ok(service)
+    }
 
-        let ch = raw.clickhouse;
+    /// `[clickhouse]`: the URL must parse; relative paths are relative to `base`.
+    fn parse_clickhouse(ch: RawClickHouse, base: &Path) -> Result<ClickHouseConfig, ConfigError> {
         url::Url::parse(&ch.url).map_err(|e| inv(format!("clickhouse.url {:?}: {e}", ch.url)))?;
         let compression = ch.compression.unwrap_or_else(|| "lz4".into());
         if !["lz4", "zstd", "none"].contains(&compression.as_str()) {
             return Err(inv(format!("clickhouse.compression {compression:?}: use lz4, zstd or none")));
         }
-        let clickhouse = ClickHouseConfig {
+        Ok(ClickHouseConfig {
             password: Secret::from_parts(ch.password_env, ch.password_file, base, "clickhouse")?,
             url: ch.url,
             user: ch.user,
@@ -711,9 +753,11 @@ impl Config {
             compression,
             query_timeout: dur("clickhouse.query_timeout", ch.query_timeout.as_deref().unwrap_or("10m"))?,
             max_clock_skew: dur("clickhouse.max_clock_skew", ch.max_clock_skew.as_deref().unwrap_or("15m"))?,
-        };
+        })
+    }
 
-        let c = raw.catalog;
+    /// `[catalog]`: its kind (the SQL one needs a warehouse); relative URLs and paths resolve against `base`.
+    fn parse_catalog(c: RawCatalog, base: &Path) -> Result<CatalogConfig, ConfigError> {
         let kind = match c.kind.as_str() {
             "sql" => CatalogKind::Sql,
             "rest" => CatalogKind::Rest,
@@ -722,7 +766,7 @@ impl Config {
         if kind == CatalogKind::Sql && c.warehouse.is_none() {
             return Err(inv("catalog.warehouse is required for the sql catalog".into()));
         }
-        let catalog = CatalogConfig {
+        Ok(CatalogConfig {
             uri: if kind == CatalogKind::Sql { resolve_sqlite_url(base, &c.uri) } else { c.uri },
             warehouse: c.warehouse.map(|w| resolve_file_url(base, &w)),
             password: Secret::from_parts(c.password_env, c.password_file, base, "catalog")?,
@@ -738,18 +782,24 @@ impl Config {
                 commit: dur("catalog.commit_timeout", &c.commit_timeout)?,
                 storage: dur("catalog.storage_timeout", &c.storage_timeout)?,
             },
-        };
+        })
+    }
 
-        let state = StateConfig {
-            url: resolve_sqlite_url(base, raw.state.url.as_deref().unwrap_or("sqlite:offload-data/state.db")),
-            password: Secret::from_parts(raw.state.password_env, raw.state.password_file, base, "state")?,
-            timeout: dur("state.timeout", raw.state.timeout.as_deref().unwrap_or("10s"))?,
-        };
+    /// `[state]`: the state store, by default an SQLite file under `offload-data/`.
+    fn parse_state(s: RawState, base: &Path) -> Result<StateConfig, ConfigError> {
+        Ok(StateConfig {
+            url: resolve_sqlite_url(base, s.url.as_deref().unwrap_or("sqlite:offload-data/state.db")),
+            password: Secret::from_parts(s.password_env, s.password_file, base, "state")?,
+            timeout: dur("state.timeout", s.timeout.as_deref().unwrap_or("10s"))?,
+        })
+    }
 
+    /// `[[tables]]`: each table checked alone, then no two sharing a target or a source table name.
+    fn parse_tables(raw: Vec<RawTable>) -> Result<Vec<TableConfig>, ConfigError> {
         let mut tables = Vec::new();
         let mut targets = HashSet::new();
         let mut names = HashSet::new();
-        for (i, t) in raw.tables.into_iter().enumerate() {
+        for (i, t) in raw.into_iter().enumerate() {
             let table = Self::table(i, t)?;
             if !targets.insert(table.target()) {
                 return Err(inv(format!(
@@ -770,26 +820,29 @@ impl Config {
         if tables.is_empty() {
             return Err(inv("no [[tables]] configured".into()));
         }
-        let m = raw.maintenance;
-        let maintenance = MaintenanceConfig {
+        Ok(tables)
+    }
+
+    /// `[maintenance]`: the daily time, retention and compaction policy.
+    fn parse_maintenance(m: RawMaintenance) -> Result<MaintenanceConfig, ConfigError> {
+        Ok(MaintenanceConfig {
             enabled: m.enabled,
             at: chrono::NaiveTime::parse_from_str(&m.at, "%H:%M")
                 .map_err(|_| inv(format!("maintenance.at {:?}: expected a UTC time such as \"03:00\"", m.at)))?,
             expire_every_commits: m.expire_every_commits,
             timeout: dur("maintenance.timeout", &m.timeout)?,
-            retention: crate::maintenance::expire::Retention {
+            retention: Retention {
                 max_age: dur("maintenance.max_snapshot_age", &m.max_snapshot_age)?,
                 min_keep: m.min_snapshots_to_keep.max(1),
             },
             compact: m.compact,
-            compaction: crate::maintenance::compact::CompactionPolicy {
+            compaction: CompactionPolicy {
                 target_size: m.target_file_size_mb.max(1) * 1024 * 1024,
                 after: dur("maintenance.compact_after", &m.compact_after)?,
                 max_bytes: m.compact_max_mb_per_run.max(1) * 1024 * 1024,
                 manifests_max: m.manifests_max.max(2),
             },
-        };
-        Ok(Config { service, clickhouse, catalog, state, maintenance, tables })
+        })
     }
 
     fn table(i: usize, t: RawTable) -> Result<TableConfig, ConfigError> {

@@ -236,7 +236,7 @@ pub fn cause_of<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Erro
 
 /// A catalog call that ran past its limit (`sink::catalog::TimeLimited`).
 pub fn catalog_timed_out(e: &iceberg::Error) -> bool {
-    cause_of::<crate::sink::catalog::CallTimedOut>(e).is_some()
+    cause_of::<CallTimedOut>(e).is_some()
 }
 
 /// Whether the error comes from a connection that could not be made or broke: the HTTP
@@ -265,3 +265,13 @@ impl From<sqlx::Error> for OffloadError {
 }
 
 pub type Result<T, E = OffloadError> = std::result::Result<T, E>;
+
+/// A catalog call that ran past its time limit (I10). It is the source of the
+/// `iceberg::Error` the call returns, so the commit protocol can tell a timeout (outcome
+/// unknown, I5) from a refusal by its type.
+#[derive(Debug, thiserror::Error)]
+#[error("the catalog did not answer {call} within {after:?}")]
+pub struct CallTimedOut {
+    pub call: &'static str,
+    pub after: std::time::Duration,
+}

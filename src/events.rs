@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use crate::commit::{Position, Resolution};
 use crate::error::{ErrorClass, OffloadError};
 use crate::metrics::Metrics;
-use crate::scheduler::CycleStatus;
+use crate::report::{CycleStatus, Resolution};
+use crate::window::Position;
 
 fn unix_now() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
@@ -438,7 +438,7 @@ impl WindowGrew<'_> {
 /// A maintenance run of a table ended (expiry and the files it freed).
 pub struct Maintained<'a> {
     pub table: &'a str,
-    pub result: &'a crate::error::Result<crate::maintenance::MaintenanceReport>,
+    pub result: &'a crate::error::Result<crate::report::MaintenanceReport>,
     pub duration: Duration,
 }
 
@@ -505,7 +505,7 @@ impl Maintained<'_> {
     }
 
     /// The table's compaction: files and bytes rewritten, what is left small, manifests.
-    fn emit_compaction(&self, m: &Metrics, c: &crate::maintenance::compact::CompactReport) {
+    fn emit_compaction(&self, m: &Metrics, c: &crate::report::CompactReport) {
         m.compaction_files_rewritten_total.with_label_values(&[self.table]).inc_by(c.files_rewritten as u64);
         m.compaction_bytes_rewritten_total.with_label_values(&[self.table]).inc_by(c.bytes_rewritten);
         let left = if c.files_written > 0 { c.small_files.saturating_sub(c.files_rewritten) } else { c.small_files };
@@ -534,14 +534,14 @@ impl Maintained<'_> {
 /// with missing or extra rows is a warning naming it.
 pub struct Audited<'a> {
     pub table: &'a str,
-    pub scope: crate::audit::Scope,
-    pub results: &'a [crate::audit::DayAudit],
-    pub totals: &'a crate::audit::AuditTotals,
+    pub scope: crate::report::Scope,
+    pub results: &'a [crate::report::DayAudit],
+    pub totals: &'a crate::report::AuditTotals,
 }
 
 impl Audited<'_> {
     pub fn emit(&self, m: &Metrics) {
-        use crate::audit::AuditStatus;
+        use crate::report::AuditStatus;
         for r in self.results.iter().filter(|r| r.status() != AuditStatus::Ok) {
             let (what, advice) = match r.status() {
                 AuditStatus::Missing => (
@@ -623,7 +623,7 @@ pub struct HistoryRecalled<'a> {
 impl HistoryRecalled<'_> {
     pub fn emit(&self, m: &Metrics) {
         if let Some(t) = self.full_audit_unix {
-            m.audit_last_timestamp_seconds.with_label_values(&[self.table, crate::audit::Scope::Full.as_str()]).set(t);
+            m.audit_last_timestamp_seconds.with_label_values(&[self.table, crate::report::Scope::Full.as_str()]).set(t);
         }
         if let Some(t) = self.maintenance_unix {
             m.maintenance_last_success_timestamp_seconds.with_label_values(&[self.table]).set(t);

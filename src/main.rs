@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use iceberg_offload::commit::{Journal, TableView};
+use iceberg_offload::commit::{self, Attempt, CommitContext, Journal, Position, TableView, Window};
 use iceberg_offload::config::{Config, TableConfig};
 use iceberg_offload::metrics::Metrics;
 use iceberg_offload::offload::{AuditSettings, Services};
@@ -257,67 +257,13 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let cfg = load_config(cli.config.as_deref())?;
     match cli.command {
-        Command::Once => {
-            let metrics = Arc::new(Metrics::new());
-            let svc = services(&cfg, metrics.clone()).await?;
-            check_clickhouse(&svc).await?;
-            for t in &cfg.tables {
-                metrics.init_table(t.name(), &t.layer);
-            }
-            let scheduler = Arc::new(Scheduler::new(cfg, svc));
-            spawn_signal_handler(scheduler.clone());
-            let report = scheduler.run_cycle().await;
-            print_report(&report);
-            let all_skipped = report.tables.iter().all(|(_, r)| matches!(r, TableResult::Skipped(_)));
-            Ok(match report.status {
-                CycleStatus::Interrupted => exit::INTERRUPTED,
-                _ if all_skipped => exit::LEASE_HELD,
-                CycleStatus::Success => exit::OK,
-                CycleStatus::Partial => exit::PARTIAL,
-                CycleStatus::Failed => exit::FAILED,
-            })
-        }
-        Command::Run => {
-            let metrics = Arc::new(Metrics::new());
-            let svc = services(&cfg, metrics.clone()).await?;
-            let ready = Arc::new(AtomicBool::new(check_clickhouse(&svc).await?));
-            let schedule = cfg.service.interval.as_secs_f64() / 60.0;
-            let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
-            let listen = cfg.service.metrics_listen.clone();
-            let stale_after =
-                (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
-            let scheduler =
-                Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()).with_maintenance().with_replicas());
-            // Lag is known from the last successful run before this start, not only after the
-            // first cycle: a service that keeps crashing shows a growing lag.
-            scheduler.recall(&scheduler.config.tables.iter().collect::<Vec<_>>()).await;
-            metrics.init_service(scheduler.config.tables.len(), schedule, &tables, scheduler.heartbeat.clone());
-            let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
-            let server = tokio::spawn(async move { server::serve(&listen, state).await });
-            spawn_signal_handler(scheduler.clone());
-            iceberg_offload::systemd::ready();
-            tokio::select! {
-                _ = scheduler.run_forever() => {}
-                r = server => { r??; }
-            }
-            iceberg_offload::systemd::stopping();
-            tracing::info!("scheduler stopped");
-            Ok(exit::OK)
-        }
+        Command::Once => once(cfg).await,
+        Command::Run => run(cfg).await,
         Command::Validate => validate(&cfg).await,
         Command::Cleanup { older_than, dry_run, allow_below_floor } => {
             cleanup(&cfg, &older_than, dry_run, allow_below_floor).await
         }
-        Command::Status { url, prometheus, json } => {
-            let url = url.unwrap_or_else(|| iceberg_offload::status::local_url(&cfg.service.metrics_listen));
-            let report = iceberg_offload::status::run(&cfg, &url, prometheus.as_deref()).await;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                iceberg_offload::status::print(&report);
-            }
-            Ok(if report.healthy { exit::OK } else { exit::ERROR })
-        }
+        Command::Status { url, prometheus, json } => status(&cfg, url, prometheus, json).await,
         Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
         Command::Maintain { table, dry_run, only } => {
             maintain(&cfg, table.as_deref(), only.unwrap_or_default(), dry_run).await
@@ -340,6 +286,67 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             watermark_set(&cfg, &table, &to, apply).await
         }
     }
+}
+
+/// `once`: one cycle now; the exit code says how it went.
+async fn once(cfg: Config) -> anyhow::Result<u8> {
+    let metrics = Arc::new(Metrics::new());
+    let svc = services(&cfg, metrics.clone()).await?;
+    check_clickhouse(&svc).await?;
+    for t in &cfg.tables {
+        metrics.init_table(t.name(), &t.layer);
+    }
+    let scheduler = Arc::new(Scheduler::new(cfg, svc));
+    spawn_signal_handler(scheduler.clone());
+    let report = scheduler.run_cycle().await;
+    print_report(&report);
+    let all_skipped = report.tables.iter().all(|(_, r)| matches!(r, TableResult::Skipped(_)));
+    Ok(match report.status {
+        CycleStatus::Interrupted => exit::INTERRUPTED,
+        _ if all_skipped => exit::LEASE_HELD,
+        CycleStatus::Success => exit::OK,
+        CycleStatus::Partial => exit::PARTIAL,
+        CycleStatus::Failed => exit::FAILED,
+    })
+}
+
+/// `run`: the scheduler daemon, with its metrics and health endpoint, until a signal stops it.
+async fn run(cfg: Config) -> anyhow::Result<u8> {
+    let metrics = Arc::new(Metrics::new());
+    let svc = services(&cfg, metrics.clone()).await?;
+    let ready = Arc::new(AtomicBool::new(check_clickhouse(&svc).await?));
+    let schedule = cfg.service.interval.as_secs_f64() / 60.0;
+    let tables = cfg.tables.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
+    let listen = cfg.service.metrics_listen.clone();
+    let stale_after = (cfg.service.interval.as_secs() as i64 / 2).max(60) + cfg.service.table_timeout.as_secs() as i64;
+    let scheduler = Arc::new(Scheduler::new(cfg, svc).with_ready(ready.clone()).with_maintenance().with_replicas());
+    // Lag is known from the last successful run before this start, not only after the
+    // first cycle: a service that keeps crashing shows a growing lag.
+    scheduler.recall(&scheduler.config.tables.iter().collect::<Vec<_>>()).await;
+    metrics.init_service(scheduler.config.tables.len(), schedule, &tables, scheduler.heartbeat.clone());
+    let state = ServerState { metrics, heartbeat: scheduler.heartbeat.clone(), ready, stale_after };
+    let server = tokio::spawn(async move { server::serve(&listen, state).await });
+    spawn_signal_handler(scheduler.clone());
+    iceberg_offload::systemd::ready();
+    tokio::select! {
+        _ = scheduler.run_forever() => {}
+        r = server => { r??; }
+    }
+    iceberg_offload::systemd::stopping();
+    tracing::info!("scheduler stopped");
+    Ok(exit::OK)
+}
+
+/// `status`: the health check, printed or as JSON; the exit code says whether it is healthy.
+async fn status(cfg: &Config, url: Option<String>, prometheus: Option<String>, json: bool) -> anyhow::Result<u8> {
+    let url = url.unwrap_or_else(|| iceberg_offload::status::local_url(&cfg.service.metrics_listen));
+    let report = iceberg_offload::status::run(cfg, &url, prometheus.as_deref()).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        iceberg_offload::status::print(&report);
+    }
+    Ok(if report.healthy { exit::OK } else { exit::ERROR })
 }
 
 /// Refuses a ClickHouse too old to serve us; any other problem is left to the cycle,
@@ -459,7 +466,6 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
 /// `watermark set`: I11's way out, on purpose and logged. The move is one commit through the
 /// commit protocol (fenced, journaled), with no files and the marker `offload.watermark-moved`.
 async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyhow::Result<u8> {
-    use iceberg_offload::commit::{self, Attempt, CommitContext, Position, Window};
     let t = cfg.tables.iter().find(|t| t.name() == name).ok_or_else(|| {
         let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
         anyhow::anyhow!("no table named {name:?} in the configuration; tables: {}", names.join(", "))
@@ -470,6 +476,31 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     let source = SourceTable::describe(&ch, t).await?;
     let view = TableView::of(catalog.load_table(&target::ident(t)).await.context("loading the target table")?)?;
     let measure = source.measure();
+    let target_w = parse_target(&view, &measure, name, to)?;
+    check_target(&ch, &source, name, &target_w).await?;
+    print_move(name, t, &view, &target_w, &measure);
+    if let Some(w) = &view.watermark {
+        print_move_effect(&ch, &source, w, &target_w).await?;
+    }
+    if !apply {
+        println!("dry run: nothing changed; add --apply to commit it");
+        return Ok(exit::OK);
+    }
+    let committed = commit_move(cfg, t, &catalog, &view, &target_w, measure).await?;
+    tracing::warn!(
+        table = name,
+        before = show_position(view.watermark.as_ref()),
+        after = target_w.display(),
+        snapshot_id = committed.snapshot_id,
+        "watermark of {name} moved by an operator (watermark set)"
+    );
+    println!("applied: snapshot {}", committed.snapshot_id);
+    Ok(exit::OK)
+}
+
+/// The position `--to` names (`current`: the table's watermark); a tiebreak only if the
+/// table is configured with one.
+fn parse_target(view: &TableView, measure: &commit::Measure, name: &str, to: &str) -> anyhow::Result<Position> {
     let target_w = if to == "current" {
         view.watermark.clone().ok_or_else(|| anyhow::anyhow!("{name} has no watermark yet; give --to <position>"))?
     } else {
@@ -478,11 +509,15 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     if target_w.tiebreak.is_some() && measure.tiebreak.is_none() {
         anyhow::bail!("--to {to:?} has a tiebreak, but {name} is configured without one; give a bare time");
     }
-    // Never past what is settled (rows could still arrive below it), and a position ClickHouse
-    // can read (a tiebreak must parse as the column's type).
+    Ok(target_w)
+}
+
+/// Never past what is settled (rows could still arrive below it), and a position ClickHouse
+/// can read (a tiebreak must parse as the column's type).
+async fn check_target(ch: &ClickHouse, source: &SourceTable, name: &str, target_w: &Position) -> anyhow::Result<()> {
     let settle_ns = source.settle_ns();
     let limit = match source.unit() {
-        commit::CursorUnit::Day { .. } => source.last_settled_day(&ch, settle_ns).await?,
+        commit::CursorUnit::Day { .. } => source.last_settled_day(ch, settle_ns).await?,
         unit => unit.settled_limit(iceberg_offload::util::now_epoch_ns() + ch.clock_offset_ns().await?.1, settle_ns),
     };
     if target_w.cursor_ns > limit {
@@ -492,16 +527,25 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
             Position::at(limit).display()
         );
     }
-    source.count(&ch, None, &target_w).await.with_context(|| {
+    source.count(ch, None, target_w).await.with_context(|| {
         format!(
             "ClickHouse cannot read the position {} for {name} (a tiebreak that is not a value of its type?); \
              give a bare time with --to",
             target_w.display()
         )
     })?;
-    let show = |p: Option<&Position>| p.map(|p| p.display()).unwrap_or_else(|| "none".into());
+    Ok(())
+}
+
+/// A watermark as `watermark set` prints it ("none" for no watermark).
+fn show_position(p: Option<&Position>) -> String {
+    p.map(|p| p.display()).unwrap_or_else(|| "none".into())
+}
+
+/// The watermark and what it is measured on, now and after the move.
+fn print_move(name: &str, t: &TableConfig, view: &TableView, target_w: &Position, measure: &commit::Measure) {
     println!("table {name} ({} → {})", t.source(), t.target());
-    println!("  watermark now:    {}", show(view.watermark.as_ref()));
+    println!("  watermark now:    {}", show_position(view.watermark.as_ref()));
     let measured = match &view.measured_on {
         commit::MeasuredOn::Nothing => "nothing (no watermark yet)".to_string(),
         commit::MeasuredOn::Recorded(m) => m.to_json(),
@@ -515,25 +559,40 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
     println!("  measured on now:  {measured}");
     println!("  watermark after:  {}", target_w.display());
     println!("  measured on after: {}", measure.to_json());
-    if let Some(w) = &view.watermark {
-        // Which way it moves, by what the source holds between the two positions.
-        let forward = source.count(&ch, Some(w), &target_w).await?;
-        let backward = source.count(&ch, Some(&target_w), w).await?;
-        if forward > 0 {
-            println!("  effect: {forward} source rows between the two will never be offloaded");
-        } else if backward > 0 {
-            println!(
-                "  effect: {backward} source rows between the two will be offloaded again; those already in Iceberg \
-                 would be duplicated (delete them there first)"
-            );
-        } else {
-            println!("  effect: no source row lies between the two positions");
-        }
+}
+
+/// Which way the watermark moves from `w`, by what the source holds between the two positions.
+async fn print_move_effect(
+    ch: &ClickHouse,
+    source: &SourceTable,
+    w: &Position,
+    target_w: &Position,
+) -> anyhow::Result<()> {
+    let forward = source.count(ch, Some(w), target_w).await?;
+    let backward = source.count(ch, Some(target_w), w).await?;
+    if forward > 0 {
+        println!("  effect: {forward} source rows between the two will never be offloaded");
+    } else if backward > 0 {
+        println!(
+            "  effect: {backward} source rows between the two will be offloaded again; those already in Iceberg \
+             would be duplicated (delete them there first)"
+        );
+    } else {
+        println!("  effect: no source row lies between the two positions");
     }
-    if !apply {
-        println!("dry run: nothing changed; add --apply to commit it");
-        return Ok(exit::OK);
-    }
+    Ok(())
+}
+
+/// Commits the move to `target_w` under the table's lease: a window with no files, as an
+/// operator move.
+async fn commit_move(
+    cfg: &Config,
+    t: &TableConfig,
+    catalog: &Arc<dyn iceberg::Catalog>,
+    view: &TableView,
+    target_w: &Position,
+    measure: commit::Measure,
+) -> anyhow::Result<commit::Committed> {
     let state = StateStore::open(&cfg.state).await?;
     let lease =
         state.acquire_lease(t.name(), &format!("watermark-set:{}", std::process::id()), cfg.service.lease_ttl).await?;
@@ -542,20 +601,11 @@ async fn watermark_set(cfg: &Config, name: &str, to: &str, apply: bool) -> anyho
         let window = Window { lo: view.watermark.clone(), hi: target_w.clone(), planned_rows: 0, bounded: false };
         let attempt = Attempt { kind: commit::AttemptKind::OperatorMove, ..Attempt::new(measure) };
         let cx = CommitContext { catalog: catalog.clone(), limits: cfg.catalog.limits };
-        commit::commit_window(&cx, &view, &mut journal, vec![], &window, 0, &attempt).await
+        commit::commit_window(&cx, view, &mut journal, vec![], &window, 0, &attempt).await
     }
     .await;
     state.release_lease(&lease).await.ok();
-    let committed = result?;
-    tracing::warn!(
-        table = name,
-        before = show(view.watermark.as_ref()),
-        after = target_w.display(),
-        snapshot_id = committed.snapshot_id,
-        "watermark of {name} moved by an operator (watermark set)"
-    );
-    println!("applied: snapshot {}", committed.snapshot_id);
-    Ok(exit::OK)
+    Ok(result?)
 }
 
 async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool, allow_below_floor: bool) -> anyhow::Result<u8> {
@@ -572,11 +622,11 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool, allow_below_floo
     let catalog = catalog::build(&cfg.catalog).await?;
     let storage = catalog::storage_properties(&cfg.catalog)?;
     let state = StateStore::open(&cfg.state).await?;
-    let holder = iceberg_offload::scheduler::process_holder("cleanup");
+    let holder = iceberg_offload::state::process_holder("cleanup");
     let mut code = exit::OK;
     for t in &cfg.tables {
         // The same lease as the offload: no attempt of ours is writing this table meanwhile.
-        let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
+        let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
             Ok(l) => l,
             Err(e) => {
                 println!("{}: skipped: {e}", t.target());
@@ -636,10 +686,10 @@ async fn maintain(
     let tables = tables_named(cfg, only)?;
     let svc = services(cfg, Arc::new(Metrics::new())).await?;
     let state = StateStore::open(&cfg.state).await?;
-    let holder = iceberg_offload::scheduler::process_holder("maintain");
+    let holder = iceberg_offload::state::process_holder("maintain");
     let mut code = exit::OK;
     for t in tables {
-        let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
+        let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
             Ok(l) => l,
             Err(e) => {
                 println!("{}: skipped: {e}", t.name());
@@ -675,8 +725,8 @@ async fn repair(cfg: &Config, name: &str, dry_run: bool) -> anyhow::Result<u8> {
     let svc = services(cfg, Arc::new(Metrics::new())).await?;
     svc.ch.check_version().await?;
     let state = StateStore::open(&cfg.state).await?;
-    let holder = iceberg_offload::scheduler::process_holder("repair");
-    let lease = match iceberg_offload::scheduler::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
+    let holder = iceberg_offload::state::process_holder("repair");
+    let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
         Ok(lease) => lease,
         // Another writer (the daemon in a cycle) has the table: try again after it, as `maintain` says.
         Err(e @ iceberg_offload::error::OffloadError::LeaseHeld { .. }) => {
@@ -853,67 +903,85 @@ async fn watermark_show(cfg: &Config, json: bool) -> anyhow::Result<u8> {
     };
     let mut out = vec![];
     for t in &cfg.tables {
-        let view = match catalog.load_table(&target::ident(t)).await {
-            Ok(table) => Some(TableView::of(table).context("reading the Iceberg watermark")?),
-            Err(_) => None,
-        };
-        let wm = view.as_ref().and_then(|v| v.watermark.clone());
-        let pending = match &view {
-            Some(v) => Journal::load(&v.table, cfg.catalog.limits.storage)
-                .await
-                .map(|j| j.entries().len().to_string())
-                .unwrap_or_else(|e| format!("unknown ({e})")),
-            None => "0".to_string(),
-        };
-        let behind = match SourceTable::describe(&ch, t).await {
-            Ok(s) => {
-                s.rows_after(&ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
-            }
-            Err(e) => format!("unknown ({e})"),
-        };
         let m = mirror.iter().find(|r| r.table_name == t.name());
-        out.push(serde_json::json!({
-            "table": t.name(),
-            "target": t.target(),
-            "iceberg_watermark": wm.as_ref().map(|w| w.display()),
-            "iceberg_snapshot_id": view.as_ref().and_then(|v| v.snapshot_id()),
-            "mirror_watermark": m.map(|r| r.last_offload_timestamp.clone()),
-            "mirror_status": m.map(|r| r.status.clone()),
-            "last_successful_run": m.and_then(|r| r.last_successful_run.clone()),
-            "failure_count": m.map(|r| r.failure_count),
-            "last_error": m.and_then(|r| r.last_error_message.clone()),
-            "rows_behind": behind,
-            "pending_commits": pending,
-            "owner": owners.get(t.name()),
-        }));
+        out.push(watermark_record(cfg, &ch, &catalog, t, m, owners.get(t.name())).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for r in &out {
-            println!("{}", r["table"].as_str().unwrap_or_default());
-            for key in [
-                "target",
-                "iceberg_watermark",
-                "iceberg_snapshot_id",
-                "mirror_watermark",
-                "mirror_status",
-                "last_successful_run",
-                "failure_count",
-                "last_error",
-                "rows_behind",
-                "pending_commits",
-                "owner",
-            ] {
-                let v = &r[key];
-                let text = match v {
-                    serde_json::Value::Null => "-".to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                println!("  {key:<22} {text}");
-            }
-        }
+        print_watermark_records(&out);
     }
     Ok(exit::OK)
+}
+
+/// One table's line of `watermark show`: Iceberg's watermark (the truth), the state store's
+/// mirror of it (`m`), the rows behind and the commits pending.
+async fn watermark_record(
+    cfg: &Config,
+    ch: &ClickHouse,
+    catalog: &Arc<dyn iceberg::Catalog>,
+    t: &TableConfig,
+    m: Option<&iceberg_offload::state::WatermarkRow>,
+    owner: Option<&String>,
+) -> anyhow::Result<serde_json::Value> {
+    let view = match catalog.load_table(&target::ident(t)).await {
+        Ok(table) => Some(TableView::of(table).context("reading the Iceberg watermark")?),
+        Err(_) => None,
+    };
+    let wm = view.as_ref().and_then(|v| v.watermark.clone());
+    let pending = match &view {
+        Some(v) => Journal::load(&v.table, cfg.catalog.limits.storage)
+            .await
+            .map(|j| j.entries().len().to_string())
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        None => "0".to_string(),
+    };
+    let behind = match SourceTable::describe(ch, t).await {
+        Ok(s) => {
+            s.rows_after(ch, wm.as_ref()).await.map(|n| n.to_string()).unwrap_or_else(|e| format!("unknown ({e})"))
+        }
+        Err(e) => format!("unknown ({e})"),
+    };
+    Ok(serde_json::json!({
+        "table": t.name(),
+        "target": t.target(),
+        "iceberg_watermark": wm.as_ref().map(|w| w.display()),
+        "iceberg_snapshot_id": view.as_ref().and_then(|v| v.snapshot_id()),
+        "mirror_watermark": m.map(|r| r.last_offload_timestamp.clone()),
+        "mirror_status": m.map(|r| r.status.clone()),
+        "last_successful_run": m.and_then(|r| r.last_successful_run.clone()),
+        "failure_count": m.map(|r| r.failure_count),
+        "last_error": m.and_then(|r| r.last_error_message.clone()),
+        "rows_behind": behind,
+        "pending_commits": pending,
+        "owner": owner,
+    }))
+}
+
+/// `watermark show` without `--json`: each table, then one field a line ("-" for none).
+fn print_watermark_records(out: &[serde_json::Value]) {
+    for r in out {
+        println!("{}", r["table"].as_str().unwrap_or_default());
+        for key in [
+            "target",
+            "iceberg_watermark",
+            "iceberg_snapshot_id",
+            "mirror_watermark",
+            "mirror_status",
+            "last_successful_run",
+            "failure_count",
+            "last_error",
+            "rows_behind",
+            "pending_commits",
+            "owner",
+        ] {
+            let v = &r[key];
+            let text = match v {
+                serde_json::Value::Null => "-".to_string(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("  {key:<22} {text}");
+        }
+    }
 }

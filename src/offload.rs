@@ -1,62 +1,25 @@
 //! The offload of one table: window after window until caught up, each window read from
 //! ClickHouse as a stream, written as Parquet, and committed through [`crate::commit`].
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use iceberg::Catalog;
 use iceberg::TableIdent;
 use iceberg::spec::DataFile;
 use iceberg::table::Table;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{self, Audits};
-use crate::commit::{
-    self, Attempt, AttemptFiles, CommitContext, Journal, Position, TableView, Window, sweep_dead_metadata,
-};
-use crate::config::{CatalogLimits, TableConfig};
+use crate::audit;
+use crate::commit::{self, Attempt, AttemptFiles, Journal, Position, TableView, Window, sweep_dead_metadata};
+use crate::config::TableConfig;
 use crate::error::{OffloadError, Result};
 use crate::events;
 use crate::fault;
-use crate::metrics::Metrics;
 use crate::sink::{table as target, writer::WindowWriter};
-use crate::source::ClickHouse;
 use crate::source::query::{Projection, SourceTable};
-use crate::state::StateStore;
 use crate::util::now_epoch_ns;
 
-/// The services one table's offload uses.
-#[derive(Clone)]
-pub struct Services {
-    pub ch: ClickHouse,
-    pub catalog: Arc<dyn Catalog>,
-    pub state: Option<StateStore>,
-    pub metrics: Arc<Metrics>,
-    pub limits: CatalogLimits,
-    /// `clickhouse.max_clock_skew`.
-    pub max_clock_skew: std::time::Duration,
-    pub audit: AuditSettings,
-    /// What the audits of this process know (I9), shared by its cycles.
-    pub audits: Arc<Audits>,
-    /// When each table was last maintained by this process.
-    pub maintenance: Arc<crate::maintenance::Schedule>,
-    /// The catalog's compare-and-swap for `replace` commits (compaction).
-    pub replacer: Arc<crate::commit::replace::Replacer>,
-}
-
-/// `service.audit_recent_days`, `service.audit_full_every`.
-#[derive(Debug, Clone, Copy)]
-pub struct AuditSettings {
-    pub recent_days: u32,
-    pub full_every: std::time::Duration,
-}
-
-impl Services {
-    fn commit_context(&self) -> CommitContext {
-        CommitContext { catalog: self.catalog.clone(), limits: self.limits }
-    }
-}
+pub use crate::services::{AuditSettings, Services};
 
 #[derive(Debug, Clone, Default)]
 pub struct TableOutcome {

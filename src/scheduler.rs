@@ -17,27 +17,11 @@ use crate::events;
 use crate::maintenance;
 use crate::offload::{Services, TableOutcome, offload_table};
 use crate::replicas::{self, Membership};
-use crate::state::{Lease, RunRecord, StateStore};
+use crate::state::{Lease, RunRecord, StateStore, acquire_from, holder_is_dead};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CycleStatus {
-    Success,
-    Partial,
-    Failed,
-    /// A shutdown (SIGTERM/SIGINT) cut the cycle short: neither a success nor a failure.
-    Interrupted,
-}
+pub use crate::report::CycleStatus;
 
 impl CycleStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::Partial => "partial",
-            Self::Failed => "failed",
-            Self::Interrupted => "interrupted",
-        }
-    }
-
     fn of(tables: &[(String, TableResult)]) -> Self {
         let count = |f: fn(&TableResult) -> bool| tables.iter().filter(|(_, r)| f(r)).count();
         let failed = count(|r| matches!(r, TableResult::Failed(_)));
@@ -607,57 +591,6 @@ impl LeaseGuard {
         if let (Some(state), Some(l)) = (&self.state, &self.lease) {
             let _ = state.release_lease(l).await;
         }
-    }
-}
-
-/// A lease holder name for this process (`host:pid:tag`): a crash of it is recognised by the
-/// next process on this host, which takes its leases over at once.
-pub fn process_holder(tag: &str) -> String {
-    format!("{}:{}:{tag}", hostname(), std::process::id())
-}
-
-/// Takes the lease, taking over at once one held by a process of this host that is gone.
-pub async fn acquire(state: &StateStore, table: &str, holder: &str, ttl: Duration) -> Result<Lease, OffloadError> {
-    let (lease, from) = acquire_from(state, table, holder, ttl, holder_is_dead).await?;
-    if let Some(dead) = from {
-        tracing::warn!(table, "took over the lease of {dead}, a process of this host that is gone");
-    }
-    Ok(lease)
-}
-
-/// Takes the lease, taking it over at once from a holder `gone` says is gone (a dead process
-/// of this host, a replica found lost). Also returns whom it was taken from.
-async fn acquire_from(
-    state: &StateStore,
-    table: &str,
-    holder: &str,
-    ttl: Duration,
-    gone: impl Fn(&str) -> bool,
-) -> Result<(Lease, Option<String>), OffloadError> {
-    match state.acquire_lease(table, holder, ttl).await {
-        Err(OffloadError::LeaseHeld { holder: dead, .. }) if gone(&dead) => {
-            match state.take_over_lease(table, &dead, holder, ttl).await? {
-                Some(l) => Ok((l, Some(dead))),
-                None => Ok((state.acquire_lease(table, holder, ttl).await?, None)),
-            }
-        }
-        other => other.map(|l| (l, None)),
-    }
-}
-
-fn hostname() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-    if host.is_empty() { "host".into() } else { host }
-}
-
-/// A lease holder (`host:pid:nonce`) that is a process of this host which no longer runs:
-/// it crashed, and its lease need not be waited out.
-fn holder_is_dead(holder: &str) -> bool {
-    let mut parts = holder.rsplitn(3, ':');
-    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
-    match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
-        (Some(host), Some(pid)) => host == hostname() && !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        _ => false,
     }
 }
 

@@ -3,12 +3,15 @@
 //! 1. scheduler reachable (`/healthz`), 2. last cycle status and age, 3. metrics exporting,
 //! 4. per table: Iceberg watermark, lag, last error, 5. alerts firing (with `--prometheus`).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use iceberg::Catalog;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, TableConfig};
 use crate::sink::{catalog, table as target};
 use crate::state::StateStore;
 
@@ -61,33 +64,57 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
     let mut checks = vec![];
 
     // 1. Scheduler reachable and ticking.
-    let health = match http.get(format!("{base}/healthz")).send().await {
+    checks.push(scheduler_check(&http, base).await);
+
+    // 2 + 3. Metrics exporting, and the last cycle from them.
+    checks.extend(metrics_checks(&http, base).await);
+
+    // 4. Per table, from Iceberg (truth) and the state store (last run, errors).
+    let tables = table_checks(cfg, &mut checks).await;
+
+    // 5. Alerts firing.
+    let mut firing = vec![];
+    if let Some(prom) = prometheus {
+        let (check, alerts) = alerts_check(&http, prom).await;
+        checks.push(check);
+        firing = alerts;
+    }
+
+    let tables_ok =
+        tables.iter().all(|t| t.lag_minutes.is_some_and(|l| l <= LAG_CRITICAL_MINUTES) && t.failure_count < 3);
+    let healthy = checks.iter().all(|c| c.ok) && tables_ok;
+    Report { healthy, checks, tables, firing_alerts: firing }
+}
+
+/// Check 1: the scheduler answers `/healthz` (its body is the detail).
+async fn scheduler_check(http: &reqwest::Client, base: &str) -> Check {
+    match http.get(format!("{base}/healthz")).send().await {
         Ok(r) => {
             let ok = r.status().is_success();
             Check { name: "scheduler".into(), ok, detail: r.text().await.unwrap_or_default().trim().to_string() }
         }
         Err(e) => Check { name: "scheduler".into(), ok: false, detail: format!("not reachable at {base}: {e}") },
-    };
-    checks.push(health);
+    }
+}
 
-    // 2 + 3. Metrics exporting, and the last cycle from them.
+/// Checks 2 and 3: the offload metrics are exported, and then the last cycle as they tell it.
+async fn metrics_checks(http: &reqwest::Client, base: &str) -> Vec<Check> {
     let metrics = match http.get(format!("{base}/metrics")).send().await {
         Ok(r) if r.status().is_success() => r.text().await.ok(),
         _ => None,
     };
     match &metrics {
-        Some(text) if text.contains("offload_rows_total") => {
-            checks.push(Check { name: "metrics".into(), ok: true, detail: "offload_rows_total exported".into() });
-            checks.push(last_cycle(text));
-        }
-        _ => checks.push(Check {
-            name: "metrics".into(),
-            ok: false,
-            detail: format!("no offload metrics at {base}/metrics"),
-        }),
+        Some(text) if text.contains("offload_rows_total") => vec![
+            Check { name: "metrics".into(), ok: true, detail: "offload_rows_total exported".into() },
+            last_cycle(text),
+        ],
+        _ => vec![Check { name: "metrics".into(), ok: false, detail: format!("no offload metrics at {base}/metrics") }],
     }
+}
 
-    // 4. Per table, from Iceberg (truth) and the state store (last run, errors).
+/// Check 4: each table's health; a state store, replica table or catalog that cannot be read
+/// adds a failed check to `checks` and leaves the columns it would fill empty.
+async fn table_checks(cfg: &Config, checks: &mut Vec<Check>) -> Vec<TableHealth> {
     let mut tables = vec![];
     let state = StateStore::open(&cfg.state).await;
     let mirror = match &state {
@@ -99,24 +126,7 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
     };
     let names: Vec<&str> = cfg.tables.iter().map(|t| t.name()).collect();
     let owners = match &state {
-        Ok(s) => match crate::replicas::owners(s, &names, cfg.service.member_timeout).await {
-            Ok((live, owners)) => {
-                checks.push(Check {
-                    name: "replicas".into(),
-                    ok: !live.is_empty(),
-                    detail: if live.is_empty() {
-                        "no live `run` process".into()
-                    } else {
-                        format!("{} live: {}", live.len(), live.join(", "))
-                    },
-                });
-                owners
-            }
-            Err(e) => {
-                checks.push(Check { name: "replicas".into(), ok: false, detail: format!("{e}") });
-                Default::default()
-            }
-        },
+        Ok(s) => replica_owners(s, &names, cfg.service.member_timeout, checks).await,
         Err(_) => Default::default(),
     };
     let cat = catalog::build(&cfg.catalog).await;
@@ -125,13 +135,7 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
     }
     let now = chrono::Utc::now();
     for t in &cfg.tables {
-        let wm = match &cat {
-            Ok(c) => match c.load_table(&target::ident(t)).await {
-                Ok(table) => crate::commit::TableView::of(table).ok().and_then(|v| v.watermark).map(|w| w.display()),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
+        let wm = iceberg_watermark(&cat, t).await;
         let m = mirror.iter().find(|r| r.table_name == t.name());
         let last = m.and_then(|r| r.last_successful_run.clone());
         let lag = last.as_deref().and_then(parse_time).map(|t| (now - t).num_milliseconds() as f64 / 60_000.0);
@@ -146,39 +150,74 @@ pub async fn run(cfg: &Config, scheduler_url: &str, prometheus: Option<&str>) ->
             owner: owners.get(t.name()).cloned(),
         });
     }
+    tables
+}
 
-    // 5. Alerts firing.
-    let mut firing = vec![];
-    if let Some(prom) = prometheus {
-        match http.get(format!("{}/api/v1/alerts", prom.trim_end_matches('/'))).send().await {
-            Ok(r) => {
-                let body: Value = r.json().await.unwrap_or(Value::Null);
-                for a in body["data"]["alerts"].as_array().into_iter().flatten() {
-                    let name = a["labels"]["alertname"].as_str().unwrap_or_default();
-                    if a["state"] == "firing" && name.starts_with("IcebergOffload") {
-                        let table = a["labels"]["table"].as_str().map(|t| format!("{{table={t}}}")).unwrap_or_default();
-                        let severity = a["labels"]["severity"].as_str().unwrap_or("?");
-                        firing.push(format!("{name}{table} ({severity})"));
-                    }
-                }
-                checks.push(Check {
-                    name: "alerts".into(),
-                    ok: !firing.iter().any(|a| a.ends_with("(critical)")),
-                    detail: if firing.is_empty() { "none firing".into() } else { firing.join(", ") },
-                });
-            }
-            Err(e) => checks.push(Check {
-                name: "alerts".into(),
-                ok: false,
-                detail: format!("Prometheus not reachable at {prom}: {e}"),
-            }),
+/// The live replicas (pushed to `checks` as the "replicas" check) and the owner of each table.
+async fn replica_owners(
+    state: &StateStore,
+    names: &[&str],
+    member_timeout: Duration,
+    checks: &mut Vec<Check>,
+) -> HashMap<String, String> {
+    match crate::replicas::owners(state, names, member_timeout).await {
+        Ok((live, owners)) => {
+            checks.push(Check {
+                name: "replicas".into(),
+                ok: !live.is_empty(),
+                detail: if live.is_empty() {
+                    "no live `run` process".into()
+                } else {
+                    format!("{} live: {}", live.len(), live.join(", "))
+                },
+            });
+            owners
+        }
+        Err(e) => {
+            checks.push(Check { name: "replicas".into(), ok: false, detail: format!("{e}") });
+            Default::default()
         }
     }
+}
 
-    let tables_ok =
-        tables.iter().all(|t| t.lag_minutes.is_some_and(|l| l <= LAG_CRITICAL_MINUTES) && t.failure_count < 3);
-    let healthy = checks.iter().all(|c| c.ok) && tables_ok;
-    Report { healthy, checks, tables, firing_alerts: firing }
+/// The table's watermark as Iceberg holds it (`None` if the catalog or the table cannot be read).
+async fn iceberg_watermark(cat: &anyhow::Result<Arc<dyn Catalog>>, t: &TableConfig) -> Option<String> {
+    match cat {
+        Ok(c) => match c.load_table(&target::ident(t)).await {
+            Ok(table) => crate::commit::TableView::of(table).ok().and_then(|v| v.watermark).map(|w| w.display()),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    }
+}
+
+/// Check 5: the IcebergOffload alerts firing in Prometheus, and the check they make (failed if
+/// one is critical or Prometheus cannot be reached).
+async fn alerts_check(http: &reqwest::Client, prom: &str) -> (Check, Vec<String>) {
+    let mut firing = vec![];
+    match http.get(format!("{}/api/v1/alerts", prom.trim_end_matches('/'))).send().await {
+        Ok(r) => {
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            for a in body["data"]["alerts"].as_array().into_iter().flatten() {
+                let name = a["labels"]["alertname"].as_str().unwrap_or_default();
+                if a["state"] == "firing" && name.starts_with("IcebergOffload") {
+                    let table = a["labels"]["table"].as_str().map(|t| format!("{{table={t}}}")).unwrap_or_default();
+                    let severity = a["labels"]["severity"].as_str().unwrap_or("?");
+                    firing.push(format!("{name}{table} ({severity})"));
+                }
+            }
+            let check = Check {
+                name: "alerts".into(),
+                ok: !firing.iter().any(|a| a.ends_with("(critical)")),
+                detail: if firing.is_empty() { "none firing".into() } else { firing.join(", ") },
+            };
+            (check, firing)
+        }
+        Err(e) => (
+            Check { name: "alerts".into(), ok: false, detail: format!("Prometheus not reachable at {prom}: {e}") },
+            firing,
+        ),
+    }
 }
 
 fn last_cycle(metrics: &str) -> Check {

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use iceberg::table::Table;
 
+use crate::sink::table::DELETE_AFTER_COMMIT;
+
 /// What one attempt wrote: its data files, and the manifests, manifest list and metadata
 /// file of its commit when they are known. Deleted together, once, when I5 allows.
 pub struct AttemptFiles<'a> {
@@ -219,9 +221,6 @@ pub async fn delete_paths<'p>(
     }
     removed
 }
-
-/// Table property (Iceberg's): delete metadata files that fall out of the metadata log.
-pub const DELETE_AFTER_COMMIT: &str = "write.metadata.delete-after-commit.enabled";
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::files::AttemptFiles;
 use super::{Position, SUMMARY_RUN_ID};
 use crate::error::{OffloadError, PendingCause, Result};
+pub use crate::report::Resolution;
 
 /// One commit attempt whose outcome is not known yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,22 +51,6 @@ impl PendingAttempt {
     pub fn files(&self) -> Vec<String> {
         self.commit_files.iter().chain(&self.data_files).cloned().collect()
     }
-}
-
-/// What the table's metadata says about a pending attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
-    /// Its run id is in this snapshot: it landed.
-    Committed(i64),
-    /// The table moved past the snapshot it required, along an unbroken history that does
-    /// not contain it: it never can land now.
-    Impossible,
-    /// The table moved on, but its history back to the snapshot the attempt required is not
-    /// complete (expired snapshots): whether it landed cannot be proven. Its files are left to
-    /// `iceberg-offload cleanup`, which deletes only files that no snapshot references.
-    Undecidable,
-    /// The table is still at the snapshot it required: it may still land.
-    Pending,
 }
 
 /// I5: decides an attempt from the table's metadata alone.
@@ -247,7 +232,7 @@ impl Journal {
             Ok(r) => Ok(r?),
             Err(_) => Err(OffloadError::Iceberg(
                 iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("storage: {} timed out", self.path))
-                    .with_source(crate::sink::catalog::CallTimedOut { call: "storage", after: self.limit }),
+                    .with_source(crate::error::CallTimedOut { call: "storage", after: self.limit }),
             )),
         }
     }

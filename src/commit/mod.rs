@@ -41,12 +41,13 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind};
 
-pub use self::files::{AttemptFiles, DELETE_AFTER_COMMIT, delete_dropped_metadata, delete_paths, sweep_dead_metadata};
+pub use self::files::{AttemptFiles, delete_dropped_metadata, delete_paths, sweep_dead_metadata};
 pub use self::journal::{Journal, PendingAttempt, Resolution, Settled, fate, resolve, snapshot_of_run};
 pub use self::pinned::PinnedCatalog;
 pub use self::view::{MeasuredOn, TableView, WatermarkOrigin};
 use crate::config::CatalogLimits as CommitLimits;
 use crate::error::{OffloadError, PendingCause, Result, catalog_timed_out, cause_of, is_connection_error};
+pub use crate::sink::table::DELETE_AFTER_COMMIT;
 use crate::source::ClickHouse;
 use crate::source::query::SourceTable;
 pub use crate::window::{CursorUnit, Measure, Position, Window};

@@ -103,12 +103,13 @@ async fn connect(cfg: &CatalogConfig) -> Result<Backend> {
         CatalogKind::Sql => {
             let mut uri = cfg.uri.clone();
             if let Some(pw) = cfg.password.read("catalog password").map_err(|e| unreachable(&e))? {
-                uri = crate::sink::catalog::with_password(&uri, &pw).map_err(|e| unreachable(&e))?;
+                uri = crate::database::with_password(&uri, &pw).map_err(|e| unreachable(&e))?;
             }
             sqlx::any::install_default_drivers();
-            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&uri).await.map_err(|e| {
-                OffloadError::CatalogUnreachable(format!("{}: {e}", crate::sink::catalog::redact_url(&uri)))
-            })?;
+            let pool =
+                sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&uri).await.map_err(|e| {
+                    OffloadError::CatalogUnreachable(format!("{}: {e}", crate::database::redact_url(&uri)))
+                })?;
             // iceberg-catalog-sql's own setting when given, else what build() chose.
             let dollar = match cfg.properties.get("sql_bind_style").map(String::as_str) {
                 Some("QMark") => false,

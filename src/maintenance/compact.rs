@@ -40,34 +40,8 @@ use crate::config::{CatalogLimits, TableConfig};
 use crate::error::{OffloadError, Result};
 use crate::sink::writer::WindowWriter;
 
-/// `[maintenance]` compaction settings.
-#[derive(Debug, Clone, Copy)]
-pub struct CompactionPolicy {
-    /// `write.target-file-size-bytes` when the table does not set it.
-    pub target_size: u64,
-    /// A partition is closed once its newest row is this much older than `W`.
-    pub after: Duration,
-    /// At most this many bytes rewritten per run (the rest next run, oldest first).
-    pub max_bytes: u64,
-    /// Above this many manifests, every manifest of the default spec is merged.
-    pub manifests_max: usize,
-}
-
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct CompactReport {
-    pub partitions: usize,
-    pub files_rewritten: usize,
-    pub bytes_rewritten: u64,
-    pub files_written: usize,
-    pub bytes_written: u64,
-    pub rows: u64,
-    pub manifests_before: usize,
-    pub manifests_after: usize,
-    /// Data files of the default spec in closed partitions smaller than ¾ of the target,
-    /// before this run (what the small-files alert watches).
-    pub small_files: usize,
-    pub skipped: Option<String>,
-}
+pub use crate::config::CompactionPolicy;
+pub use crate::report::CompactReport;
 
 /// A live data file of the current snapshot, with what an EXISTING entry must keep.
 #[derive(Clone)]
@@ -207,59 +181,14 @@ impl Compactor<'_> {
 
     /// Reads the files to replace, partition by partition, and writes them again.
     async fn rewrite(&self, table: &Table, plan: &mut Plan, run_id: &str) -> Result<Vec<DataFile>> {
-        let wanted: HashSet<&str> = plan.replaced().map(|l| l.file.file_path()).collect();
-        let mut tasks: HashMap<String, FileScanTask> = HashMap::new();
-        if !wanted.is_empty() {
-            let scan = table.scan().select_all().build()?;
-            let mut stream = scan.plan_files().await?;
-            while let Some(task) = stream.try_next().await? {
-                if wanted.contains(task.data_file_path.as_str()) {
-                    tasks.insert(task.data_file_path.clone(), task);
-                }
-            }
-        }
+        let tasks = scan_tasks(table, plan).await?;
         let prefix = format!("compact-{run_id}");
         let mut writer =
             WindowWriter::new_sized(table, &prefix, self.cfg.integer_encoding, true, Some(plan.target_size as usize))
                 .await?;
         let mut written = vec![];
-        let (mut emitted, mut removed) = (HashMap::new(), 0u64);
-        let result: Result<(u64, usize)> = async {
-            let mut rows = 0;
-            for (done, partition) in plan.partitions.iter().enumerate() {
-                if done > 0 && std::time::Instant::now() >= self.deadline {
-                    tracing::info!(table = %table.identifier(), done, left = plan.partitions.len() - done,
-                        "compaction: the run's time is half over; the other partitions wait for the next run");
-                    return Ok((rows, done));
-                }
-                for live in partition {
-                    let task = tasks.remove(live.file.file_path()).ok_or_else(|| {
-                        OffloadError::Crash(format!("{} is not in the table's scan", live.file.file_path()))
-                    })?;
-                    let batch = self.read_sorted(table, task).await?;
-                    if batch.num_rows() as u64 != live.file.record_count() {
-                        return Err(OffloadError::Crash(format!(
-                            "{} has {} rows in its manifest but {} were read",
-                            live.file.file_path(),
-                            live.file.record_count(),
-                            batch.num_rows()
-                        )));
-                    }
-                    rows += batch.num_rows() as u64;
-                    let batch = match &self.repair {
-                        Some(r) => {
-                            let (kept, dropped) = r.keep.filter(&writer.conform(&batch)?, &mut emitted)?;
-                            removed += dropped;
-                            kept
-                        }
-                        None => batch,
-                    };
-                    writer.write(batch).await?;
-                }
-            }
-            Ok((rows, plan.partitions.len()))
-        }
-        .await;
+        let mut removed = 0u64;
+        let result = self.copy_partitions(table, plan, tasks, &mut writer, &mut removed).await;
         match result {
             Ok((rows, done)) => {
                 plan.partitions.truncate(done);
@@ -286,6 +215,53 @@ impl Compactor<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// Reads each partition's files, sorted, into `writer` (a repair drops the surplus copies,
+    /// counted in `removed`); stops before a partition once the deadline has passed. Returns
+    /// the rows read and how many partitions were done.
+    async fn copy_partitions(
+        &self,
+        table: &Table,
+        plan: &Plan,
+        mut tasks: HashMap<String, FileScanTask>,
+        writer: &mut WindowWriter,
+        removed: &mut u64,
+    ) -> Result<(u64, usize)> {
+        let mut emitted = HashMap::new();
+        let mut rows = 0;
+        for (done, partition) in plan.partitions.iter().enumerate() {
+            if done > 0 && std::time::Instant::now() >= self.deadline {
+                tracing::info!(table = %table.identifier(), done, left = plan.partitions.len() - done,
+                    "compaction: the run's time is half over; the other partitions wait for the next run");
+                return Ok((rows, done));
+            }
+            for live in partition {
+                let task = tasks.remove(live.file.file_path()).ok_or_else(|| {
+                    OffloadError::Crash(format!("{} is not in the table's scan", live.file.file_path()))
+                })?;
+                let batch = self.read_sorted(table, task).await?;
+                if batch.num_rows() as u64 != live.file.record_count() {
+                    return Err(OffloadError::Crash(format!(
+                        "{} has {} rows in its manifest but {} were read",
+                        live.file.file_path(),
+                        live.file.record_count(),
+                        batch.num_rows()
+                    )));
+                }
+                rows += batch.num_rows() as u64;
+                let batch = match &self.repair {
+                    Some(r) => {
+                        let (kept, dropped) = r.keep.filter(&writer.conform(&batch)?, &mut emitted)?;
+                        *removed += dropped;
+                        kept
+                    }
+                    None => batch,
+                };
+                writer.write(batch).await?;
+            }
+        }
+        Ok((rows, plan.partitions.len()))
     }
 
     /// One data file, its rows sorted by the cursor then the tiebreak.
@@ -385,99 +361,14 @@ impl Compactor<'_> {
         snapshot_id: i64,
     ) -> Result<(Vec<TableUpdate>, Vec<TableRequirement>, usize, Vec<String>)> {
         let meta = table.metadata();
-        let io = table.file_io();
         let sequence = meta.next_sequence_number();
-        let schema = meta.current_schema().clone();
-        let spec = meta.default_partition_spec().as_ref().clone();
         let dir = format!("{}/metadata", meta.location().trim_end_matches('/'));
-        let mut n = 0;
-        let mut next_writer = || {
-            let path = format!("{dir}/{run_id}-m{n}.avro");
-            n += 1;
-            Ok::<_, OffloadError>(
-                ManifestWriterBuilder::new(io.new_output(path)?, Some(snapshot_id), schema.clone(), spec.clone())
-                    .build_v2_data(),
-            )
-        };
-        let mut manifests: Vec<ManifestFile> = vec![];
-        let added_rows: u64 = written.iter().map(|f| f.record_count()).sum();
-        let added_size: u64 = written.iter().map(|f| f.file_size_in_bytes()).sum();
-        let added_files = written.len();
-        if !written.is_empty() {
-            let mut w = next_writer()?;
-            for f in written {
-                w.add_file(f, sequence)?;
-            }
-            manifests.push(w.write_manifest_file().await?);
-        }
-        let replaced: HashSet<&str> = plan.replaced().map(|l| l.file.file_path()).collect();
-        let mut deleted = next_writer()?;
-        let mut any_deleted = false;
-        let mut existing = Vec::new();
-        for live in plan.merged_entries() {
-            if replaced.contains(live.file.file_path()) {
-                let file_seq = live.file_sequence_number.or(Some(live.sequence_number));
-                deleted.add_delete_file(live.file.clone(), live.sequence_number, file_seq)?;
-                any_deleted = true;
-            } else {
-                existing.push(live);
-            }
-        }
-        for chunk in existing.chunks(ENTRIES_PER_MANIFEST) {
-            let mut w = next_writer()?;
-            for live in chunk {
-                let file_seq = live.file_sequence_number.or(Some(live.sequence_number));
-                w.add_existing_file(live.file.clone(), live.snapshot_id, live.sequence_number, file_seq)?;
-            }
-            manifests.push(w.write_manifest_file().await?);
-        }
-        if any_deleted {
-            manifests.push(deleted.write_manifest_file().await?);
-        }
-        // Carried unchanged: manifests not merged, except those left with DELETED entries only
-        // (an earlier replace's): they describe the past, and the past is in older snapshots.
-        manifests.extend(
-            plan.manifests
-                .iter()
-                .filter(|m| !plan.merged.contains(&m.manifest_path))
-                .filter(|m| m.has_added_files() || m.has_existing_files() || m.content == ManifestContentType::Deletes)
-                .cloned(),
-        );
+        let summary = replace_summary(plan, &written, run_id);
+        let manifests = write_manifests(table, plan, written, &dir, run_id, snapshot_id, sequence).await?;
         let count = manifests.len();
         let list_path = format!("{dir}/snap-{snapshot_id}-1-{run_id}.avro");
-        let own_paths = plan.manifests.iter().map(|m| m.manifest_path.as_str()).collect::<HashSet<_>>();
-        let mut commit_files: Vec<String> =
-            manifests.iter().map(|m| m.manifest_path.clone()).filter(|p| !own_paths.contains(p.as_str())).collect();
-        commit_files.push(list_path.clone());
-        let mut list = ManifestListWriter::v2(
-            io.new_output(&list_path)?.writer().await?,
-            snapshot_id,
-            meta.current_snapshot_id(),
-            sequence,
-        );
-        list.add_manifests(manifests.into_iter())?;
-        list.close().await?;
+        let commit_files = write_manifest_list(table, plan, manifests, &list_path, snapshot_id, sequence).await?;
 
-        let removed_rows: u64 = plan.replaced().map(|l| l.file.record_count()).sum();
-        let removed_size: u64 = plan.replaced().map(|l| l.file.file_size_in_bytes()).sum();
-        let removed_files = replaced.len();
-        let totals = plan.totals;
-        let summary = BTreeMap::from([
-            ("added-data-files", added_files.to_string()),
-            ("deleted-data-files", removed_files.to_string()),
-            ("added-records", added_rows.to_string()),
-            ("deleted-records", removed_rows.to_string()),
-            ("added-files-size", added_size.to_string()),
-            ("removed-files-size", removed_size.to_string()),
-            ("changed-partition-count", plan.partitions.len().to_string()),
-            ("total-records", (totals.records - removed_rows + added_rows).to_string()),
-            ("total-data-files", (totals.files - removed_files as u64 + added_files as u64).to_string()),
-            ("total-files-size", (totals.size - removed_size + added_size).to_string()),
-            ("total-delete-files", "0".to_string()),
-            ("total-position-deletes", "0".to_string()),
-            ("total-equality-deletes", "0".to_string()),
-            (SUMMARY_COMPACTION_RUN, run_id.to_string()),
-        ]);
         let snapshot = Snapshot::builder()
             .with_snapshot_id(snapshot_id)
             .with_parent_snapshot_id(meta.current_snapshot_id())
@@ -490,29 +381,174 @@ impl Compactor<'_> {
             })
             .with_schema_id(meta.current_schema_id())
             .build();
-        let updates = vec![
-            TableUpdate::SetProperties {
-                updates: HashMap::from([(PROP_COMPACTION_RUN.to_string(), run_id.to_string())]),
-            },
-            TableUpdate::AddSnapshot { snapshot },
-            TableUpdate::SetSnapshotRef {
-                ref_name: "main".to_string(),
-                reference: SnapshotReference::new(
-                    snapshot_id,
-                    SnapshotRetention::Branch {
-                        min_snapshots_to_keep: None,
-                        max_snapshot_age_ms: None,
-                        max_ref_age_ms: None,
-                    },
-                ),
-            },
-        ];
+        let updates = replace_updates(snapshot, run_id, snapshot_id);
         let requirements = vec![
             TableRequirement::UuidMatch { uuid: meta.uuid() },
             TableRequirement::RefSnapshotIdMatch { r#ref: "main".to_string(), snapshot_id: meta.current_snapshot_id() },
         ];
         Ok((updates, requirements, count, commit_files))
     }
+}
+
+/// The new snapshot's manifests: one of ADDED entries (`written`), the merged manifests'
+/// EXISTING entries in manifests of `ENTRIES_PER_MANIFEST`, one of DELETED entries (the
+/// replaced files), then the manifests carried unchanged.
+async fn write_manifests(
+    table: &Table,
+    plan: &Plan,
+    written: Vec<DataFile>,
+    dir: &str,
+    run_id: &str,
+    snapshot_id: i64,
+    sequence: i64,
+) -> Result<Vec<ManifestFile>> {
+    let meta = table.metadata();
+    let io = table.file_io();
+    let schema = meta.current_schema().clone();
+    let spec = meta.default_partition_spec().as_ref().clone();
+    let mut n = 0;
+    let mut next_writer = || {
+        let path = format!("{dir}/{run_id}-m{n}.avro");
+        n += 1;
+        Ok::<_, OffloadError>(
+            ManifestWriterBuilder::new(io.new_output(path)?, Some(snapshot_id), schema.clone(), spec.clone())
+                .build_v2_data(),
+        )
+    };
+    let mut manifests: Vec<ManifestFile> = vec![];
+    if !written.is_empty() {
+        let mut w = next_writer()?;
+        for f in written {
+            w.add_file(f, sequence)?;
+        }
+        manifests.push(w.write_manifest_file().await?);
+    }
+    let replaced: HashSet<&str> = plan.replaced().map(|l| l.file.file_path()).collect();
+    let mut deleted = next_writer()?;
+    let mut any_deleted = false;
+    let mut existing = Vec::new();
+    for live in plan.merged_entries() {
+        if replaced.contains(live.file.file_path()) {
+            let file_seq = live.file_sequence_number.or(Some(live.sequence_number));
+            deleted.add_delete_file(live.file.clone(), live.sequence_number, file_seq)?;
+            any_deleted = true;
+        } else {
+            existing.push(live);
+        }
+    }
+    for chunk in existing.chunks(ENTRIES_PER_MANIFEST) {
+        let mut w = next_writer()?;
+        for live in chunk {
+            let file_seq = live.file_sequence_number.or(Some(live.sequence_number));
+            w.add_existing_file(live.file.clone(), live.snapshot_id, live.sequence_number, file_seq)?;
+        }
+        manifests.push(w.write_manifest_file().await?);
+    }
+    if any_deleted {
+        manifests.push(deleted.write_manifest_file().await?);
+    }
+    // Carried unchanged: manifests not merged, except those left with DELETED entries only
+    // (an earlier replace's): they describe the past, and the past is in older snapshots.
+    manifests.extend(
+        plan.manifests
+            .iter()
+            .filter(|m| !plan.merged.contains(&m.manifest_path))
+            .filter(|m| m.has_added_files() || m.has_existing_files() || m.content == ManifestContentType::Deletes)
+            .cloned(),
+    );
+    Ok(manifests)
+}
+
+/// Writes the manifest list at `list_path`; returns the files this commit wrote (the new
+/// manifests, then the list), for the compaction record.
+async fn write_manifest_list(
+    table: &Table,
+    plan: &Plan,
+    manifests: Vec<ManifestFile>,
+    list_path: &str,
+    snapshot_id: i64,
+    sequence: i64,
+) -> Result<Vec<String>> {
+    let meta = table.metadata();
+    let io = table.file_io();
+    let own_paths = plan.manifests.iter().map(|m| m.manifest_path.as_str()).collect::<HashSet<_>>();
+    let mut commit_files: Vec<String> =
+        manifests.iter().map(|m| m.manifest_path.clone()).filter(|p| !own_paths.contains(p.as_str())).collect();
+    commit_files.push(list_path.to_string());
+    let mut list = ManifestListWriter::v2(
+        io.new_output(list_path)?.writer().await?,
+        snapshot_id,
+        meta.current_snapshot_id(),
+        sequence,
+    );
+    list.add_manifests(manifests.into_iter())?;
+    list.close().await?;
+    Ok(commit_files)
+}
+
+/// The replace snapshot's summary: what it adds and removes, the table's new totals, and the
+/// compaction marker.
+fn replace_summary(plan: &Plan, written: &[DataFile], run_id: &str) -> BTreeMap<&'static str, String> {
+    let added_rows: u64 = written.iter().map(|f| f.record_count()).sum();
+    let added_size: u64 = written.iter().map(|f| f.file_size_in_bytes()).sum();
+    let added_files = written.len();
+    let replaced: HashSet<&str> = plan.replaced().map(|l| l.file.file_path()).collect();
+    let removed_rows: u64 = plan.replaced().map(|l| l.file.record_count()).sum();
+    let removed_size: u64 = plan.replaced().map(|l| l.file.file_size_in_bytes()).sum();
+    let removed_files = replaced.len();
+    let totals = plan.totals;
+    BTreeMap::from([
+        ("added-data-files", added_files.to_string()),
+        ("deleted-data-files", removed_files.to_string()),
+        ("added-records", added_rows.to_string()),
+        ("deleted-records", removed_rows.to_string()),
+        ("added-files-size", added_size.to_string()),
+        ("removed-files-size", removed_size.to_string()),
+        ("changed-partition-count", plan.partitions.len().to_string()),
+        ("total-records", (totals.records - removed_rows + added_rows).to_string()),
+        ("total-data-files", (totals.files - removed_files as u64 + added_files as u64).to_string()),
+        ("total-files-size", (totals.size - removed_size + added_size).to_string()),
+        ("total-delete-files", "0".to_string()),
+        ("total-position-deletes", "0".to_string()),
+        ("total-equality-deletes", "0".to_string()),
+        (SUMMARY_COMPACTION_RUN, run_id.to_string()),
+    ])
+}
+
+/// The catalog updates that make `snapshot` current: the run id as a table property (I8),
+/// the snapshot, and `main` moved to it.
+fn replace_updates(snapshot: Snapshot, run_id: &str, snapshot_id: i64) -> Vec<TableUpdate> {
+    vec![
+        TableUpdate::SetProperties { updates: HashMap::from([(PROP_COMPACTION_RUN.to_string(), run_id.to_string())]) },
+        TableUpdate::AddSnapshot { snapshot },
+        TableUpdate::SetSnapshotRef {
+            ref_name: "main".to_string(),
+            reference: SnapshotReference::new(
+                snapshot_id,
+                SnapshotRetention::Branch {
+                    min_snapshots_to_keep: None,
+                    max_snapshot_age_ms: None,
+                    max_ref_age_ms: None,
+                },
+            ),
+        },
+    ]
+}
+
+/// The scan tasks of the files `plan` replaces, by path.
+async fn scan_tasks(table: &Table, plan: &Plan) -> Result<HashMap<String, FileScanTask>> {
+    let wanted: HashSet<&str> = plan.replaced().map(|l| l.file.file_path()).collect();
+    let mut tasks: HashMap<String, FileScanTask> = HashMap::new();
+    if !wanted.is_empty() {
+        let scan = table.scan().select_all().build()?;
+        let mut stream = scan.plan_files().await?;
+        while let Some(task) = stream.try_next().await? {
+            if wanted.contains(task.data_file_path.as_str()) {
+                tasks.insert(task.data_file_path.clone(), task);
+            }
+        }
+    }
+    Ok(tasks)
 }
 
 /// Totals of the current snapshot, counted from its live entries.
@@ -618,11 +654,7 @@ impl Plan {
         let Some(snapshot) = meta.current_snapshot() else { return Ok(Err("the table has no snapshot".into())) };
         let view = TableView::of(table.clone())?;
         let Some(w) = view.watermark else { return Ok(Err("the table has no watermark yet".into())) };
-        let io = table.file_io();
-        let bytes = tokio::time::timeout(limits.storage, io.new_input(snapshot.manifest_list())?.read())
-            .await
-            .map_err(|_| OffloadError::Timeout(limits.storage))??;
-        let manifests = ManifestList::parse_with_version(&bytes, meta.format_version())?.entries().to_vec();
+        let manifests = read_manifest_list(table, snapshot, limits.storage).await?;
         if manifests.iter().any(|m| m.content == ManifestContentType::Deletes) {
             return Ok(Err("the table has delete files (written by another engine): not compacted".into()));
         }
@@ -633,11 +665,70 @@ impl Plan {
             .get("write.target-file-size-bytes")
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(policy.target_size);
+        let entries = match LiveEntries::read(table, &manifests, snapshot.snapshot_id(), cursor_id, spec_id).await? {
+            Ok(entries) => entries,
+            Err(why) => return Ok(Err(why)),
+        };
+        let closed_before = w.cursor_ns.saturating_sub(policy.after.as_nanos() as i64);
+        let (candidates, small_files) = closed_small_files(entries.by_partition, closed_before, target_size);
+        let partitions = within_budget(candidates, policy.max_bytes);
+        let merge_all = manifests.iter().filter(|m| m.partition_spec_id == spec_id).count() > policy.manifests_max;
+        let default_spec: HashSet<String> =
+            manifests.iter().filter(|m| m.partition_spec_id == spec_id).map(|m| m.manifest_path.clone()).collect();
+        let mut plan = Plan {
+            partitions: vec![],
+            manifests,
+            merged: HashSet::new(),
+            merge_all,
+            entries: vec![],
+            target_size,
+            small_files,
+            totals: entries.totals,
+            all: entries.all,
+            of_manifest: entries.of_manifest,
+            default_spec,
+        };
+        plan.select(partitions);
+        Ok(Ok(plan))
+    }
+}
+
+/// The manifests of `snapshot`, from its manifest list.
+async fn read_manifest_list(table: &Table, snapshot: &Snapshot, limit: Duration) -> Result<Vec<ManifestFile>> {
+    let meta = table.metadata();
+    let io = table.file_io();
+    let bytes = tokio::time::timeout(limit, io.new_input(snapshot.manifest_list())?.read())
+        .await
+        .map_err(|_| OffloadError::Timeout(limit))??;
+    Ok(ManifestList::parse_with_version(&bytes, meta.format_version())?.entries().to_vec())
+}
+
+/// The live entries of the current snapshot's manifests.
+struct LiveEntries {
+    totals: Totals,
+    /// The default spec's live files, by partition.
+    by_partition: HashMap<Struct, Vec<Live>>,
+    /// Each manifest's live entries.
+    of_manifest: HashMap<String, Vec<Live>>,
+    /// Every live data file of the default spec.
+    all: Vec<Live>,
+}
+
+impl LiveEntries {
+    /// Loads every manifest. `Ok(Err(why))`: the table has delete files, and is not compacted.
+    async fn read(
+        table: &Table,
+        manifests: &[ManifestFile],
+        snapshot_id: i64,
+        cursor_id: Option<i32>,
+        spec_id: i32,
+    ) -> Result<std::result::Result<Self, String>> {
+        let io = table.file_io();
         let mut totals = Totals::default();
         let mut by_partition: HashMap<Struct, Vec<Live>> = HashMap::new();
         let mut of_manifest: HashMap<String, Vec<Live>> = HashMap::new();
         let mut all: Vec<Live> = vec![];
-        for m in &manifests {
+        for m in manifests {
             let manifest = m.load_manifest(io).await?;
             for e in manifest.entries().iter().filter(|e| e.is_alive()) {
                 let file = e.data_file().clone();
@@ -654,7 +745,7 @@ impl Plan {
                             crate::sink::days::cursor_ns(file.upper_bounds().get(&id)?)?,
                         ))
                     }),
-                    snapshot_id: e.snapshot_id().unwrap_or(snapshot.snapshot_id()),
+                    snapshot_id: e.snapshot_id().unwrap_or(snapshot_id),
                     sequence_number: e.sequence_number().unwrap_or(0),
                     file_sequence_number: e.file_sequence_number,
                     file,
@@ -666,54 +757,52 @@ impl Plan {
                 of_manifest.entry(m.manifest_path.clone()).or_default().push(live);
             }
         }
-        let closed_before = w.cursor_ns.saturating_sub(policy.after.as_nanos() as i64);
-        let small = |l: &Live| l.file.file_size_in_bytes() * 4 < target_size * 3;
-        let mut candidates: Vec<Vec<Live>> = vec![];
-        let mut small_files = 0;
-        for files in by_partition.into_values() {
-            let closed = files.iter().all(|l| l.cursor.is_some_and(|(_, hi)| hi < closed_before));
-            if !closed {
-                continue;
-            }
-            let mut smalls: Vec<Live> = files.into_iter().filter(small).collect();
-            small_files += smalls.len();
-            if smalls.len() >= 2 {
-                smalls.sort_by_key(|l| l.cursor.map(|c| c.0));
-                candidates.push(smalls);
-            }
-        }
-        candidates.sort_by_key(|p| p.first().and_then(|l| l.cursor.map(|c| c.0)));
-        let mut partitions = vec![];
-        let mut budget = policy.max_bytes;
-        for p in candidates {
-            let size: u64 = p.iter().map(|l| l.file.file_size_in_bytes()).sum();
-            // The first partition goes even past the budget (else a huge one never would);
-            // a budget of 0 is a manifest-only run.
-            if policy.max_bytes == 0 || (!partitions.is_empty() && size > budget) {
-                break;
-            }
-            budget = budget.saturating_sub(size);
-            partitions.push(p);
-        }
-        let merge_all = manifests.iter().filter(|m| m.partition_spec_id == spec_id).count() > policy.manifests_max;
-        let default_spec: HashSet<String> =
-            manifests.iter().filter(|m| m.partition_spec_id == spec_id).map(|m| m.manifest_path.clone()).collect();
-        let mut plan = Plan {
-            partitions: vec![],
-            manifests,
-            merged: HashSet::new(),
-            merge_all,
-            entries: vec![],
-            target_size,
-            small_files,
-            totals,
-            all,
-            of_manifest,
-            default_spec,
-        };
-        plan.select(partitions);
-        Ok(Ok(plan))
+        Ok(Ok(LiveEntries { totals, by_partition, of_manifest, all }))
     }
+}
+
+/// The closed partitions (every file's rows older than `closed_before`) with two small files
+/// or more (under ¾ of `target_size`): their small files in cursor order, oldest partition
+/// first. Also returns how many small files the closed partitions hold.
+fn closed_small_files(
+    by_partition: HashMap<Struct, Vec<Live>>,
+    closed_before: i64,
+    target_size: u64,
+) -> (Vec<Vec<Live>>, usize) {
+    let small = |l: &Live| l.file.file_size_in_bytes() * 4 < target_size * 3;
+    let mut candidates: Vec<Vec<Live>> = vec![];
+    let mut small_files = 0;
+    for files in by_partition.into_values() {
+        let closed = files.iter().all(|l| l.cursor.is_some_and(|(_, hi)| hi < closed_before));
+        if !closed {
+            continue;
+        }
+        let mut smalls: Vec<Live> = files.into_iter().filter(small).collect();
+        small_files += smalls.len();
+        if smalls.len() >= 2 {
+            smalls.sort_by_key(|l| l.cursor.map(|c| c.0));
+            candidates.push(smalls);
+        }
+    }
+    candidates.sort_by_key(|p| p.first().and_then(|l| l.cursor.map(|c| c.0)));
+    (candidates, small_files)
+}
+
+/// The candidate partitions, oldest first, that fit in `max_bytes` rewritten.
+fn within_budget(candidates: Vec<Vec<Live>>, max_bytes: u64) -> Vec<Vec<Live>> {
+    let mut partitions = vec![];
+    let mut budget = max_bytes;
+    for p in candidates {
+        let size: u64 = p.iter().map(|l| l.file.file_size_in_bytes()).sum();
+        // The first partition goes even past the budget (else a huge one never would);
+        // a budget of 0 is a manifest-only run.
+        if max_bytes == 0 || (!partitions.is_empty() && size > budget) {
+            break;
+        }
+        budget = budget.saturating_sub(size);
+        partitions.push(p);
+    }
+    partitions
 }
 
 /// A snapshot id not in the table (positive, as Java's).

@@ -18,14 +18,11 @@ use iceberg::{Catalog, TableIdent};
 use crate::commit::{self, AttemptFiles, PROP_POSITION, PinnedCatalog, TableView};
 use crate::error::{OffloadError, Result};
 
-/// How long snapshots are kept; the table's own properties win over the configured defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    pub max_age: Duration,
-    pub min_keep: usize,
-}
+pub use crate::config::Retention;
+pub use crate::report::ExpireReport;
 
 impl Retention {
+    /// The table's own `history.expire.*` properties, else the configured `default`.
     pub fn of(meta: &TableMetadata, default: Retention) -> Retention {
         let prop = |k: &str| meta.properties().get(k).and_then(|v| v.parse::<u64>().ok());
         Retention {
@@ -35,16 +32,6 @@ impl Retention {
                 .unwrap_or(default.min_keep),
         }
     }
-}
-
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ExpireReport {
-    pub snapshots_before: usize,
-    pub snapshots_expired: usize,
-    pub files_deleted: usize,
-    pub metadata_files_deleted: usize,
-    /// Why nothing was expired although the retention allows it.
-    pub skipped: Option<String>,
 }
 
 /// The snapshots of the current ancestry expiry must keep for I3: from the current one down

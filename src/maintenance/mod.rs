@@ -18,8 +18,6 @@ pub mod expire;
 pub mod orphans;
 pub mod repair;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 pub use orphans::{CleanupReport, cleanup_orphans, referenced_files};
@@ -27,29 +25,10 @@ pub use orphans::{CleanupReport, cleanup_orphans, referenced_files};
 use crate::commit::Journal;
 use crate::config::{MaintenanceConfig, TableConfig};
 use crate::error::{OffloadError, Result};
-use crate::offload::Services;
+use crate::services::Services;
 use crate::sink::table as target;
 
-/// What one maintenance run of a table did.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct MaintenanceReport {
-    pub table: String,
-    pub compact: Option<compact::CompactReport>,
-    pub expire: Option<expire::ExpireReport>,
-    /// Why the run was left out (pending commits).
-    pub skipped: Option<String>,
-    /// A step that failed while the others ran (compaction lost a race, say).
-    pub failed: Option<String>,
-    /// Size of the current metadata.json after the run (what every commit reads and rewrites).
-    pub metadata_bytes: Option<u64>,
-}
-
-impl MaintenanceReport {
-    /// Why the run did nothing (pending commits), from the run or its expiry step.
-    pub fn skip_reason(&self) -> Option<&String> {
-        self.skipped.as_ref().or(self.expire.as_ref().and_then(|e| e.skipped.as_ref()))
-    }
-}
+pub use crate::report::MaintenanceReport;
 
 /// The steps of a run (`maintain --only`): all by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,55 +126,6 @@ async fn metadata_bytes(svc: &Services, ident: &iceberg::TableIdent) -> Option<u
     Some(input.metadata().await.ok()?.size)
 }
 
-/// When each table was last maintained by this process, and its commits since.
-#[derive(Debug, Default)]
-pub struct Schedule {
-    tables: Mutex<HashMap<String, LastRun>>,
-}
-
-/// A table's last maintenance: when, the commits since, and after a failure when to retry.
-#[derive(Debug)]
-struct LastRun {
-    at: chrono::DateTime<chrono::Utc>,
-    commits: u64,
-    retry_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// A failed maintenance is retried after this long (not at every cycle, not a day later).
-const RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
-
-impl Schedule {
-    /// Records `windows` commits of `table`; returns whether maintenance is due now: never run
-    /// by this process, the daily time passed since the last run, or enough commits.
-    pub fn due(&self, table: &str, windows: u64, mc: &MaintenanceConfig, now: chrono::DateTime<chrono::Utc>) -> bool {
-        if !mc.enabled {
-            return false;
-        }
-        let mut tables = self.tables.lock().expect("not poisoned");
-        let Some(last) = tables.get_mut(table) else { return true };
-        last.commits += windows;
-        if let Some(retry_at) = last.retry_at {
-            return now >= retry_at;
-        }
-        let daily = now.date_naive().and_time(mc.at).and_utc();
-        let boundary = if daily <= now { daily } else { daily - chrono::Duration::days(1) };
-        last.at < boundary || (mc.expire_every_commits > 0 && last.commits >= mc.expire_every_commits)
-    }
-
-    pub fn done(&self, table: &str, now: chrono::DateTime<chrono::Utc>) {
-        self.tables
-            .lock()
-            .expect("not poisoned")
-            .insert(table.to_string(), LastRun { at: now, commits: 0, retry_at: None });
-    }
-
-    pub fn failed(&self, table: &str, now: chrono::DateTime<chrono::Utc>) {
-        let mut tables = self.tables.lock().expect("not poisoned");
-        let last = tables.entry(table.to_string()).or_insert(LastRun { at: now, commits: 0, retry_at: None });
-        last.retry_at = Some(now + RETRY_AFTER);
-    }
-}
-
 /// Runs a due maintenance within its time limit; its failure is reported, never the table's.
 pub async fn run_if_due(svc: &Services, cfg: &TableConfig, mc: &MaintenanceConfig, windows: u64) {
     let now = chrono::Utc::now();
@@ -226,49 +156,6 @@ pub async fn run_if_due(svc: &Services, cfg: &TableConfig, mc: &MaintenanceConfi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn config(every: u64) -> MaintenanceConfig {
-        MaintenanceConfig {
-            enabled: true,
-            at: chrono::NaiveTime::from_hms_opt(3, 0, 0).unwrap(),
-            expire_every_commits: every,
-            timeout: std::time::Duration::from_secs(60),
-            retention: expire::Retention { max_age: std::time::Duration::from_secs(86_400), min_keep: 1 },
-            compact: true,
-            compaction: compact::CompactionPolicy {
-                target_size: 128 << 20,
-                after: std::time::Duration::from_secs(3600),
-                max_bytes: 1 << 30,
-                manifests_max: 100,
-            },
-        }
-    }
-
-    fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
-        chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc)
-    }
-
-    #[test]
-    fn maintenance_is_due_at_start_daily_and_after_enough_commits() {
-        let s = Schedule::default();
-        let mc = config(10);
-        assert!(s.due("t", 3, &mc, at("2026-12-01T10:00:00Z")), "never run by this process");
-        s.done("t", at("2026-12-01T10:00:00Z"));
-        assert!(!s.due("t", 4, &mc, at("2026-12-01T12:00:00Z")));
-        assert!(!s.due("t", 5, &mc, at("2026-12-02T02:59:00Z")), "9 commits, before 03:00");
-        assert!(s.due("t", 0, &mc, at("2026-12-02T03:00:00Z")), "the daily time passed");
-        s.done("t", at("2026-12-02T03:00:00Z"));
-        assert!(s.due("t", 10, &mc, at("2026-12-02T03:15:00Z")), "10 commits since");
-        s.failed("t", at("2026-12-02T03:15:00Z"));
-        assert!(!s.due("t", 0, &mc, at("2026-12-02T04:00:00Z")), "a failure waits an hour");
-        assert!(s.due("t", 0, &mc, at("2026-12-02T04:15:00Z")));
-        assert!(!Schedule::default().due(
-            "t",
-            0,
-            &MaintenanceConfig { enabled: false, ..mc },
-            at("2026-12-02T03:00:00Z")
-        ));
-    }
 
     #[test]
     fn steps_are_parsed_from_a_comma_separated_list() {

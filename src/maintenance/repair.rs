@@ -31,7 +31,7 @@ use crate::audit::{self, Audits, DayAudit, Scope};
 use crate::commit::{Position, TableView};
 use crate::config::TableConfig;
 use crate::error::{OffloadError, Result};
-use crate::offload::Services;
+use crate::services::Services;
 use crate::sink::writer::conform;
 use crate::source::ClickHouse;
 use crate::source::query::SourceTable;
@@ -68,6 +68,25 @@ impl KeepCopies {
             keep: HashMap::new(),
             surplus: 0,
         })
+    }
+
+    /// Keeps each row `in_table` holds more often than the source as often as the source
+    /// holds it, counting the surplus; returns the rows not in the source at all.
+    fn keep_as_in_source(&mut self, in_table: HashMap<u128, u64>, in_source: &BTreeMap<u128, u64>) -> u64 {
+        let mut unmatched = 0;
+        for (h, n) in in_table {
+            // A row the source does not hold (any more, or never in this form) is left as it is:
+            // nothing says how many copies are right.
+            let Some(&right) = in_source.get(&h) else {
+                unmatched += n;
+                continue;
+            };
+            if n > right {
+                self.keep.insert(h, right);
+                self.surplus += n - right;
+            }
+        }
+        unmatched
     }
 
     /// One 128-bit hash per row of `batch` (cast to the table's schema first), over every column.
@@ -143,43 +162,13 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
         });
     };
     let source = SourceTable::describe(&svc.ch, cfg).await?;
-    let now_ns = crate::util::now_epoch_ns() + svc.ch.clock_offset_ns().await?.1;
-    let audits = Audits::default();
-    let subject = audit::Subject { audits: &audits, name: cfg.name(), source: &source, ch: &svc.ch, view: &view };
-    let (first, last, _) = subject.plan(now_ns, Scope::Full, 0).await?;
-    let mut report = RepairReport {
-        days: subject.audit(first, last).await?.into_iter().filter(|d| d.iceberg_rows > d.source_rows).collect(),
-        ..Default::default()
-    };
+    let (days, audited) = days_in_surplus(svc, cfg, &source, &view).await?;
+    let mut report = RepairReport { days, ..Default::default() };
     if report.days.is_empty() {
         return Ok(report);
     }
     let table = &view.table;
-    let audited = (day_start(first.unwrap_or(NaiveDate::MIN)), day_start(last.succ_opt().unwrap_or(last)));
-    let extra: Vec<(i64, i64)> =
-        report.days.iter().map(|d| (day_start(d.day), day_start(d.day.succ_opt().unwrap_or(d.day)))).collect();
-    let mut files = vec![];
-    let (live, unbounded) = live_files(table, cfg).await?;
-    if unbounded > 0 {
-        report.left.push(format!(
-            "{unbounded} data files have no bounds of {} in their manifest entry: not examined",
-            cfg.cursor
-        ));
-    }
-    for f in live {
-        if !extra.iter().any(|(s, e)| f.lo < *e && f.hi >= *s) {
-            continue;
-        }
-        if f.lo < audited.0 {
-            report.left.push(format!("{}: also holds rows of days the source no longer has; left as it is", f.path));
-            continue;
-        }
-        if f.hi >= audited.1 {
-            report.left.push(format!("{}: also holds rows after the last day audited; left as it is", f.path));
-            continue;
-        }
-        files.push(f);
-    }
+    let files = files_to_rewrite(table, cfg, &report.days, audited, &mut report.left).await?;
     let Some(range) = files.iter().map(|f| (f.lo, f.hi)).reduce(|a, b| (a.0.min(b.0), a.1.max(b.1))) else {
         return Ok(report);
     };
@@ -192,19 +181,7 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     let mut in_table = count_table_rows(table, &paths, &keep).await?;
     in_table.retain(|_, n| *n > 1);
     let in_source = count_source_rows(&svc.ch, &source, &projection, &w, range, &keep, &in_table).await?;
-    let mut unmatched = 0;
-    for (h, n) in in_table {
-        // A row the source does not hold (any more, or never in this form) is left as it is:
-        // nothing says how many copies are right.
-        let Some(&right) = in_source.get(&h) else {
-            unmatched += n;
-            continue;
-        };
-        if n > right {
-            keep.keep.insert(h, right);
-            keep.surplus += n - right;
-        }
-    }
+    let unmatched = keep.keep_as_in_source(in_table, &in_source);
     if unmatched > 0 {
         report.left.push(format!("{unmatched} rows held more than once are not in the source: left as they are"));
     }
@@ -213,6 +190,67 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
     if dry_run || keep.surplus == 0 {
         return Ok(report);
     }
+    rewrite_without_surplus(svc, cfg, Repair { files: paths, keep }).await?;
+    report.committed = true;
+    Ok(report)
+}
+
+/// The days a full audit (I9) finds with more rows in Iceberg than in the source, and the
+/// range it audited (ns, from the first day's start to the end of the last).
+async fn days_in_surplus(
+    svc: &Services,
+    cfg: &TableConfig,
+    source: &SourceTable,
+    view: &TableView,
+) -> Result<(Vec<DayAudit>, (i64, i64))> {
+    let now_ns = crate::util::now_epoch_ns() + svc.ch.clock_offset_ns().await?.1;
+    let audits = Audits::default();
+    let subject = audit::Subject { audits: &audits, name: cfg.name(), source, ch: &svc.ch, view };
+    let (first, last, _) = subject.plan(now_ns, Scope::Full, 0).await?;
+    let days = subject.audit(first, last).await?.into_iter().filter(|d| d.iceberg_rows > d.source_rows).collect();
+    let audited = (day_start(first.unwrap_or(NaiveDate::MIN)), day_start(last.succ_opt().unwrap_or(last)));
+    Ok((days, audited))
+}
+
+/// The live files holding rows of the surplus `days` whose rows all lie in the `audited`
+/// range; the files left out, and why, are added to `left`.
+async fn files_to_rewrite(
+    table: &Table,
+    cfg: &TableConfig,
+    days: &[DayAudit],
+    audited: (i64, i64),
+    left: &mut Vec<String>,
+) -> Result<Vec<FileRange>> {
+    let extra: Vec<(i64, i64)> =
+        days.iter().map(|d| (day_start(d.day), day_start(d.day.succ_opt().unwrap_or(d.day)))).collect();
+    let mut files = vec![];
+    let (live, unbounded) = live_files(table, cfg).await?;
+    if unbounded > 0 {
+        left.push(format!(
+            "{unbounded} data files have no bounds of {} in their manifest entry: not examined",
+            cfg.cursor
+        ));
+    }
+    for f in live {
+        if !extra.iter().any(|(s, e)| f.lo < *e && f.hi >= *s) {
+            continue;
+        }
+        if f.lo < audited.0 {
+            left.push(format!("{}: also holds rows of days the source no longer has; left as it is", f.path));
+            continue;
+        }
+        if f.hi >= audited.1 {
+            left.push(format!("{}: also holds rows after the last day audited; left as it is", f.path));
+            continue;
+        }
+        files.push(f);
+    }
+    Ok(files)
+}
+
+/// Rewrites `repair.files` without the surplus: one compaction run with no time or size
+/// limit, which must not be skipped.
+async fn rewrite_without_surplus(svc: &Services, cfg: &TableConfig, repair: Repair) -> Result<()> {
     let compactor = super::compact::Compactor {
         replacer: &svc.replacer,
         catalog: &svc.catalog,
@@ -225,14 +263,13 @@ pub async fn repair(svc: &Services, cfg: &TableConfig, dry_run: bool) -> Result<
         },
         limits: svc.limits,
         deadline: std::time::Instant::now() + std::time::Duration::from_secs(365 * 86_400),
-        repair: Some(Repair { files: paths, keep }),
+        repair: Some(repair),
     };
     let done = compactor.run(false).await?;
     if let Some(why) = done.skipped {
         return Err(OffloadError::Schema { table: cfg.source(), message: format!("repair not done: {why}") });
     }
-    report.committed = true;
-    Ok(report)
+    Ok(())
 }
 
 fn day_start(d: NaiveDate) -> i64 {

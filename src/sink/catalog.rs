@@ -9,6 +9,10 @@ use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::SqlCatalogBuilder;
 
 use crate::config::{CatalogConfig, CatalogKind, CatalogLimits};
+use async_trait::async_trait;
+
+use crate::database::{ensure_sqlite_parent, lost_create_race, redact_url, with_password};
+use crate::error::CallTimedOut;
 
 /// Builds the catalog, every call time-limited (I10). Must run inside the tokio runtime.
 pub async fn build(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>> {
@@ -73,7 +77,7 @@ async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>
                     .await
                 {
                     Ok(catalog) => break catalog,
-                    Err(e) if attempt < 5 && crate::state::lost_create_race(&e) => {
+                    Err(e) if attempt < 5 && lost_create_race(&e) => {
                         tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
                     }
                     Err(e) => anyhow::bail!("cannot open the SQL catalog at {}: {e}", redact_url(&uri)),
@@ -97,90 +101,6 @@ async fn build_unlimited(cfg: &CatalogConfig) -> anyhow::Result<Arc<dyn Catalog>
             Ok(Arc::new(catalog))
         }
     }
-}
-
-/// Implements `iceberg::Catalog` for a decorator that holds its inner catalog in `$inner`: every
-/// call but `load_table` and `update_table` goes to the inner catalog unchanged, and those two
-/// are the ones given (the decorators of this crate and of its tests differ only there).
-#[macro_export]
-macro_rules! forward_catalog {
-    ($ty:ty, $inner:ident, { $($overrides:tt)* }) => {
-        #[$crate::sink::catalog::async_trait]
-        impl ::iceberg::Catalog for $ty {
-            async fn list_namespaces(
-                &self,
-                parent: Option<&::iceberg::NamespaceIdent>,
-            ) -> ::iceberg::Result<Vec<::iceberg::NamespaceIdent>> {
-                self.$inner.list_namespaces(parent).await
-            }
-            async fn create_namespace(
-                &self,
-                ns: &::iceberg::NamespaceIdent,
-                props: ::std::collections::HashMap<String, String>,
-            ) -> ::iceberg::Result<::iceberg::Namespace> {
-                self.$inner.create_namespace(ns, props).await
-            }
-            async fn get_namespace(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<::iceberg::Namespace> {
-                self.$inner.get_namespace(ns).await
-            }
-            async fn namespace_exists(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<bool> {
-                self.$inner.namespace_exists(ns).await
-            }
-            async fn update_namespace(
-                &self,
-                ns: &::iceberg::NamespaceIdent,
-                props: ::std::collections::HashMap<String, String>,
-            ) -> ::iceberg::Result<()> {
-                self.$inner.update_namespace(ns, props).await
-            }
-            async fn drop_namespace(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<()> {
-                self.$inner.drop_namespace(ns).await
-            }
-            async fn list_tables(&self, ns: &::iceberg::NamespaceIdent) -> ::iceberg::Result<Vec<::iceberg::TableIdent>> {
-                self.$inner.list_tables(ns).await
-            }
-            async fn create_table(
-                &self,
-                ns: &::iceberg::NamespaceIdent,
-                creation: ::iceberg::TableCreation,
-            ) -> ::iceberg::Result<::iceberg::table::Table> {
-                self.$inner.create_table(ns, creation).await
-            }
-            async fn drop_table(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
-                self.$inner.drop_table(table).await
-            }
-            async fn purge_table(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
-                self.$inner.purge_table(table).await
-            }
-            async fn table_exists(&self, table: &::iceberg::TableIdent) -> ::iceberg::Result<bool> {
-                self.$inner.table_exists(table).await
-            }
-            async fn rename_table(&self, src: &::iceberg::TableIdent, dest: &::iceberg::TableIdent) -> ::iceberg::Result<()> {
-                self.$inner.rename_table(src, dest).await
-            }
-            async fn register_table(
-                &self,
-                table: &::iceberg::TableIdent,
-                location: String,
-            ) -> ::iceberg::Result<::iceberg::table::Table> {
-                self.$inner.register_table(table, location).await
-            }
-            $($overrides)*
-        }
-    };
-}
-
-#[doc(hidden)]
-pub use async_trait::async_trait;
-
-/// A catalog call that ran past its time limit (I10). It is the source of the
-/// `iceberg::Error` the call returns, so the commit protocol can tell a timeout (outcome
-/// unknown, I5) from a refusal by its type.
-#[derive(Debug, thiserror::Error)]
-#[error("the catalog did not answer {call} within {after:?}")]
-pub struct CallTimedOut {
-    pub call: &'static str,
-    pub after: std::time::Duration,
 }
 
 /// I10: every catalog call ends within its limit. iceberg-rust's REST client has no timeout
@@ -265,45 +185,9 @@ impl Catalog for TimeLimited {
     }
 }
 
-/// Inserts a password into a database URL (`postgres://user@host/db`).
-pub fn with_password(uri: &str, password: &str) -> anyhow::Result<String> {
-    let mut url = url::Url::parse(uri).map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
-    url.set_password(Some(password)).map_err(|_| anyhow::anyhow!("cannot set a password on this URL"))?;
-    Ok(url.to_string())
-}
-
-/// A URL fit for logs: the password, if any, replaced.
-pub fn redact_url(uri: &str) -> String {
-    match url::Url::parse(uri) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("[redacted]"));
-            u.to_string()
-        }
-        _ => uri.to_string(),
-    }
-}
-
-pub fn ensure_sqlite_parent(uri: &str) -> anyhow::Result<()> {
-    let path = uri.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
-    let path = path.split('?').next().unwrap_or(path);
-    if let Some(parent) = std::path::Path::new(path).parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_inserted_and_redacted() {
-        let u = with_password("postgres://offload@db:5432/iceberg", "p@ss").unwrap();
-        assert_eq!(u, "postgres://offload:p%40ss@db:5432/iceberg");
-        assert_eq!(redact_url(&u), "postgres://offload:%5Bredacted%5D@db:5432/iceberg");
-    }
 
     #[tokio::test]
     async fn rest_catalog_is_wired_from_config() {

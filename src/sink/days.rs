@@ -69,40 +69,13 @@ impl DayCounter {
             message: format!("the cursor column {cursor:?} is not in the Iceberg table"),
         })?;
         let field_id = field.id;
-        let bytes = table.file_io().new_input(snapshot.manifest_list())?.read().await?;
-        let list = ManifestList::parse_with_version(&bytes, meta.format_version())?;
-        if list.entries().iter().any(|m| m.content == ManifestContentType::Deletes) {
-            return Err(OffloadError::Audit(format!(
-                "{} has delete files (written by another engine): the audit counts data files and cannot count it",
-                table.identifier()
-            )));
-        }
+        let list = data_manifest_list(table, snapshot).await?;
         if !self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
             self.load(table, field_id).await;
         }
-        let mut changed = false;
         let in_range = |d: Day| first.is_none_or(|f| d >= f) && d <= last;
-        let pruning = Pruning::of(meta, field_id);
         let all_paths: HashSet<String> = list.entries().iter().map(|m| m.manifest_path.clone()).collect();
-        let mut per_manifest = Vec::with_capacity(list.entries().len());
-        for m in list.entries() {
-            // A manifest whose partitions (a time transform of the cursor) lie outside the
-            // range holds nothing to count: not read.
-            if let Some((lo, hi)) = pruning.as_ref().and_then(|p| p.days_of(m))
-                && (hi < first.unwrap_or(Day::MIN) || lo > last)
-            {
-                continue;
-            }
-            let cached = self.manifests.lock().expect("not poisoned").get(&m.manifest_path).cloned();
-            let days = match cached {
-                Some(d) => d,
-                None => {
-                    changed = true;
-                    manifest_days(&m.load_manifest(table.file_io()).await?, field_id)
-                }
-            };
-            per_manifest.push((m.manifest_path.clone(), days));
-        }
+        let (per_manifest, mut changed) = self.manifests_in_range(table, &list, field_id, first, last).await?;
         // Files spanning days of the range are read once; their counts join the manifest's.
         let to_read: HashSet<String> = per_manifest
             .iter()
@@ -140,6 +113,40 @@ impl DayCounter {
         Ok(total)
     }
 
+    /// The day counts of each manifest that may hold days of `first..=last`, from the cache or
+    /// read now; `true` with them when one was read (the cache changed).
+    async fn manifests_in_range(
+        &self,
+        table: &Table,
+        list: &ManifestList,
+        field_id: i32,
+        first: Option<Day>,
+        last: Day,
+    ) -> Result<(Vec<(String, ManifestDays)>, bool)> {
+        let mut changed = false;
+        let pruning = Pruning::of(table.metadata(), field_id);
+        let mut per_manifest = Vec::with_capacity(list.entries().len());
+        for m in list.entries() {
+            // A manifest whose partitions (a time transform of the cursor) lie outside the
+            // range holds nothing to count: not read.
+            if let Some((lo, hi)) = pruning.as_ref().and_then(|p| p.days_of(m))
+                && (hi < first.unwrap_or(Day::MIN) || lo > last)
+            {
+                continue;
+            }
+            let cached = self.manifests.lock().expect("not poisoned").get(&m.manifest_path).cloned();
+            let days = match cached {
+                Some(d) => d,
+                None => {
+                    changed = true;
+                    manifest_days(&m.load_manifest(table.file_io()).await?, field_id)
+                }
+            };
+            per_manifest.push((m.manifest_path.clone(), days));
+        }
+        Ok((per_manifest, changed))
+    }
+
     /// What an earlier process counted (best effort: a missing or unreadable file is ignored).
     async fn load(&self, table: &Table, field_id: i32) {
         let read = async { table.file_io().new_input(persisted_path(table))?.read().await };
@@ -161,6 +168,21 @@ impl DayCounter {
             tracing::debug!(table = %table.identifier(), "the audit's day counts are not kept for the next process: {e}");
         }
     }
+}
+
+/// The manifest list of `snapshot`; an error if it lists delete manifests (the audit counts
+/// data files only).
+async fn data_manifest_list(table: &Table, snapshot: &iceberg::spec::Snapshot) -> Result<ManifestList> {
+    let meta = table.metadata();
+    let bytes = table.file_io().new_input(snapshot.manifest_list())?.read().await?;
+    let list = ManifestList::parse_with_version(&bytes, meta.format_version())?;
+    if list.entries().iter().any(|m| m.content == ManifestContentType::Deletes) {
+        return Err(OffloadError::Audit(format!(
+            "{} has delete files (written by another engine): the audit counts data files and cannot count it",
+            table.identifier()
+        )));
+    }
+    Ok(list)
 }
 
 /// How manifests are skipped by their partition summaries: the finest time transform of the

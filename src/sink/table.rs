@@ -13,6 +13,9 @@ use crate::config::{PartitionField, TableConfig};
 use crate::error::{OffloadError, Result};
 use crate::source::query::Projection;
 
+/// Table property (Iceberg's): delete metadata files that fall out of the metadata log.
+pub const DELETE_AFTER_COMMIT: &str = "write.metadata.delete-after-commit.enabled";
+
 pub fn ident(cfg: &TableConfig) -> TableIdent {
     TableIdent::new(NamespaceIdent::new(cfg.target_namespace.clone()), cfg.target_table.clone())
 }
@@ -95,7 +98,7 @@ pub async fn ensure_from(
         ("offload.cursor".to_string(), cfg.cursor.clone()),
         // Old metadata versions are deleted as they fall out of the log (100 kept): a year of
         // 15-minute commits would otherwise leave 35,000 metadata files behind.
-        (crate::commit::DELETE_AFTER_COMMIT.to_string(), "true".to_string()),
+        (DELETE_AFTER_COMMIT.to_string(), "true".to_string()),
         ("write.metadata.previous-versions-max".to_string(), "100".to_string()),
     ]);
     let creation = TableCreation::builder()

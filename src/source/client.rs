@@ -261,30 +261,59 @@ impl ClickHouse {
     }
 }
 
+/// Where the Arrow body of one query stands, between two batches.
+struct ArrowBody<S> {
+    bytes: std::pin::Pin<Box<S>>,
+    framer: MessageFramer,
+    /// Whole messages not yet given to the decoder.
+    frames: std::collections::VecDeque<Buffer>,
+    decoder: StreamDecoder,
+    pending: Buffer,
+    done: bool,
+    client: ClickHouse,
+}
+
+impl<S> ArrowBody<S> {
+    fn new(bytes: S, client: ClickHouse) -> Self {
+        ArrowBody {
+            bytes: Box::pin(bytes),
+            framer: MessageFramer::default(),
+            frames: Default::default(),
+            decoder: StreamDecoder::new(),
+            pending: Buffer::from(Vec::<u8>::new()),
+            done: false,
+            client,
+        }
+    }
+
+    /// At the end of the body: why it is not a complete stream, if it is not. A stream cut
+    /// short (or a server error written mid-stream) never ends with the end-of-stream marker:
+    /// refuse to call it complete.
+    fn incomplete(&mut self) -> Option<OffloadError> {
+        if let Some(err) = mid_stream_exception(&self.client, &self.framer, &[]) {
+            return Some(err);
+        }
+        if self.framer.pending() > 0 {
+            let msg = format!(
+                "incomplete ArrowStream: the body ended inside a message ({} bytes read of it)",
+                self.framer.pending()
+            );
+            return Some(OffloadError::ClickHouseStream(msg));
+        }
+        match self.decoder.finish() {
+            Ok(()) => None,
+            Err(e) => Some(OffloadError::ClickHouseStream(format!("incomplete ArrowStream: {e}"))),
+        }
+    }
+}
+
+/// The record batches of an ArrowStream body; an error ends it, and a body that is not a
+/// complete stream ends with one.
 fn async_stream(
     bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
     client: ClickHouse,
 ) -> impl Stream<Item = Result<RecordBatch>> + Send + 'static {
-    struct State<S> {
-        bytes: std::pin::Pin<Box<S>>,
-        framer: MessageFramer,
-        /// Whole messages not yet given to the decoder.
-        frames: std::collections::VecDeque<Buffer>,
-        decoder: StreamDecoder,
-        pending: Buffer,
-        done: bool,
-        client: ClickHouse,
-    }
-    let state = State {
-        bytes: Box::pin(bytes),
-        framer: MessageFramer::default(),
-        frames: Default::default(),
-        decoder: StreamDecoder::new(),
-        pending: Buffer::from(Vec::<u8>::new()),
-        done: false,
-        client,
-    };
-    futures::stream::unfold(state, |mut st| async move {
+    futures::stream::unfold(ArrowBody::new(bytes, client), |mut st| async move {
         if st.done {
             return None;
         }
@@ -326,24 +355,7 @@ fn async_stream(
                 }
                 None => {
                     st.done = true;
-                    // A stream cut short (or a server error written mid-stream) never
-                    // ends with the end-of-stream marker: refuse to call it complete.
-                    if let Some(err) = mid_stream_exception(&st.client, &st.framer, &[]) {
-                        return Some((Err(err), st));
-                    }
-                    if st.framer.pending() > 0 {
-                        let msg = format!(
-                            "incomplete ArrowStream: the body ended inside a message ({} bytes read of it)",
-                            st.framer.pending()
-                        );
-                        return Some((Err(OffloadError::ClickHouseStream(msg)), st));
-                    }
-                    return match st.decoder.finish() {
-                        Ok(()) => None,
-                        Err(e) => {
-                            Some((Err(OffloadError::ClickHouseStream(format!("incomplete ArrowStream: {e}"))), st))
-                        }
-                    };
+                    return st.incomplete().map(|err| (Err(err), st));
                 }
             }
         }

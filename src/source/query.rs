@@ -37,27 +37,52 @@ pub struct SourceTable {
 /// The select list with its Iceberg types: (column name, SELECT expression, Iceberg type, nullable).
 pub type Projection = Vec<(String, String, Type, bool)>;
 
+/// The table's columns in `system.columns`, in order; an error naming the table if it has none
+/// (it does not exist).
+async fn system_columns(ch: &ClickHouse, table: &TableConfig) -> Result<Vec<SourceColumn>> {
+    let rows = ch
+        .query_rows(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {tbl:String} ORDER BY position",
+            &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Err(OffloadError::Schema {
+            table: table.source(),
+            message: format!(
+                "source table {} does not exist in ClickHouse (no columns in system.columns); check tables[].source",
+                table.source()
+            ),
+        });
+    }
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.len() >= 2)
+        .map(|r| SourceColumn { parsed: ChType::parse(&r[1]), name: r[0].clone(), ch_type: r[1].clone() })
+        .collect())
+}
+
+/// The table's engine and TTL expression (if any) from `system.tables`.
+async fn engine_and_ttl(ch: &ClickHouse, table: &TableConfig) -> Result<(String, Option<String>)> {
+    let meta = ch
+        .query_rows(
+            "SELECT engine, extract(create_table_query, 'TTL (.*?)(?:SETTINGS|$)') FROM system.tables WHERE database = {db:String} AND name = {tbl:String}",
+            &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
+        )
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let engine = meta.first().cloned().unwrap_or_default();
+    let ttl = meta.get(1).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    Ok((engine, ttl))
+}
+
 impl SourceTable {
     /// Reads the table's columns and checks that the configuration fits them.
     pub async fn describe(ch: &ClickHouse, table: &TableConfig) -> Result<Self> {
-        let rows = ch
-            .query_rows(
-                "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {tbl:String} ORDER BY position",
-                &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
-            )
-            .await?;
+        let all = system_columns(ch, table).await?;
         let schema_err = |message: String| OffloadError::Schema { table: table.source(), message };
-        if rows.is_empty() {
-            return Err(schema_err(format!(
-                "source table {} does not exist in ClickHouse (no columns in system.columns); check tables[].source",
-                table.source()
-            )));
-        }
-        let all: Vec<SourceColumn> = rows
-            .into_iter()
-            .filter(|r| r.len() >= 2)
-            .map(|r| SourceColumn { parsed: ChType::parse(&r[1]), name: r[0].clone(), ch_type: r[1].clone() })
-            .collect();
         let find = |name: &str, field: &str| {
             all.iter().find(|c| c.name == name).ok_or_else(|| {
                 schema_err(format!(
@@ -100,17 +125,7 @@ impl SourceTable {
                 )));
             }
         }
-        let meta = ch
-            .query_rows(
-                "SELECT engine, extract(create_table_query, 'TTL (.*?)(?:SETTINGS|$)') FROM system.tables WHERE database = {db:String} AND name = {tbl:String}",
-                &[("db".into(), table.source_db.clone()), ("tbl".into(), table.source_table.clone())],
-            )
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let engine = meta.first().cloned().unwrap_or_default();
-        let ttl = meta.get(1).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let (engine, ttl) = engine_and_ttl(ch, table).await?;
         let read_final = match table.read_final {
             ReadFinal::Auto => merges_rows(&engine),
             ReadFinal::Always => true,

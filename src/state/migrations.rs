@@ -124,7 +124,7 @@ pub async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
     loop {
         attempt += 1;
         match apply(pool, dialect).await {
-            Err(e) if attempt < 5 && super::lost_create_race(&e) => {
+            Err(e) if attempt < 5 && crate::database::lost_create_race(&e) => {
                 tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
             }
             other => return other,

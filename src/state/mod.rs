@@ -6,9 +6,11 @@
 //! comes from Iceberg. Losing this database loses history, not correctness. SQLite by
 //! default, PostgreSQL when the URL says `postgres://`; migrations are versioned.
 
+mod leases;
 mod members;
 mod migrations;
 
+pub use leases::{acquire, acquire_from, holder_is_dead, process_holder};
 pub use members::Member;
 
 use std::time::Duration;
@@ -17,8 +19,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::config::StateConfig;
+use crate::database::{ensure_sqlite_parent, redact_url, with_password};
 use crate::error::{OffloadError, Result};
-use crate::sink::catalog::{ensure_sqlite_parent, redact_url, with_password};
 use crate::window::Position;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,22 +82,6 @@ pub struct Lease {
     pub table_name: String,
     pub holder: String,
     pub token: i64,
-}
-
-/// Whether an error is PostgreSQL's answer to two concurrent `CREATE TABLE IF NOT EXISTS` of
-/// the same table (unique violation in its type catalog, or duplicate table), decided by the
-/// SQLSTATE anywhere in the error's chain.
-pub fn lost_create_race(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if let Some(sqlx::Error::Database(db)) = err.downcast_ref::<sqlx::Error>()
-            && matches!(db.code().as_deref(), Some("23505") | Some("42P07"))
-        {
-            return true;
-        }
-        current = err.source();
-    }
-    false
 }
 
 fn now_ms() -> i64 {
@@ -365,7 +351,7 @@ impl StateStore {
     pub async fn record_audit(
         &self,
         table: &str,
-        days: &[crate::audit::DayAudit],
+        days: &[crate::report::DayAudit],
         retained: Option<chrono::NaiveDate>,
     ) -> Result<()> {
         self.limited(async {
@@ -406,7 +392,7 @@ impl StateStore {
         &self,
         table: &str,
         retained: Option<chrono::NaiveDate>,
-    ) -> Result<crate::audit::AuditTotals> {
+    ) -> Result<crate::report::AuditTotals> {
         self.limited(async {
             let rows = sqlx::query(
                 "SELECT status, COUNT(*), CAST(SUM(source_rows - iceberg_rows) AS BIGINT) FROM offload_audit \
@@ -416,7 +402,7 @@ impl StateStore {
             .bind(retained.map(|d| d.to_string()).unwrap_or_default())
             .fetch_all(&self.pool)
             .await?;
-            let mut totals = crate::audit::AuditTotals::default();
+            let mut totals = crate::report::AuditTotals::default();
             for r in rows {
                 let status: String = r.try_get(0)?;
                 let days: i64 = r.try_get(1)?;
