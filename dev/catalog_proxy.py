@@ -11,7 +11,10 @@ with the queue empty it passes. Faults:
 - ``("drop", None)``             close the connection without an answer, never forward;
 - ``("slow", delay)``            forward at once (it applies), hold the answer `delay` s (the
                                  client gives up first);
-- ``("hang", None)``             never forward, never answer (until the client goes away).
+- ``("hang", None)``             never forward, never answer (until the client goes away);
+- ``("504_then_apply_before_next", None)``  answer 504 at once, and forward the request just
+                                 before the next commit is forwarded (a gateway that queued it):
+                                 the late commit always wins over the retry that follows it.
 
 Every other request passes through unchanged. `applied_late` counts requests forwarded late.
 """
@@ -23,7 +26,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("504_then_apply", "drop_then_apply", "504", "drop", "slow", "hang")
+FAULTS = ("504_then_apply", "drop_then_apply", "504", "drop", "slow", "hang", "504_then_apply_before_next")
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -40,6 +43,7 @@ class CatalogProxy:
         self.commits = 0
         self.faulted = []
         self.late = []  # threads forwarding late requests
+        self.held = []  # requests to forward before the next commit
         self.hang_all = False
         self.server = _QuietServer((host, 0), self._handler())
         self.server.daemon_threads = True
@@ -78,8 +82,19 @@ class CatalogProxy:
         t.start()
         self.late.append(t)
 
+    def release_held(self):
+        """Forwards the requests held for the next commit, in order (they apply)."""
+        with self.lock:
+            held, self.held = self.held, []
+        for method, path, headers, body in held:
+            try:
+                self.forward(method, path, headers, body)
+            except OSError:
+                pass
+
     def settle(self, timeout=30):
-        """Waits until every late request has been forwarded."""
+        """Waits until every late request has been forwarded (held ones too)."""
+        self.release_held()
         for t in list(self.late):
             t.join(timeout)
 
@@ -102,12 +117,17 @@ class CatalogProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 parts = urllib.parse.urlparse(self.path).path.strip("/").split("/")
                 is_commit = self.command == "POST" and len(parts) == 5 and parts[1] == "namespaces" and parts[3] == "tables"
+                if is_commit:
+                    proxy.release_held()
                 kind, delay = proxy.next_fault() if is_commit else ("pass", None)
                 if kind != "pass":
                     proxy.faulted.append(kind)
+                if kind == "504_then_apply_before_next":
+                    with proxy.lock:
+                        proxy.held.append((self.command, self.path, headers, body))
                 if kind in ("504_then_apply", "drop_then_apply"):
                     proxy.forward_later(self.command, self.path, headers, body, delay)
-                if kind in ("504_then_apply", "504"):
+                if kind in ("504_then_apply", "504", "504_then_apply_before_next"):
                     return self.reply(504, b'{"error":{"message":"gateway timeout","type":"GatewayTimeout","code":504}}')
                 if kind in ("drop_then_apply", "drop"):
                     return self.drop()

@@ -129,7 +129,7 @@ def duckdb_read(args, metadata_location):
     return out
 
 
-def main():
+def parse(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalog-uri", required=True)
     ap.add_argument("--catalog-name", default="offload")
@@ -143,7 +143,10 @@ def main():
     ap.add_argument("--no-duckdb", action="store_true")
     ap.add_argument("--s3-endpoint", default="")
     ap.add_argument("--s3-key", default="")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def read_tables(args):
     tables = args.table
     results = {}
     for table in tables:
@@ -154,7 +157,55 @@ def main():
         if not args.s3_endpoint and not args.no_duckdb:
             out["duckdb"] = duckdb_read(args, out["pyiceberg"]["metadata_location"])
         results[table] = out
-    json.dump(results[tables[0]] if len(tables) == 1 else results, sys.stdout)
+    return results[tables[0]] if len(tables) == 1 else results
+
+
+def serve():
+    """`--serve`: one request per line on stdin (`{"argv": [...], "env": {...}}`), one JSON reply
+    per line on stdout (`{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`).
+
+    A test suite reads hundreds of tables; a new interpreter for each spends about 2 s importing
+    pyiceberg, pyarrow and DuckDB. Here they are imported once, and each request is read in a
+    child forked from this process: every read still starts from nothing (its own ClickHouse
+    engine, DuckDB connection and working directory, no cache kept from an earlier read), as a
+    separate process did. ClickHouse (chdb) is imported in the child: its import starts threads,
+    which a fork would not carry over."""
+    import traceback
+    import pyarrow.compute  # noqa: F401  (preloaded for the children)
+    import duckdb  # noqa: F401
+    import duckdb_extension_avro  # noqa: F401
+    import duckdb_extension_iceberg  # noqa: F401
+    from pyiceberg.catalog.sql import SqlCatalog  # noqa: F401
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            os.dup2(2, 1)  # whatever a library prints must not reach the replies on stdout
+            os.environ.update(request.get("env", {}))
+            try:
+                reply = {"ok": True, "result": read_tables(parse(request["argv"]))}
+            except BaseException:  # noqa: BLE001 - reported to the caller, whatever it was
+                reply = {"ok": False, "error": traceback.format_exc()}
+            with os.fdopen(write_end, "w") as out:
+                json.dump(reply, out)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as child:
+            text = child.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            text = json.dumps({"ok": False, "error": f"the reader process ended with status {status} and no answer"})
+        sys.stdout.write(text + "\n")  # json.dump writes one line: newlines inside strings are escaped
+        sys.stdout.flush()
+
+
+def main():
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    json.dump(read_tables(parse()), sys.stdout)
 
 
 if __name__ == "__main__":

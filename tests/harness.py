@@ -2,9 +2,11 @@
 independent readers of what lands in Iceberg."""
 import json
 import os
+import select
 import subprocess
-import time
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +121,34 @@ def spark_read(catalog, table, key="symbol,sequence_number", sums=("price", "qua
     return Spark.shared().read(catalog, table, key=key, sums=sums, rows=rows)
 
 
+class Readers:
+    """dev/verify_iceberg.py --serve, started once per test process: the readers we did not write
+    (pyiceberg, ClickHouse, DuckDB), each read in a fresh child process forked from it (see its
+    `serve`), without paying an interpreter's start and imports at every read."""
+    _proc = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def read(cls, argv, env=None, timeout=600):
+        with cls._lock:
+            if cls._proc is None or cls._proc.poll() is not None:
+                cls._proc = subprocess.Popen([PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--serve"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            proc = cls._proc
+            proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "env": env or {}}) + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                proc.kill()
+                cls._proc = None
+                raise AssertionError(f"the Iceberg readers gave no answer within {timeout} s")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise AssertionError(f"verifier failed:\n{reply['error']}")
+        return reply["result"]
+
+
 def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"), rows=False, clickhouse=True, s3=None,
            spark_catalog=None, spark=True):
     """`s3`: {"endpoint", "key", "secret", "warehouse"} for a warehouse on S3 (Spark cannot read
@@ -126,22 +156,19 @@ def verify(tmp, table, key="symbol,sequence_number", sums=("price", "quantity"),
     not the SQLite catalog in `tmp` (a REST catalog, PostgreSQL)."""
     tmp = Path(tmp)
     warehouse = s3["warehouse"] if s3 else f"file://{tmp / 'warehouse'}"
-    cmd = [PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--catalog-uri", f"sqlite:////{tmp / 'catalog.db'}".replace("/////", "////"),
-           "--warehouse", warehouse, "--table", table, "--key", key]
-    env = dict(os.environ)
+    argv = ["--catalog-uri", f"sqlite:////{tmp / 'catalog.db'}".replace("/////", "////"),
+            "--warehouse", warehouse, "--table", table, "--key", key]
+    env = {}
     if s3:
-        cmd += ["--s3-endpoint", s3["endpoint"], "--s3-key", s3["key"]]
+        argv += ["--s3-endpoint", s3["endpoint"], "--s3-key", s3["key"]]
         env["VERIFY_S3_SECRET"] = s3["secret"]
     for s in sums:
-        cmd += ["--sum", s]
+        argv += ["--sum", s]
     if rows:
-        cmd.append("--rows")
+        argv.append("--rows")
     if not clickhouse:
-        cmd.append("--no-clickhouse")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if p.returncode != 0:
-        raise AssertionError(f"verifier failed:\n{p.stderr}")
-    got = json.loads(p.stdout)
+        argv.append("--no-clickhouse")
+    got = Readers.read(argv, env)
     if spark and spark_enabled() and not s3:
         got["spark"] = spark_read(spark_catalog or sqlite_catalog(tmp), table, key=key, sums=sums, rows=rows)
     return got

@@ -160,11 +160,11 @@ def test_compaction_racing_offload_cycles_never_loses_or_doubles_a_row(gateway, 
                    {seq} + number, ['BTC', 'ETH'][number % 2 + 1], toDecimal64(100 + number % 7, 8),
                    now64(3)
             FROM numbers({n})""")
-        # Settled (1 s) before the cycle starts: rows never arrive below W.
-        time.sleep(1.1)
+        # Settled (200 ms) before the cycle starts: rows never arrive below W.
+        time.sleep(0.3)
 
     t = {"source": f"{db}.arrivals", "target": "cold.arrivals", "layer": "bronze", "cursor": "arrived",
-         "tiebreak": "seq", "settle_delay": "1s", "partition": ["day(ts)"]}
+         "tiebreak": "seq", "settle_delay": "200ms", "partition": ["day(ts)"]}
     offload = write_config(tmp_path / "offload.toml", gateway, [t], tmp_path, state_url=f"sqlite:{tmp_path / 'a.db'}")
     compact = write_config(tmp_path / "compact.toml", gateway, [t], tmp_path, state_url=f"sqlite:{tmp_path / 'b.db'}")
     compact.write_text(compact.read_text() + '\n[maintenance]\ncompact_after = "100ms"\ntarget_file_size_mb = 1\n')

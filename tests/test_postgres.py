@@ -1,5 +1,4 @@
 """PostgreSQL as the state store and as the SQL catalog, on the machine's real server."""
-import json
 import os
 import subprocess
 import time
@@ -7,7 +6,7 @@ import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, assert_equal_to_source, spark_enabled, spark_read, bronze_table, create_bronze, insert_bronze, now_ms, run, write_config
+from harness import ROOT, Readers, spark_enabled, spark_read, bronze_table, create_bronze, insert_bronze, now_ms, run, write_config
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,9 @@ def pg_setup(gateway, db, tmp_path, postgres, rows, settle):
 
 def pg_verify(password, name, tmp_path, spark=True):
     """pyiceberg through the same PostgreSQL catalog, and ClickHouse icebergLocal()."""
-    out = subprocess.run([PYTHON, str(ROOT / "dev" / "verify_iceberg.py"),
-                          "--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
-                          "--warehouse", f"file://{tmp_path / 'warehouse'}", "--table", "cold.trades",
-                          "--key", "symbol,sequence_number", "--sum", "price"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
+    got = Readers.read(["--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
+                        "--warehouse", f"file://{tmp_path / 'warehouse'}", "--table", "cold.trades",
+                        "--key", "symbol,sequence_number", "--sum", "price"])
     if spark and spark_enabled():
         # Spark through the same PostgreSQL catalog (Iceberg Java's JdbcCatalog, Debian's driver).
         catalog = {"type": "jdbc", "uri": f"jdbc:postgresql://127.0.0.1:5432/{name}", "user": "offload_test",

@@ -4,7 +4,6 @@ a SIGKILLed replica's tables are taken over within the documented bound (member_
 one interval, not lease_ttl); a SIGTERMed replica hands its tables over at the peers' next
 cycle; the run history shows one holder per table at any moment; pyiceberg and ClickHouse
 icebergLocal() find every row once."""
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness import PASSWORD, PYTHON, ROOT, binary, bronze_table, create_bronze, free_port, insert_bronze, now_ms, \
+from harness import PASSWORD, Readers, binary, bronze_table, create_bronze, free_port, insert_bronze, now_ms, \
     source_stats, write_config
 from test_postgres import postgres, psql  # noqa: F401  (the fixture)
 import uuid
@@ -209,14 +208,11 @@ def test_three_replicas_share_thirty_tables_and_survive_each_other(gateway, db, 
     assert {h for _, h, *_ in history} >= {holder_of(r) for r in replicas}
 
     # Every row once, for readers we did not write: pyiceberg and ClickHouse icebergLocal().
-    cmd = [PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--no-duckdb",
-           "--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
+    cmd = ["--no-duckdb", "--catalog-uri", f"postgresql+psycopg2://offload_test:{password}@127.0.0.1:5432/{name}",
            "--warehouse", f"file://{tmp_path / 'warehouse'}", "--key", "symbol,sequence_number", "--sum", "price"]
     for t in TABLES:
         cmd += ["--table", f"cold.{t}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
+    got = Readers.read(cmd, timeout=900)
     for t in TABLES:
         py = got[f"cold.{t}"]["pyiceberg"]
         src = source_stats(gateway, db, t, py["properties"]["offload.watermark.position"], sums=("price",))
