@@ -134,7 +134,13 @@ impl Journal {
             return Ok(journal);
         }
         let input = journal.io.new_input(&journal.path)?;
-        let bytes = journal.storage(input.read()).await?;
+        let bytes = match journal.storage(input.read()).await {
+            Ok(bytes) => bytes,
+            // Deleted since the look above: another process (a maintenance run, a writer
+            // without our lease) settled its last attempt. No journal is an empty one.
+            Err(e) if is_not_found(&e) => return Ok(journal),
+            Err(e) => return Err(e),
+        };
         match serde_json::from_slice::<Vec<PendingAttempt>>(&bytes) {
             Ok(entries) => journal.entries = entries,
             Err(e) => {
@@ -238,6 +244,13 @@ impl Journal {
     }
 }
 
+/// Whether a storage error says the file is not there (opendal's or the OS's own word for it).
+fn is_not_found(e: &OffloadError) -> bool {
+    let OffloadError::Iceberg(e) = e else { return false };
+    crate::error::cause_of::<opendal::Error>(e).is_some_and(|o| o.kind() == opendal::ErrorKind::NotFound)
+        || crate::error::cause_of::<std::io::Error>(e).is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+}
+
 fn local_path(uri: &str) -> Option<std::path::PathBuf> {
     uri.strip_prefix("file://").or_else(|| uri.strip_prefix("file:")).map(std::path::PathBuf::from)
 }
@@ -260,4 +273,20 @@ async fn write_atomically(path: std::path::PathBuf, bytes: Vec<u8>) -> iceberg::
     .await
     .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("attempt journal: {e}")))?
     .map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_journal_file_that_is_gone_reads_as_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = crate::sink::storage::file_io(&Default::default());
+        let path = format!("file://{}/offload/attempts.json", dir.path().display());
+        let gone = io.new_input(&path).unwrap().read().await.unwrap_err();
+        assert!(is_not_found(&OffloadError::Iceberg(gone)));
+        let other = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "storage: timed out");
+        assert!(!is_not_found(&OffloadError::Iceberg(other)));
+    }
 }
