@@ -1,3 +1,4 @@
+import fcntl
 import sys
 from pathlib import Path
 
@@ -5,6 +6,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Gateway  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """When the suite runs in parallel (dev/test.sh: pytest-xdist, each test file on one
+    worker), the tests that use the machine's one PostgreSQL server run one at a time: they
+    hold a lock shared by the workers from their set-up to their tear-down (test_postgres stops
+    and restarts the server, and the fixture that starts it must not run meanwhile)."""
+    if "postgres" not in item.fixturenames:
+        yield
+        return
+    lock_path = Path(item.config._tmp_path_factory.getbasetemp()).parent / "postgres.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +44,4 @@ def db(gateway):
     name = f"t{_counter[0]}"
     gateway.sql(f"CREATE DATABASE IF NOT EXISTS {name}")
     return name
+
