@@ -673,6 +673,23 @@ impl ReplicaLost<'_> {
     }
 }
 
+/// A member found gone for sure: a process of this host that no longer runs (a crash, a
+/// restart), lost at once instead of after the member timeout.
+pub struct ReplicaGone<'a> {
+    pub member: &'a str,
+}
+
+impl ReplicaGone<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.replica_members_lost_total.inc();
+        tracing::warn!(
+            member = self.member,
+            "replica {} is gone (its process no longer runs on this host): its tables go to the live replicas at once, its leases are taken over",
+            self.member
+        );
+    }
+}
+
 /// The tables this replica owns for the cycle, among the live members it sees.
 pub struct ReplicaOwnership<'a> {
     pub members: usize,

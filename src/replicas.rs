@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::events;
 use crate::metrics::Metrics;
-use crate::state::StateStore;
+use crate::state::{StateStore, holder_is_gone};
 
 /// This process as a member of the replicas sharing one state store.
 pub struct Membership {
@@ -58,7 +58,9 @@ impl Membership {
 
     /// The live members now (this one included), sorted, or `None` when they are not
     /// configured with the same tables (then every replica runs all its tables: the leases
-    /// decide). A member silent for longer than the timeout is marked lost, and counted once by
+    /// decide). A member whose process is gone from this host (`holder_is_gone`: a crashed or
+    /// restarted predecessor) is lost at once and its row removed; one silent for longer than
+    /// the timeout is marked lost. Either is counted once by
     /// the replica that marks it; nobody is marked lost while this replica's own heartbeat is
     /// stale (then the state store, not the others, was the trouble).
     pub async fn refresh(&self, metrics: &Metrics) -> Result<Option<Vec<String>>> {
@@ -69,6 +71,15 @@ impl Membership {
         let mut lost = HashSet::new();
         let mut mismatched = false;
         for m in members {
+            if holder_is_gone(&m.id, &self.id) {
+                // Its process no longer runs (this host's crashed or restarted process): lost at
+                // once, whatever its last heartbeat says, and forgotten.
+                if self.state.remove_gone_member(&m.id).await? {
+                    events::ReplicaGone { member: &m.id }.emit(metrics);
+                }
+                lost.insert(m.id);
+                continue;
+            }
             if m.heartbeat_age_ms() <= timeout_ms {
                 mismatched |= m.tables_hash != self.tables_hash;
                 live.push(m.id);
@@ -123,15 +134,21 @@ impl Membership {
 }
 
 /// The live replicas and the owner of each table, as the replicas compute them now (for
-/// `status` and `watermark show`; reads only).
+/// `status` and `watermark show`; reads only). A member whose process is gone from this host
+/// is not live, whatever its last heartbeat says (`holder_is_gone`).
 pub async fn owners(
     state: &StateStore,
     tables: &[&str],
     timeout: Duration,
 ) -> Result<(Vec<String>, HashMap<String, String>)> {
     let timeout_ms = timeout.as_millis() as i64;
-    let live: Vec<String> =
-        state.members().await?.into_iter().filter(|m| m.heartbeat_age_ms() <= timeout_ms).map(|m| m.id).collect();
+    let live: Vec<String> = state
+        .members()
+        .await?
+        .into_iter()
+        .filter(|m| m.heartbeat_age_ms() <= timeout_ms && !holder_is_gone(&m.id, ""))
+        .map(|m| m.id)
+        .collect();
     let owners = assign(tables, &live).into_iter().map(|(t, o)| (t.to_string(), o)).collect();
     Ok((live, owners))
 }

@@ -17,7 +17,7 @@ use crate::events;
 use crate::maintenance;
 use crate::offload::{Services, TableOutcome, offload_table};
 use crate::replicas::{self, Membership};
-use crate::state::{Lease, RunRecord, StateStore, acquire_from, holder_is_dead};
+use crate::state::{Lease, RunRecord, StateStore, acquire_from, holder_is_gone, process_holder};
 
 pub use crate::report::CycleStatus;
 
@@ -85,14 +85,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(config: Config, services: Services) -> Self {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
         Self {
-            holder: format!(
-                "{}:{}:{}",
-                if host.is_empty() { "host" } else { &host },
-                std::process::id(),
-                &uuid::Uuid::new_v4().to_string()[..8]
-            ),
+            // `host:pid:token`, a new token at every start: a restarted process with its old pid
+            // (PID 1 in a container) is told apart from its predecessor (`holder_is_gone`).
+            holder: process_holder(&uuid::Uuid::new_v4().to_string()[..8]),
             config,
             services,
             shutdown: CancellationToken::new(),
@@ -535,7 +531,7 @@ impl LeaseGuard {
             tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
             return Ok(Self { state: None, lease: None, renew: None });
         }
-        let lease = match acquire_from(&state, t.name(), holder, ttl, holder_is_dead).await {
+        let lease = match acquire_from(&state, t.name(), holder, ttl, |h| holder_is_gone(h, holder)).await {
             Ok((l, from)) => {
                 if let Some(from) = from {
                     events::LeaseTakenOver { table: t.name(), from: &from }.emit(&svc.metrics);

@@ -115,3 +115,45 @@ async fn leaving_removes_the_member_at_once() {
     assert!(!a.is_lost("h:2:b"));
     assert_eq!(gauge(&m, "offload_replica_members_lost_total"), 0.0, "a stop is not a loss");
 }
+
+#[tokio::test]
+async fn a_member_of_this_host_whose_process_is_gone_is_lost_at_once_despite_a_fresh_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(&dir).await;
+    let m = Metrics::new();
+    let tables = ["t1", "t2"];
+    let timeout = Duration::from_secs(30);
+    let host = iceberg_offload::state::hostname();
+    // The predecessor of a restarted container: this very pid (PID 1 again), another token.
+    let before = format!("{host}:{}:before", std::process::id());
+    let me = iceberg_offload::state::process_holder("now");
+    let old = Membership::new(state.clone(), before.clone(), timeout, &tables);
+    old.heartbeat(&m).await.unwrap();
+    state.acquire_lease("t1", &before, Duration::from_secs(600)).await.unwrap();
+    let new = Membership::new(state.clone(), me.clone(), timeout, &tables);
+    new.heartbeat(&m).await.unwrap();
+    assert_eq!(new.refresh(&m).await.unwrap(), Some(vec![me.clone()]), "never counted live");
+    assert!(new.is_lost(&before));
+    assert_eq!(gauge(&m, "offload_replica_members_lost_total"), 1.0, "counted once");
+    assert!(state.members().await.unwrap().iter().all(|x| x.id != before), "its row is removed");
+    // Its lease is taken over at once, not after the lease's time to live.
+    let (lease, from) = iceberg_offload::state::acquire_from(&state, "t1", &me, Duration::from_secs(600), |h| {
+        iceberg_offload::state::holder_is_gone(h, &me)
+    })
+    .await
+    .unwrap();
+    assert_eq!((lease.holder.as_str(), from.as_deref()), (me.as_str(), Some(before.as_str())));
+    // status and watermark show (another process than any member) never name a member whose
+    // process exited, even while its row is still there: here one whose pid has exited, beside
+    // one whose pid runs (this test's parent).
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let exited = format!("{host}:{}:x", child.id());
+    child.wait().unwrap();
+    let running = format!("{host}:{}:y", std::os::unix::process::parent_id());
+    for id in [&exited, &running] {
+        Membership::new(state.clone(), id.clone(), timeout, &tables).heartbeat(&m).await.unwrap();
+    }
+    let (live, owners) = iceberg_offload::replicas::owners(&state, &tables, timeout).await.unwrap();
+    assert!(live.contains(&running) && !live.contains(&exited), "{live:?}");
+    assert!(owners.values().all(|o| *o != exited), "{owners:?}");
+}

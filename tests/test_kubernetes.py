@@ -109,3 +109,11 @@ def test_the_pieces_fit_together():
     assert m["servicemonitor.yaml"]["spec"]["selector"]["matchLabels"].items() <= m["service.yaml"]["metadata"]["labels"].items()
     assert m["servicemonitor.yaml"]["spec"]["endpoints"][0]["port"] == m["service.yaml"]["spec"]["ports"][0]["name"]
     assert m["service.yaml"]["spec"]["selector"].items() <= pod.get("labels", m["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]).items()
+
+
+def test_the_readme_states_the_deployments_grace_period():
+    """One truth for the grace period at SIGTERM: the README says what the Deployment sets."""
+    grace = manifests()["deployment.yaml"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    stated = re.findall(r"(\d+) s grace", readme)
+    assert stated == [str(grace)], f"README states {stated} s grace; the Deployment sets {grace} s"

@@ -61,6 +61,17 @@ impl StateStore {
         .await
     }
 
+    /// Removes a member found gone for sure (`holder_is_gone`). True for exactly one caller,
+    /// however many replicas find it at once: that one counts the loss.
+    pub async fn remove_gone_member(&self, id: &str) -> Result<bool> {
+        self.limited(async {
+            let res =
+                sqlx::query("DELETE FROM offload_members WHERE member_id = $1").bind(id).execute(&self.pool).await?;
+            Ok(res.rows_affected() == 1)
+        })
+        .await
+    }
+
     pub async fn members(&self) -> Result<Vec<Member>> {
         let sql = format!(
             "SELECT member_id, host, heartbeat_at_ms, lost_at_ms, tables_hash, {} FROM offload_members ORDER BY member_id",

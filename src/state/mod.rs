@@ -10,7 +10,7 @@ mod leases;
 mod members;
 mod migrations;
 
-pub use leases::{acquire, acquire_from, holder_is_dead, process_holder};
+pub use leases::{acquire, acquire_from, holder_is_gone, hostname, process_holder};
 pub use members::Member;
 
 use std::time::Duration;
