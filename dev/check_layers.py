@@ -13,7 +13,14 @@ from pathlib import Path
 MAP_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([a-z ]+?)\s*\|")
 LAYERS_LINE = re.compile(r"^Layers, bottom to top:\s*(.+)$", re.MULTILINE)
 USE_STMT = re.compile(r"\b(?:pub(?:\([a-z]+\))?\s+)?use\s+crate::([^;]+);", re.DOTALL)
-INLINE_PATH = re.compile(r"(?<![$\w:])crate::([a-z_][a-z0-9_]*)")
+# `crate::x`, and `$crate::x` in a macro (a dependency of the module that defines the macro).
+INLINE_PATH = re.compile(r"(?<![\w:])\$?crate::([a-z_][a-z0-9_]*)")
+CRATE_ALIAS = re.compile(r"\buse\s+crate\s+as\s+([a-z_][a-z0-9_]*)\s*;")
+SUPER_PATH = re.compile(r"(?<![\w:])((?:super::)+)([a-z_][a-z0-9_]*)")
+# A path in an attribute's string (`#[serde(with = "crate::x::y")]`), blanked with the strings.
+ATTRIBUTE_PATH = re.compile(r"#\[[^\]]*?\"crate::([a-z_][a-z0-9_]*)")
+EXPORTED_MACRO = re.compile(r"#\[macro_export\]\s*macro_rules!\s*([a-z_][a-z0-9_]*)")
+MACRO_CALL = re.compile(r"(?<![\w$])(?:crate::)?([a-z_][a-z0-9_]*)!")
 # Comments, strings and char literals, in the order a Rust lexer meets them (a `//` inside a
 # string is not a comment; a `"` inside a comment is not a string).
 NOT_CODE = re.compile(r'//[^\n]*|/\*.*?\*/|r(#*)".*?"\1|b?"(?:\\.|[^"\\])*"|\'(?:\\.|[^\\\'\n])\'', re.DOTALL)
@@ -40,14 +47,24 @@ def read_map(architecture):
 
 
 def source_modules(src):
-    """Top-level modules of the library: src/x.rs and src/x/ (lib.rs and main.rs aside)."""
+    """Top-level modules of the library: src/x.rs and/or src/x/ (lib.rs and main.rs aside),
+    each with its files and each file's depth in the module tree (src/x.rs and src/x/mod.rs: 1)."""
     found = {}
     for path in sorted(src.iterdir()):
         if path.suffix == ".rs" and path.stem not in ("lib", "main"):
-            found[path.stem] = [path]
+            found.setdefault(path.stem, []).append((path, 1))
         elif path.is_dir():
-            found[path.name] = sorted(path.rglob("*.rs"))
+            for f in sorted(path.rglob("*.rs")):
+                parts = f.relative_to(src).with_suffix("").parts
+                found.setdefault(path.name, []).append((f, len(parts) - (parts[-1] == "mod")))
     return found
+
+
+def exported_macros(modules):
+    """{macro name: the module that defines it} for `#[macro_export]` macros (they live at the
+    crate's root, `crate::name!`, whichever module defines them)."""
+    return {m.group(1): name for name, files in modules.items() for path, _ in files
+            for m in EXPORTED_MACRO.finditer(code_only(path.read_text()))}
 
 
 def first_segments(use_tree):
@@ -68,16 +85,26 @@ def first_segments(use_tree):
     return {seg for p in parts if p.strip() for seg in first_segments(p)}
 
 
-def imports_of(files, root):
-    """{imported top module: ['file:line', …] where it is named}."""
+def imports_of(files, root, macros=None):
+    """{imported top module: ['file:line', …] where it is named}: `use crate::…` trees, inline
+    `crate::x` and `$crate::x` paths, `super::` chains that climb to the crate's root, paths
+    through `use crate as alias`, paths in attribute strings, and calls of exported macros."""
     found = {}
-    for path in files:
-        text = code_only(path.read_text())
+    for path, depth in files:
+        raw = path.read_text()
+        text = code_only(raw)
         named = [(m.start(), module) for m in USE_STMT.finditer(text) for module in first_segments(m.group(1))]
         named += [(m.start(), m.group(1)) for m in INLINE_PATH.finditer(text)]
+        named += [(m.start(), m.group(2)) for m in SUPER_PATH.finditer(text) if m.group(1).count("super") >= depth]
+        for alias in CRATE_ALIAS.findall(text):
+            named += [(m.start(), m.group(1)) for m in re.finditer(rf"(?<![\w:]){alias}::([a-z_][a-z0-9_]*)", text)]
+        named += [(m.start(), m.group(1)) for m in ATTRIBUTE_PATH.finditer(raw)]
+        named += [(m.start(), (macros or {})[m.group(1)]) for m in MACRO_CALL.finditer(text) if m.group(1) in (macros or {})]
         for start, module in sorted(named):
             where = f"{path.relative_to(root)}:{text.count(chr(10), 0, start) + 1}"
-            found.setdefault(module, []).append(where)
+            found.setdefault(module, [])
+            if where not in found[module]:
+                found[module].append(where)
     return found
 
 
@@ -125,11 +152,12 @@ def check(root):
         if layer not in layers:
             problems.append(f"ARCHITECTURE.md: `{name}` is in layer '{layer}', not one of {layers}")
     graph = {}
+    macros = exported_macros(modules)
     for name, files in modules.items():
         if mapped.get(name) not in layers:
             continue
         rank = layers.index(mapped[name])
-        for target, places in sorted(imports_of(files, root).items()):
+        for target, places in sorted(imports_of(files, root, macros).items()):
             if target == name or target not in modules:
                 continue
             graph.setdefault(name, set()).add(target)

@@ -167,9 +167,12 @@ def serve():
     A test suite reads hundreds of tables; a new interpreter for each spends about 2 s importing
     pyiceberg, pyarrow and DuckDB. Here they are imported once, and each request is read in a
     child forked from this process: every read still starts from nothing (its own ClickHouse
-    engine, DuckDB connection and working directory, no cache kept from an earlier read), as a
-    separate process did. ClickHouse (chdb) is imported in the child: its import starts threads,
-    which a fork would not carry over."""
+    engine and DuckDB connection, its own changes of directory and environment, no cache kept
+    from an earlier read), as a separate process did; the parent itself never reads.
+    ClickHouse (chdb) is imported in the child: its import starts a dozen threads, and a fork
+    carries none over. pyarrow's and DuckDB's imports start a few (jemalloc's background thread
+    among them), which fork safely; a child that hangs anyway ends the caller's wait with its
+    time limit, and the caller then kills this server's whole process group."""
     import traceback
     import pyarrow.compute  # noqa: F401  (preloaded for the children)
     import duckdb  # noqa: F401

@@ -1,19 +1,15 @@
 //! iceberg-offload: moves rows from ClickHouse hot-tier tables into Apache Iceberg
 //! cold-tier tables, exactly once.
 //!
-//! Layout (one place per part of the architecture):
-//! - [`config`]: the TOML file and the embedded defaults;
-//! - [`source`]: ClickHouse over HTTP, streamed as Arrow;
-//! - [`sink`]: Iceberg catalog, table management and Parquet writing;
-//! - [`window`]: positions, cursor units, the settle limit and the SQL bounds of a window;
-//! - [`commit`]: the exactly-once commit protocol (`docs/exactly-once.md`);
-//! - [`offload`]: the offload of one table, window by window;
-//! - [`scheduler`]: cycles, parallelism, timeouts, retries, signals;
-//! - [`state`]: the operators' state store (a mirror of Iceberg, never the truth);
-//! - [`maintenance`]: orphan-file cleanup;
-//! - [`metrics`] and [`events`]: every number and log line of one event from one place;
-//! - [`adopt`]: taking over a table and the watermark of the original pipeline;
-//! - [`server`]: the HTTP endpoint; [`status`]: the 30-second health check.
+//! The layers, each module's place among them and what it owns: `ARCHITECTURE.md` (kept true by
+//! `dev/check_layers.py`). In short:
+//! - ground: [`config`], [`error`], [`window`], [`report`], [`database`], [`decorate`],
+//!   [`fault`], [`util`];
+//! - the port every layer emits into: [`events`] and [`metrics`];
+//! - I/O: [`source`] (ClickHouse), [`sink`] (Iceberg), [`state`] (the state store);
+//! - the exactly-once commit protocol: [`commit`] (`docs/exactly-once.md`);
+//! - table operations: [`offload`], [`audit`], [`maintenance`], [`adopt`], given [`services`];
+//! - the service: [`scheduler`], [`replicas`], [`server`], [`status`], [`systemd`].
 
 pub mod adopt;
 pub mod audit;

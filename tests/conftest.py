@@ -8,6 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Gateway  # noqa: E402
 
 
+def shared_dir(tmp_path_factory):
+    """A folder every test process of this run shares (the workers' temporary folders' parent)."""
+    return Path(tmp_path_factory.getbasetemp()).parent
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """When the suite runs in parallel (dev/test.sh: pytest-xdist, each test file on one
@@ -17,7 +22,7 @@ def pytest_runtest_protocol(item, nextitem):
     if "postgres" not in item.fixturenames:
         yield
         return
-    lock_path = Path(item.config._tmp_path_factory.getbasetemp()).parent / "postgres.lock"
+    lock_path = shared_dir(item.config._tmp_path_factory) / "postgres.lock"
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -3,6 +3,7 @@ independent readers of what lands in Iceberg."""
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -133,14 +134,15 @@ class Readers:
         with cls._lock:
             if cls._proc is None or cls._proc.poll() is not None:
                 cls._proc = subprocess.Popen([PYTHON, str(ROOT / "dev" / "verify_iceberg.py"), "--serve"],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                             start_new_session=True)
             proc = cls._proc
             proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "env": env or {}}) + "\n")
             proc.stdin.flush()
             ready, _, _ = select.select([proc.stdout], [], [], timeout)
             line = proc.stdout.readline() if ready else ""
             if not line:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # the server and a reader child that hangs
                 cls._proc = None
                 raise AssertionError(f"the Iceberg readers gave no answer within {timeout} s")
         reply = json.loads(line)

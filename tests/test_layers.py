@@ -66,3 +66,29 @@ def test_a_module_missing_from_the_map_fails(tmp_path):
     (root / "src" / "newthing.rs").write_text("//! new\n")
     p = check(root)
     assert p.returncode == 1 and "src/newthing: not in ARCHITECTURE.md's map" in p.stderr, p.stderr
+
+
+def test_paths_by_super_crate_aliases_macros_and_attributes_fail(tmp_path):
+    """The other ways Rust names a module: `super::` climbing to the crate's root, `use crate as`,
+    `$crate::` in a macro, a path in an attribute's string, and a call of an exported macro
+    (which lives at the crate's root, whichever module defines it)."""
+    root = tree(tmp_path)
+    append(root / "src" / "util.rs", "\n#[allow(unused_imports)]\nuse super::scheduler;\n")
+    append(root / "src" / "sink" / "days.rs", "\n#[allow(unused_imports)]\nuse super::super::offload;\n")
+    append(root / "src" / "window.rs", "\nuse crate as root;\nfn _g() -> Option<root::status::Report> { None }\n")
+    append(root / "src" / "error.rs", "\nmacro_rules! up { () => { $crate::replicas::assign(&[], &[]) }; }\n")
+    append(root / "src" / "database.rs", '\n#[derive(serde::Deserialize)]\nstruct _S { #[serde(with = "crate::adopt::x")] _a: u8 }\n')
+    (root / "src" / "scheduler.rs").write_text((root / "src" / "scheduler.rs").read_text()
+                                               + "\n#[macro_export]\nmacro_rules! from_the_top { () => {} }\n")
+    append(root / "src" / "config.rs", "\nfn _h() { crate::from_the_top!(); }\n")
+    p = check(root)
+    assert p.returncode == 1
+    for upward in ("`util` (ground) uses `scheduler`", "`sink` (io) uses `offload`", "`window` (ground) uses `status`",
+                   "`error` (ground) uses `replicas`", "`database` (ground) uses `adopt`", "`config` (ground) uses `scheduler`"):
+        assert upward in p.stderr, (upward, p.stderr)
+
+
+def test_a_test_module_that_uses_its_parent_is_not_an_import(tmp_path):
+    root = tree(tmp_path)
+    append(root / "src" / "window.rs", "\n#[cfg(test)]\nmod more_tests {\n    use super::*;\n}\n")
+    assert check(root).returncode == 0

@@ -11,7 +11,11 @@ from harness import ROOT, Readers, spark_enabled, spark_read, bronze_table, crea
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
-    pwfile = tmp_path_factory.mktemp("pg") / "password"
+    """The machine's PostgreSQL, started, and the test role's (base URL, password). One password
+    file for every test process of the run: dev/postgres.sh sets the role's password from it,
+    and a module's fresh one would log out the other worker's tests (tests/conftest.py)."""
+    from conftest import shared_dir
+    pwfile = shared_dir(tmp_path_factory) / "postgres-password"
     base = subprocess.run([str(ROOT / "dev" / "postgres.sh"), str(pwfile)], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return base, pwfile.read_text().strip()
 

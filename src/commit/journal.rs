@@ -136,9 +136,13 @@ impl Journal {
         let input = journal.io.new_input(&journal.path)?;
         let bytes = match journal.storage(input.read()).await {
             Ok(bytes) => bytes,
-            // Deleted since the look above: another process (a maintenance run, a writer
-            // without our lease) settled its last attempt. No journal is an empty one.
-            Err(e) if is_not_found(&e) => return Ok(journal),
+            // Deleted since the look above (another writer settled its last attempt: an offload
+            // or `watermark set` without our lease, a `cleanup`): no journal is an empty one.
+            // Only if a second look agrees: a not-found deeper down (a credentials file, say)
+            // must not pass an existing journal off as empty (I5).
+            Err(e) if is_not_found(&e) && !journal.storage(journal.io.exists(&journal.path)).await? => {
+                return Ok(journal);
+            }
             Err(e) => return Err(e),
         };
         match serde_json::from_slice::<Vec<PendingAttempt>>(&bytes) {
