@@ -146,8 +146,11 @@ def test_s3_compaction_then_expiry_leaves_exactly_the_live_objects(gateway, db, 
     partition, every row unchanged for three readers; expiry then deletes the replaced
     objects, so the bucket holds exactly what the remaining snapshots reference."""
     create_bronze(gateway, db, "trades")
-    day = 86_400_000
-    insert_bronze(gateway, db, "trades", 2_000, now_ms() - int(3.5 * day), step_ms=int(3.4 * day) // 2_000)
+    day, hour = 86_400_000, 3_600_000
+    # Four whole past days, 01:00 on the first to 23:00 on the last: closed partitions whatever
+    # the time of day (rows reaching into today would leave today's small files uncompacted).
+    today = now_ms() // day * day
+    insert_bronze(gateway, db, "trades", 2_000, today - 4 * day + hour, step_ms=(4 * day - 2 * hour) // 2_000)
     table = bronze_table(db, "trades", max_rows_per_commit=10, settle_delay="1s")
     cfg, s3v = s3_config(tmp_path, gateway, [table], s3, "lake-compact")
     cfg.write_text(cfg.read_text() + '\n[maintenance]\nmax_snapshot_age = "1s"\nmin_snapshots_to_keep = 1\n'
@@ -174,14 +177,14 @@ def test_s3_compaction_then_expiry_leaves_exactly_the_live_objects(gateway, db, 
     t = catalog.load_table("cold.trades")
     key = lambda uri: uri.split("lake-compact/", 1)[1]  # noqa: E731
     live = {key(task.file.file_path) for task in t.scan().plan_files()}
-    assert len(live) <= 6, live  # a file per closed day partition (4 or 5 calendar days), and today's
+    assert len(live) == 6, live  # a file per closed day (4), and today's 20 new rows (2 windows of 10)
     lists = {key(s.manifest_list) for s in t.snapshots()}
     manifests = {key(m.manifest_path) for s in t.snapshots() for m in s.manifests(t.io)}
     data = {key(e.data_file.file_path) for s in t.snapshots() for m in s.manifests(t.io)
             for e in m.fetch_manifest_entry(t.io, discard_deleted=True)}
     assert objects(s3, "lake-compact", ".avro") == lists | manifests
     assert objects(s3, "lake-compact", ".parquet") == data, (parquet_before, len(data))
-    assert len(data) <= 6 < parquet_before, (len(data), parquet_before)
+    assert len(data) == 6 < parquet_before, (len(data), parquet_before)
 
 
 def test_s3_orphan_cleanup_lists_the_bucket_and_deletes_only_what_nothing_references(gateway, db, tmp_path, s3):
