@@ -690,6 +690,24 @@ impl ReplicaGone<'_> {
     }
 }
 
+/// Tables this replica gained while it waited for the next boundary (a replica lost, leaving
+/// or joining): they are run at once, in a cycle of their own.
+pub struct OffScheduleCycle<'a> {
+    pub gained: &'a [&'a str],
+}
+
+impl OffScheduleCycle<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.offschedule_cycles_total.inc();
+        tracing::info!(
+            tables = self.gained.len(),
+            "off-schedule cycle: running at once the {} tables this replica gained ({}); the others wait for the boundary",
+            self.gained.len(),
+            self.gained.join(", ")
+        );
+    }
+}
+
 /// The tables this replica owns for the cycle, among the live members it sees.
 pub struct ReplicaOwnership<'a> {
     pub members: usize,

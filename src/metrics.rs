@@ -71,6 +71,7 @@ pub struct Metrics {
     pub table_owned: GaugeVec,
     pub replica_takeovers_total: prometheus::IntCounter,
     pub replica_members_lost_total: prometheus::IntCounter,
+    pub offschedule_cycles_total: prometheus::IntCounter,
     pub replica_heartbeat_age_seconds: Gauge,
     pub replica_tables_mismatch: Gauge,
     /// Unix time of this replica's last heartbeat written to the state store.
@@ -157,6 +158,10 @@ impl Metrics {
         let replica_members_lost_total = int_counter(
             "offload_replica_members_lost_total",
             "Replicas found gone by this one: their heartbeat stopped without leaving (SIGKILL, crash, partition); each loss is counted by one replica",
+        );
+        let offschedule_cycles_total = int_counter(
+            "offload_offschedule_cycles_total",
+            "Cycles run at once, off the aligned schedule, over the tables this replica gained from the membership (a replica lost, leaving or joining)",
         );
         let rows_per_second = RowsPerSecond::new();
         registry.register(Box::new(rows_per_second.clone())).expect("unique metric");
@@ -343,6 +348,7 @@ impl Metrics {
             ),
             replica_takeovers_total,
             replica_members_lost_total,
+            offschedule_cycles_total,
             replica_heartbeat_age_seconds: gauge(
                 "offload_replica_heartbeat_age_seconds",
                 "Seconds since this replica last wrote its heartbeat to the state store (0 before the first)",

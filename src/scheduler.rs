@@ -141,8 +141,13 @@ impl Scheduler {
         (self.table_budget() + maintenance + state_calls) * waves + Duration::from_secs(60)
     }
 
-    /// One cycle over every configured table.
+    /// One cycle over every configured table (those this replica owns).
     pub async fn run_cycle(&self) -> CycleReport {
+        self.cycle(None).await
+    }
+
+    /// A cycle over the tables this replica owns now, or over `only` (tables it just gained).
+    async fn cycle(&self, only: Option<HashSet<String>>) -> CycleReport {
         self.beat();
         let cycle_id = uuid::Uuid::now_v7().to_string();
         let started = Instant::now();
@@ -160,7 +165,10 @@ impl Scheduler {
                 }
             })
         };
-        let owned = self.ownership().await;
+        let owned = match only {
+            Some(tables) => Some(tables),
+            None => self.ownership().await,
+        };
         let limit = Arc::new(Semaphore::new(self.config.service.parallelism));
         let jobs = self.config.tables.iter().map(|t| {
             let limit = limit.clone();
@@ -475,6 +483,23 @@ impl Scheduler {
         }
     }
 
+    /// Between boundaries, at every heartbeat: the tables this replica gained since it last
+    /// looked (a replica lost, leaving or joining) run at once, in a cycle of their own, each
+    /// under its lease; the tables it kept wait for the aligned boundary. One loop runs the
+    /// cycles, so two cycles of this process never overlap.
+    async fn run_gained_tables(&self) {
+        let Some(before) = self.owned.lock().expect("not poisoned").clone() else { return };
+        let Some(now) = self.ownership().await else { return };
+        let gained: Vec<&str> =
+            self.config.tables.iter().map(|t| t.name()).filter(|t| now.contains(*t) && !before.contains(*t)).collect();
+        if gained.is_empty() || self.shutdown.is_cancelled() {
+            return;
+        }
+        events::OffScheduleCycle { gained: &gained }.emit(&self.services.metrics);
+        let only = gained.iter().map(|t| t.to_string()).collect();
+        self.cycle(Some(only)).await;
+    }
+
     async fn cycles_until_shutdown(&self) {
         loop {
             if self.shutdown.is_cancelled() {
@@ -486,13 +511,22 @@ impl Scheduler {
             }
             let next = next_boundary(chrono::Utc::now(), self.config.service.interval);
             tracing::info!("next cycle at {}", next.to_rfc3339());
+            let mut looked = Instant::now();
             loop {
                 let now = chrono::Utc::now();
                 if now >= next {
                     break;
                 }
                 self.beat();
-                let wait = (next - now).to_std().unwrap_or_default().min(Duration::from_secs(5));
+                if let Some(m) = &self.membership
+                    && looked.elapsed() >= m.heartbeat_every()
+                {
+                    looked = Instant::now();
+                    self.run_gained_tables().await;
+                    continue;
+                }
+                let tick = self.membership.as_ref().map_or(Duration::from_secs(5), |m| m.heartbeat_every());
+                let wait = (next - now).to_std().unwrap_or_default().min(tick.min(Duration::from_secs(5)));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = self.shutdown.cancelled() => return,
