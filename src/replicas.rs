@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::events;
@@ -31,6 +31,16 @@ pub struct Membership {
     /// each hand some table to a replica that does not have it.
     tables_hash: String,
     joined: std::sync::atomic::AtomicBool,
+    /// Since when this member's heartbeats have landed with no gap longer than the timeout, and
+    /// when the last one did: after a state-store outage the peers' heartbeats land again at
+    /// their own times, so none is marked lost before ours have landed for a whole timeout.
+    landing: Mutex<Option<(Instant, Instant)>>,
+    /// Members of this host that `holder_is_gone` judged gone and that heartbeated again: two
+    /// live processes share a host name and a pid (separate PID namespaces); the rule is not
+    /// applied to them again.
+    alive_despite_rule: Mutex<HashSet<String>>,
+    /// Members this one removed as gone, with their last heartbeat then (to see one come back).
+    removed_as_gone: Mutex<HashMap<String, i64>>,
 }
 
 impl Membership {
@@ -39,7 +49,18 @@ impl Membership {
         let mut sorted = tables.to_vec();
         sorted.sort_unstable();
         let tables_hash = format!("{:016x}", score("tables", &sorted.join("\n")));
-        Self { state, id, host, timeout, lost: Mutex::new(HashSet::new()), tables_hash, joined: Default::default() }
+        Self {
+            state,
+            id,
+            host,
+            timeout,
+            lost: Mutex::new(HashSet::new()),
+            tables_hash,
+            joined: Default::default(),
+            landing: Mutex::new(None),
+            alive_despite_rule: Mutex::new(HashSet::new()),
+            removed_as_gone: Mutex::new(HashMap::new()),
+        }
     }
 
     /// How often a member heartbeats: six heartbeats fit in the timeout, so one slow write
@@ -50,6 +71,13 @@ impl Membership {
 
     pub async fn heartbeat(&self, metrics: &Metrics) -> Result<()> {
         self.state.heartbeat_member(&self.id, &self.host, &self.tables_hash).await?;
+        let now = Instant::now();
+        let mut landing = self.landing.lock().expect("not poisoned");
+        *landing = match *landing {
+            Some((since, last)) if now - last <= self.timeout => Some((since, now)),
+            _ => Some((now, now)),
+        };
+        drop(landing);
         let first = !self.joined.swap(true, std::sync::atomic::Ordering::Relaxed);
         events::ReplicaHeartbeat { member: &self.id, first, every: self.heartbeat_every(), timeout: self.timeout }
             .emit(metrics);
@@ -66,16 +94,18 @@ impl Membership {
     pub async fn refresh(&self, metrics: &Metrics) -> Result<Option<Vec<String>>> {
         let timeout_ms = self.timeout.as_millis() as i64;
         let members = self.state.members().await?;
-        let own_fresh = members.iter().any(|m| m.id == self.id && m.heartbeat_age_ms() <= timeout_ms);
+        let own_fresh =
+            members.iter().any(|m| m.id == self.id && m.heartbeat_age_ms() <= timeout_ms) && self.landing_steadily();
         let mut live = vec![];
         let mut lost = HashSet::new();
         let mut mismatched = false;
         for m in members {
-            if holder_is_gone(&m.id, &self.id) {
+            if self.gone(&m) {
                 // Its process no longer runs (this host's crashed or restarted process): lost at
                 // once, whatever its last heartbeat says, and forgotten.
                 if self.state.remove_gone_member(&m.id).await? {
                     events::ReplicaGone { member: &m.id }.emit(metrics);
+                    self.removed_as_gone.lock().expect("not poisoned").insert(m.id.clone(), m.heartbeat_at_ms);
                 }
                 lost.insert(m.id);
                 continue;
@@ -104,6 +134,38 @@ impl Membership {
         *self.lost.lock().expect("not poisoned") = lost;
         events::ReplicaTablesMismatch { mismatched }.emit(metrics);
         Ok(if mismatched { None } else { Some(live) })
+    }
+
+    /// Whether this member's heartbeats have landed, with no gap longer than the timeout, for
+    /// at least a whole timeout: only then may it find others silent.
+    fn landing_steadily(&self) -> bool {
+        self.landing
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|(since, last)| since.elapsed() >= self.timeout && last.elapsed() <= self.timeout)
+    }
+
+    /// `holder_is_gone` for a member, unless that member has already come back after this one
+    /// removed it as gone: then two live processes share its host name and pid (containers of
+    /// one pod with their own PID namespaces), which the rule cannot tell apart; said once,
+    /// loudly, and left to the timeout from then on.
+    fn gone(&self, m: &crate::state::Member) -> bool {
+        if self.alive_despite_rule.lock().expect("not poisoned").contains(&m.id) {
+            return false;
+        }
+        let came_back =
+            self.removed_as_gone.lock().expect("not poisoned").get(&m.id).is_some_and(|at| m.heartbeat_at_ms > *at);
+        if came_back {
+            tracing::error!(member = %m.id, "replica {} was judged gone (a process of this host whose pid is gone or is ours) but heartbeats again: two live processes share its host name; give each replica its own host name. Its loss is now left to service.member_timeout", m.id);
+            self.alive_despite_rule.lock().expect("not poisoned").insert(m.id.clone());
+            return false;
+        }
+        holder_is_gone(&m.id, &self.id)
+    }
+
+    /// Whether `holder` may have its leases taken over at once as gone (see [`Self::gone`]).
+    pub fn holder_gone(&self, holder: &str) -> bool {
+        !self.alive_despite_rule.lock().expect("not poisoned").contains(holder) && holder_is_gone(holder, &self.id)
     }
 
     /// Takes over `table`'s lease from `holder` if it is a member silent now.

@@ -151,7 +151,8 @@ impl Scheduler {
         self.beat();
         let cycle_id = uuid::Uuid::now_v7().to_string();
         let started = Instant::now();
-        events::CycleStarted { cycle_id: &cycle_id, tables: self.config.tables.len() }.emit(&self.services.metrics);
+        let tables = only.as_ref().map_or(self.config.tables.len(), HashSet::len);
+        events::CycleStarted { cycle_id: &cycle_id, tables }.emit(&self.services.metrics);
         // Keep ticking while the cycle runs, but only within its budget: a cycle stuck past it
         // stops the heartbeat, so /healthz and systemd's watchdog see it.
         let ticker = {
@@ -488,6 +489,9 @@ impl Scheduler {
     /// under its lease; the tables it kept wait for the aligned boundary. One loop runs the
     /// cycles, so two cycles of this process never overlap.
     async fn run_gained_tables(&self) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
         let Some(before) = self.owned.lock().expect("not poisoned").clone() else { return };
         let Some(now) = self.ownership().await else { return };
         let gained: Vec<&str> =
@@ -565,7 +569,8 @@ impl LeaseGuard {
             tracing::warn!(table = t.name(), "state store unavailable, continuing without lease and mirror: {e}");
             return Ok(Self { state: None, lease: None, renew: None });
         }
-        let lease = match acquire_from(&state, t.name(), holder, ttl, |h| holder_is_gone(h, holder)).await {
+        let gone = |h: &str| membership.map_or_else(|| holder_is_gone(h, holder), |m| m.holder_gone(h));
+        let lease = match acquire_from(&state, t.name(), holder, ttl, gone).await {
             Ok((l, from)) => {
                 if let Some(from) = from {
                     events::LeaseTakenOver { table: t.name(), from: &from }.emit(&svc.metrics);

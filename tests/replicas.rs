@@ -95,10 +95,52 @@ async fn a_replica_whose_own_heartbeat_is_stale_marks_nobody_lost() {
     assert_eq!(a.refresh(&m).await.unwrap().unwrap(), vec!["h:1:a".to_string()]);
     assert!(!a.is_lost("h:2:b"));
     assert_eq!(gauge(&m, "offload_replica_members_lost_total"), 0.0);
-    // Once its own heartbeat lands again, a silent peer is lost.
+    // Its own heartbeat lands again: still nobody is blamed, since the peers' heartbeats land
+    // again at their own times after an outage (a false loss would move their tables).
     a.heartbeat(&m).await.unwrap();
     a.refresh(&m).await.unwrap();
+    assert!(!a.is_lost("h:2:b"), "blamed before its own heartbeats landed for a whole timeout");
+    // Once they have landed for a whole timeout, a peer still silent is lost.
+    for _ in 0..4 {
+        tokio::time::sleep(TIMEOUT / 3).await;
+        a.heartbeat(&m).await.unwrap();
+    }
+    a.refresh(&m).await.unwrap();
     assert!(a.is_lost("h:2:b"));
+}
+
+#[tokio::test]
+async fn a_member_judged_gone_that_heartbeats_again_is_left_to_the_timeout() {
+    // Two live processes with one host name and one pid (containers of one pod, each with its
+    // own PID namespace): the rule would judge the other gone at every look. Once it is seen
+    // heartbeating after its removal, it is not judged gone again, nor its leases taken.
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(&dir).await;
+    let m = Metrics::new();
+    let host = iceberg_offload::state::hostname();
+    let sibling = format!("{host}:{}:sibling", std::process::id());
+    let me = format!("{host}:{}:me", std::process::id());
+    let tables = ["t1"];
+    let other = Membership::new(state.clone(), sibling.clone(), Duration::from_secs(30), &tables);
+    let a = Membership::new(state.clone(), me.clone(), Duration::from_secs(30), &tables);
+    other.heartbeat(&m).await.unwrap();
+    a.heartbeat(&m).await.unwrap();
+    assert_eq!(a.refresh(&m).await.unwrap(), Some(vec![me.clone()]), "judged gone once");
+    assert!(a.holder_gone(&sibling));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    other.heartbeat(&m).await.unwrap();
+    assert_eq!(
+        a.refresh(&m).await.unwrap(),
+        Some(
+            vec![me.clone(), sibling.clone()]
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        )
+    );
+    assert!(!a.holder_gone(&sibling), "its leases are not taken at once any more");
+    assert_eq!(gauge(&m, "offload_replica_members_lost_total"), 1.0, "the one false loss, not one per look");
 }
 
 #[tokio::test]
