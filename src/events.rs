@@ -655,36 +655,31 @@ impl ReplicaHeartbeat<'_> {
     }
 }
 
-/// A replica's heartbeat stopped without it leaving: its tables go to the live replicas.
+/// A replica found lost: silent past the member timeout without leaving, or a process of this
+/// host that no longer runs. Its tables go to the live replicas.
 pub struct ReplicaLost<'a> {
     pub member: &'a str,
-    pub silent_for: Duration,
+    pub why: LostBecause,
+}
+
+/// How a member was found lost.
+pub enum LostBecause {
+    /// No heartbeat for this long (past the member timeout), without leaving.
+    Silent(Duration),
+    /// A process of this host that no longer runs (a crash, a restart): found at once.
+    ProcessGone,
 }
 
 impl ReplicaLost<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.replica_members_lost_total.inc();
+        let why = match self.why {
+            LostBecause::Silent(d) => format!("no heartbeat for {:.0}s", d.as_secs_f64()),
+            LostBecause::ProcessGone => "its process no longer runs on this host".to_string(),
+        };
         tracing::warn!(
             member = self.member,
-            "replica {} is gone (no heartbeat for {:.0}s): its tables go to the live replicas, its leases are taken over",
-            self.member,
-            self.silent_for.as_secs_f64()
-        );
-    }
-}
-
-/// A member found gone for sure: a process of this host that no longer runs (a crash, a
-/// restart), lost at once instead of after the member timeout.
-pub struct ReplicaGone<'a> {
-    pub member: &'a str,
-}
-
-impl ReplicaGone<'_> {
-    pub fn emit(&self, m: &Metrics) {
-        m.replica_members_lost_total.inc();
-        tracing::warn!(
-            member = self.member,
-            "replica {} is gone (its process no longer runs on this host): its tables go to the live replicas at once, its leases are taken over",
+            "replica {} is gone ({why}): its tables go to the live replicas at once, its leases are taken over",
             self.member
         );
     }

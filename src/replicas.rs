@@ -41,7 +41,11 @@ pub struct Membership {
     alive_despite_rule: Mutex<HashSet<String>>,
     /// Members this one removed as gone, with their last heartbeat then (to see one come back).
     removed_as_gone: Mutex<HashMap<String, i64>>,
+    /// When this member last forgot the rows of long-gone members.
+    forgot: Mutex<Option<Instant>>,
 }
+
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
 
 impl Membership {
     pub fn new(state: StateStore, id: String, timeout: Duration, tables: &[&str]) -> Self {
@@ -60,6 +64,7 @@ impl Membership {
             landing: Mutex::new(None),
             alive_despite_rule: Mutex::new(HashSet::new()),
             removed_as_gone: Mutex::new(HashMap::new()),
+            forgot: Mutex::new(None),
         }
     }
 
@@ -103,8 +108,8 @@ impl Membership {
             if self.gone(&m) {
                 // Its process no longer runs (this host's crashed or restarted process): lost at
                 // once, whatever its last heartbeat says, and forgotten.
-                if self.state.remove_gone_member(&m.id).await? {
-                    events::ReplicaGone { member: &m.id }.emit(metrics);
+                if self.state.remove_member(&m.id).await? {
+                    events::ReplicaLost { member: &m.id, why: events::LostBecause::ProcessGone }.emit(metrics);
                     self.removed_as_gone.lock().expect("not poisoned").insert(m.id.clone(), m.heartbeat_at_ms);
                 }
                 lost.insert(m.id);
@@ -119,13 +124,20 @@ impl Membership {
                 continue;
             }
             if m.lost_at_ms.is_none() && self.state.mark_member_lost(&m.id, timeout_ms).await? {
-                events::ReplicaLost { member: &m.id, silent_for: Duration::from_millis(m.heartbeat_age_ms() as u64) }
-                    .emit(metrics);
+                events::ReplicaLost {
+                    member: &m.id,
+                    why: events::LostBecause::Silent(Duration::from_millis(m.heartbeat_age_ms() as u64)),
+                }
+                .emit(metrics);
             }
             lost.insert(m.id);
         }
         // Rows of members silent for a day are history: every lease they held expired long ago.
-        self.state.forget_members(86_400_000).await.ok();
+        // Hourly is ample, and keeps the look at every heartbeat to one read.
+        if self.forgot.lock().expect("not poisoned").is_none_or(|at| at.elapsed() >= FORGET_EVERY) {
+            self.state.forget_members(86_400_000).await.ok();
+            *self.forgot.lock().expect("not poisoned") = Some(Instant::now());
+        }
         if !live.contains(&self.id) {
             // Our own heartbeat has not landed yet (first cycle) or failed: we still run.
             live.push(self.id.clone());
@@ -189,7 +201,7 @@ impl Membership {
     /// Leaves the membership (SIGTERM): the other replicas take this one's tables at their next
     /// cycle instead of after the timeout.
     pub async fn leave(&self) {
-        if let Err(e) = self.state.remove_member(&self.id).await {
+        if let Err(e) = self.state.remove_member(&self.id).await.map(|_| ()) {
             tracing::warn!("could not leave the replica membership (peers take over after the timeout): {e}");
         }
     }

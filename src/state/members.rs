@@ -52,18 +52,10 @@ impl StateStore {
         .await
     }
 
-    /// Leaves at once (SIGTERM): the other members take the tables at their next cycle.
-    pub async fn remove_member(&self, id: &str) -> Result<()> {
-        self.limited(async {
-            sqlx::query("DELETE FROM offload_members WHERE member_id = $1").bind(id).execute(&self.pool).await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Removes a member found gone for sure (`holder_is_gone`). True for exactly one caller,
-    /// however many replicas find it at once: that one counts the loss.
-    pub async fn remove_gone_member(&self, id: &str) -> Result<bool> {
+    /// Removes a member: this one leaving at once (SIGTERM; the others take its tables at their
+    /// next look), or one found gone for sure (`holder_is_gone`). True for exactly one caller,
+    /// however many remove it at once: that one counts a loss.
+    pub async fn remove_member(&self, id: &str) -> Result<bool> {
         self.limited(async {
             let res =
                 sqlx::query("DELETE FROM offload_members WHERE member_id = $1").bind(id).execute(&self.pool).await?;
