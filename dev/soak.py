@@ -10,7 +10,14 @@ applied later, connection dropped then applied later, 504 or dropped and never a
 answers held past the service's commit timeout. Every 100 trials the tables are read by both
 readers (a table that cannot be read counts as unreadable).
 
+With `--restart-loop` the service runs as deployed (the default 15-minute interval) and is
+restarted at once after each kill, as systemd's `Restart=always` would, a kill every 2-5 s for
+`--seconds`: only the start of each process can commit (issue 23: a restart offloads every table
+at once). Besides the equality check it prints, per table, the longest gap between commits
+(Iceberg snapshots' own timestamps, read by pyiceberg) and fails past `--max-gap`.
+
 Usage: dev/soak.sh [--trials 200] [--seed N] [--tables 2] [--catalog-faults]
+       dev/soak.sh --restart-loop [--seconds 300] [--tables 2] [--max-gap 30]
 """
 import argparse
 import json
@@ -31,7 +38,7 @@ import k2data  # noqa: E402
 from clickhouse_local import PASSWORD, Gateway  # noqa: E402
 
 
-def config(tmp, url, tables, catalog_url=None):
+def config(tmp, url, tables, catalog_url=None, interval="1s"):
     blocks = "\n".join(f"""
 [[tables]]
 source = "soak.{t}"
@@ -45,7 +52,7 @@ partition = ["day(exchange_timestamp)"]
     path = tmp / "soak.toml"
     path.write_text(f"""
 [service]
-interval = "1s"
+interval = "{interval}"
 parallelism = {len(tables)}
 table_timeout = "30s"
 retries = 1
@@ -101,13 +108,16 @@ def push_random_faults(rng, proxy, seen):
         seen[kind] = seen.get(kind, 0) + 1
 
 
-def read_back(tmp, gw, table):
+def read_back(tmp, gw, table, commits=None):
     """Both readers against the source up to W: (rows in Iceberg, rows in the source, duplicates,
-    missing, mismatch description or None). Raises when the table cannot be read."""
+    missing, mismatch description or None). Raises when the table cannot be read. The commit
+    times (ms, the offload's snapshots) are appended to `commits` when given."""
     out = json.loads(subprocess.run(
         [sys.executable, str(HERE / "verify_iceberg.py"), "--catalog-uri", f"sqlite:///{tmp / 'catalog.db'}",
          "--warehouse", f"file://{tmp / 'warehouse'}", "--table", f"cold.{table}", "--key", "symbol,sequence_number",
          "--sum", "price"], check=True, capture_output=True, text=True).stdout)
+    if commits is not None:
+        commits.extend(s["timestamp_ms"] for s in out["pyiceberg"]["snapshots"] if s.get("offload.run-id"))
     src = k2data.source_stats(gw.scalar, "soak", table, out["pyiceberg"]["properties"]["offload.watermark.position"],
                               sums=("price",))
     missing, mismatch = 0, None
@@ -120,6 +130,14 @@ def read_back(tmp, gw, table):
     return out["pyiceberg"]["count"], src["count"], out["pyiceberg"]["duplicates"], missing, mismatch
 
 
+def longest_gap(commits_ms, started, ended):
+    """(the longest time in seconds without a commit between `started` and `ended`, the commits
+    in between)."""
+    inside = sorted(c / 1000 for c in commits_ms if started * 1000 <= c <= ended * 1000)
+    points = [started, *inside, ended]
+    return max(b - a for a, b in zip(points, points[1:])), len(inside)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="SIGKILL soak of the scheduler")
     ap.add_argument("--trials", type=int, default=200)
@@ -127,6 +145,10 @@ def main(argv=None):
     ap.add_argument("--tables", type=int, default=2)
     ap.add_argument("--binary", default=str(Path(os.environ["CARGO_TARGET_DIR"]) / "debug" / "iceberg-offload"))
     ap.add_argument("--catalog-faults", action="store_true", help="REST catalog behind a proxy that fails commits")
+    ap.add_argument("--restart-loop", action="store_true",
+                    help="the default 15-minute interval, a kill every 2-5 s and a restart at once, for --seconds")
+    ap.add_argument("--seconds", type=float, default=300, help="length of the restart loop")
+    ap.add_argument("--max-gap", type=float, default=30, help="longest gap between commits allowed in the restart loop (s)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="iceberg-offload-soak-"))
@@ -157,15 +179,17 @@ def main(argv=None):
         writer = threading.Thread(target=trades_keep_coming, daemon=True)
         writer.start()
 
-        cfg = config(tmp, gw.url, tables, proxy.url if proxy else None)
+        cfg = config(tmp, gw.url, tables, proxy.url if proxy else None, interval="15m" if args.restart_loop else "1s")
         env = dict(os.environ, SOAK_CH_PASSWORD=PASSWORD)
         started = time.time()
-        for trial in range(1, args.trials + 1):
+        trial = 0
+        while (time.time() - started < args.seconds) if args.restart_loop else trial < args.trials:
+            trial += 1
             if proxy:
                 push_random_faults(rng, proxy, seen)
             proc = subprocess.Popen([args.binary, "--config", str(cfg), "run"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.05, 1.5) if not proxy else rng.uniform(0.05, 4.0))
+            time.sleep(rng.uniform(2, 5) if args.restart_loop else rng.uniform(0.05, 4.0) if proxy else rng.uniform(0.05, 1.5))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             if trial % 25 == 0:
@@ -179,8 +203,9 @@ def main(argv=None):
                         except subprocess.CalledProcessError as e:
                             unreadable += 1
                             print(f"soak: UNREADABLE {t} after trial {trial}: {e.stderr[-2000:]}")
-                print(f"soak: {trial}/{args.trials} kills, {sum(inserted.values()):,} rows inserted"
+                print(f"soak: {trial}/{'-' if args.restart_loop else args.trials} kills, {sum(inserted.values()):,} rows inserted"
                       + (f", catalog faults so far: {seen}" if proxy else ""), flush=True)
+        loop_ended = time.time()
         stop.set()
         writer.join()
         time.sleep(1.5)  # let the last rows settle
@@ -196,9 +221,12 @@ def main(argv=None):
             print(final.stdout, final.stderr[-3000:])
             return 1
         duplicates = missing = total_iceberg = total_source = 0
+        gaps = {}
         for t in tables:
+            commits = []
             try:
-                iceberg_rows, source_rows, dups, missing_rows, mismatch = read_back(tmp, gw, t)
+                iceberg_rows, source_rows, dups, missing_rows, mismatch = read_back(tmp, gw, t, commits)
+                gaps[t] = longest_gap(commits, started, loop_ended)
             except subprocess.CalledProcessError as e:
                 unreadable += 1
                 print(f"soak: UNREADABLE {t}: {e.stderr[-2000:]}")
@@ -210,12 +238,16 @@ def main(argv=None):
             total_iceberg += iceberg_rows
             total_source += source_rows
         elapsed = time.time() - started
-        print(f"soak: seed {args.seed}, {args.trials} SIGKILL trials over {len(tables)} tables in {elapsed:.0f}s; "
+        print(f"soak: seed {args.seed}, {trial} SIGKILL trials over {len(tables)} tables in {elapsed:.0f}s; "
               f"{total_source:,} source rows up to the watermarks, {total_iceberg:,} rows in Iceberg; "
               f"duplicates found: {duplicates}; rows missing: {missing}; unreadable tables: {unreadable}"
               + (f"; catalog faults injected: {sum(seen.values())} {seen}" if proxy else ""))
         ok = duplicates == 0 and missing == 0 and unreadable == 0 and total_iceberg == total_source
-        print(f"soak: {args.trials} passed, {0 if ok else 1} failed")
+        if args.restart_loop:
+            print("soak: restart loop, longest gap between commits: "
+                  + ", ".join(f"{t} {gap:.1f} s ({n} commits)" for t, (gap, n) in gaps.items()))
+            ok = ok and len(gaps) == len(tables) and all(gap <= args.max_gap for gap, _ in gaps.values())
+        print(f"soak: {trial} passed, {0 if ok else 1} failed")
         return 0 if ok else 1
     finally:
         stop.set()

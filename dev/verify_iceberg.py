@@ -32,7 +32,8 @@ def pyiceberg_read(args):
            "metadata_location": table.metadata_location}
     out["schema"] = {f.name: str(f.field_type) + ("" if f.required else "?") for f in table.schema().fields}
     out["partition_spec"] = [f"{f.transform}({table.schema().find_column_name(f.source_id)})" for f in table.spec().fields]
-    out["snapshots"] = [dict(s.summary.additional_properties) | {"operation": str(s.summary.operation)} for s in table.snapshots()]
+    out["snapshots"] = [dict(s.summary.additional_properties) | {"operation": str(s.summary.operation), "timestamp_ms": s.timestamp_ms}
+                        for s in table.snapshots()]
     out["sums"] = {}
     for col in args.sum:
         s = pc.sum(arrow[col]).as_py() if arrow.num_rows else 0
