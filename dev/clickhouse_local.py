@@ -32,10 +32,14 @@ class Gateway:
         pw.touch(mode=0o600)
         pw.write_text(password)
         self.log = open(self.data_dir.parent / "gateway.log", "ab")
+        # ClickHouse reads files (icebergLocal) only under its user_files_path; chdb's is its
+        # working directory. A warehouse that views read lives below this one.
+        self.user_files = self.data_dir.parent / "user_files"
+        self.user_files.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [PYTHON, str(HERE / "clickhouse_gateway.py"), "--data", str(self.data_dir),
              "--port", str(self.port), "--password-file", str(pw)],
-            stdout=self.log, stderr=self.log)
+            stdout=self.log, stderr=self.log, cwd=self.user_files)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

@@ -284,6 +284,7 @@ struct RawTable {
     #[serde(default, rename = "final")]
     read_final: ReadFinal,
     closed_after: Option<String>,
+    view: Option<String>,
 }
 
 /// Whether a table is read as ClickHouse answers it after merging (`SELECT … FINAL`, I12).
@@ -536,6 +537,21 @@ pub struct TableConfig {
     /// I12: how long after its cursor value a row's key can still change (an open bar): a row
     /// is taken once cursor + `closed_after` + `settle_delay` has passed.
     pub closed_after: Duration,
+    /// I13: the ClickHouse view that serves both tiers as one table (`database.view`).
+    pub view: Option<ViewName>,
+}
+
+/// A ClickHouse view's database and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewName {
+    pub db: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ViewName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.db, self.name)
+    }
 }
 
 impl TableConfig {
@@ -820,7 +836,28 @@ impl Config {
         if tables.is_empty() {
             return Err(inv("no [[tables]] configured".into()));
         }
+        Self::check_views(&tables)?;
         Ok(tables)
+    }
+
+    /// Each view serves one table and replaces nothing else: not another table's view, not a
+    /// configured source.
+    fn check_views(tables: &[TableConfig]) -> Result<(), ConfigError> {
+        let mut views = HashSet::new();
+        for (i, t) in tables.iter().enumerate() {
+            let Some(v) = &t.view else { continue };
+            if !views.insert(v.to_string()) {
+                return Err(inv(format!("tables[{i}] ({}): view {v} is already another table's view", t.source())));
+            }
+            if let Some(other) = tables.iter().find(|o| o.source() == v.to_string()) {
+                return Err(inv(format!(
+                    "tables[{i}] ({}): view {v} is the source of {}; the view would replace it",
+                    t.source(),
+                    other.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `[maintenance]`: the daily time, retention and compaction policy.
@@ -911,8 +948,20 @@ impl Config {
                 None => Duration::ZERO,
                 Some(d) => parse_duration(d).map_err(|e| inv(format!("closed_after: {e}")))?,
             },
+            view: t.view.as_deref().map(|v| view_name(v, db, table)).transpose().map_err(inv)?,
         })
     }
+}
+
+/// `view = "database.view"`: a name of its own (the source's name would replace the table).
+fn view_name(text: &str, source_db: &str, source_table: &str) -> Result<ViewName, String> {
+    let (db, name) = text.split_once('.').ok_or_else(|| format!("view {text:?} must be \"database.view\""))?;
+    validate_identifier("view database", db)?;
+    validate_identifier("view", name)?;
+    if db == source_db && name == source_table {
+        return Err(format!("view {text:?} is the source table itself; give the view a name of its own"));
+    }
+    Ok(ViewName { db: db.into(), name: name.into() })
 }
 
 #[cfg(test)]
@@ -999,6 +1048,28 @@ partition = ["day(exchange_timestamp)"]
         let text = MINIMAL.replace("tiebreak =", "tie_break =");
         let err = Config::parse(&text, "t.toml", Path::new("/")).unwrap_err().to_string();
         assert!(err.contains("tie_break"), "{err}");
+    }
+
+    #[test]
+    fn a_view_needs_a_name_of_its_own() {
+        let with = |view: &str| {
+            Config::parse(
+                &MINIMAL.replace("tiebreak =", &format!("view = {view:?}\ntiebreak =")),
+                "t.toml",
+                Path::new("/"),
+            )
+        };
+        let ok = with("k2.trades_all").unwrap();
+        assert_eq!(ok.tables[0].view.as_ref().unwrap().to_string(), "k2.trades_all");
+        let err = with("k2.bronze_trades_binance").unwrap_err().to_string();
+        assert!(
+            err.contains("tables[0] (k2.bronze_trades_binance)") && err.contains("the source table itself"),
+            "{err}"
+        );
+        let err = with("trades_all").unwrap_err().to_string();
+        assert!(err.contains("must be \"database.view\""), "{err}");
+        let err = with("k2.all; DROP").unwrap_err().to_string();
+        assert!(err.contains("not a valid identifier"), "{err}");
     }
 
     #[test]

@@ -799,3 +799,87 @@ mod tests {
         assert_eq!(m.cycles_total.with_label_values(&["success"]).get(), 1);
     }
 }
+
+/// Why a hot+cold view was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewCause {
+    /// A run found the view missing, or pinned on another snapshot than the table's current
+    /// one (a start, maintenance, a repair, another replica).
+    Stale,
+    /// A window's commit moved `W`.
+    Commit,
+    /// Maintenance replaced the current snapshot (compaction, a repair).
+    Maintenance,
+}
+
+impl ViewCause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stale => "the table's current snapshot differs from the one it read",
+            Self::Commit => "a commit moved the watermark",
+            Self::Maintenance => "maintenance replaced the current snapshot",
+        }
+    }
+}
+
+/// A table's hot+cold view now splits at a new snapshot and watermark (I13).
+pub struct ViewRewritten<'a> {
+    pub table: &'a str,
+    pub view: &'a str,
+    pub snapshot_id: Option<i64>,
+    pub watermark: Option<&'a Position>,
+    pub cause: ViewCause,
+}
+
+impl ViewRewritten<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.views.rewrites_total.with_label_values(&[self.table]).inc();
+        if let Some(w) = self.watermark {
+            m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
+        }
+        let w = self.watermark.map(Position::display).unwrap_or_else(|| "none (hot tier only)".into());
+        tracing::info!(
+            table = self.table,
+            view = self.view,
+            snapshot_id = self.snapshot_id,
+            "view {} rewritten ({}): Iceberg snapshot {}, hot rows above {w}",
+            self.view,
+            self.cause.as_str(),
+            self.snapshot_id.map(|s| s.to_string()).unwrap_or_else(|| "none".into())
+        );
+    }
+}
+
+/// A table's hot+cold view was found already pinned on the table's current snapshot.
+pub struct ViewCurrent<'a> {
+    pub table: &'a str,
+    pub watermark: Option<&'a Position>,
+}
+
+impl ViewCurrent<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        if let Some(w) = self.watermark {
+            m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
+        }
+    }
+}
+
+/// A table's hot+cold view could not be written: it keeps its older pair (exact, less fresh).
+pub struct ViewRewriteFailed<'a> {
+    pub table: &'a str,
+    pub view: &'a str,
+    pub error: &'a OffloadError,
+}
+
+impl ViewRewriteFailed<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.views.rewrite_failures_total.with_label_values(&[self.table]).inc();
+        tracing::warn!(
+            table = self.table,
+            view = self.view,
+            "view {} not rewritten; it keeps serving its older snapshot and watermark (exact, but less fresh): {}",
+            self.view,
+            self.error
+        );
+    }
+}

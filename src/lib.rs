@@ -8,7 +8,7 @@
 //! - the port every layer emits into: [`events`] and [`metrics`];
 //! - I/O: [`source`] (ClickHouse), [`sink`] (Iceberg), [`state`] (the state store);
 //! - the exactly-once commit protocol: [`commit`] (`docs/exactly-once.md`);
-//! - table operations: [`offload`], [`audit`], [`maintenance`], [`adopt`], given [`services`];
+//! - table operations: [`offload`], [`audit`], [`maintenance`], [`adopt`], [`tiers`], given [`services`];
 //! - the service: [`scheduler`], [`replicas`], [`server`], [`status`], [`systemd`].
 
 pub mod adopt;
@@ -33,5 +33,6 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod systemd;
+pub mod tiers;
 pub mod util;
 pub mod window;

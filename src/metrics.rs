@@ -74,6 +74,8 @@ pub struct Metrics {
     pub offschedule_cycles_total: prometheus::IntCounter,
     pub replica_heartbeat_age_seconds: Gauge,
     pub replica_tables_mismatch: Gauge,
+    /// I13: the hot+cold views.
+    pub views: ViewMetrics,
     /// Unix time of this replica's last heartbeat written to the state store.
     last_member_heartbeat: Mutex<Option<f64>>,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
@@ -83,6 +85,44 @@ pub struct Metrics {
     /// Start of the running cycle (Unix seconds) and the duration of the last finished one.
     cycle_clock: Mutex<(Option<f64>, f64)>,
     heartbeat: Mutex<Option<std::sync::Arc<std::sync::atomic::AtomicI64>>>,
+}
+
+/// The metrics of the hot+cold views (I13), per table that has one.
+#[derive(Clone)]
+pub struct ViewMetrics {
+    pub rewrites_total: IntCounterVec,
+    pub rewrite_failures_total: IntCounterVec,
+    pub watermark_data_timestamp_seconds: GaugeVec,
+}
+
+impl ViewMetrics {
+    fn register(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let watermark_data_timestamp_seconds = GaugeVec::new(
+            Opts::new(
+                "offload_view_watermark_data_timestamp_seconds",
+                "The watermark the table's hot+cold view splits at (data time): behind offload_watermark_data_timestamp_seconds while the view is stale",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(watermark_data_timestamp_seconds.clone())).expect("unique metric");
+        Self {
+            rewrites_total: counter(
+                "offload_view_rewrites_total",
+                "Times the table's hot+cold view was rewritten onto a new Iceberg snapshot and watermark",
+            ),
+            rewrite_failures_total: counter(
+                "offload_view_rewrite_failures_total",
+                "Failed rewrites of the table's hot+cold view (it stays on its older snapshot and watermark: still exact, less fresh)",
+            ),
+            watermark_data_timestamp_seconds,
+        }
+    }
 }
 
 /// Results of `offload_commit_attempts_total`.
@@ -362,6 +402,7 @@ impl Metrics {
             oldest_pending: Mutex::new(HashMap::new()),
             cycle_clock: Mutex::new((None, 0.0)),
             heartbeat: Mutex::new(None),
+            views: ViewMetrics::register(&registry),
             registry,
         }
     }

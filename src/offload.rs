@@ -17,6 +17,7 @@ use crate::events;
 use crate::fault;
 use crate::sink::{table as target, writer::WindowWriter};
 use crate::source::query::{Projection, SourceTable};
+use crate::tiers::HybridView;
 use crate::util::now_epoch_ns;
 
 pub use crate::services::{AuditSettings, Services};
@@ -199,6 +200,7 @@ impl<'a> TableRun<'a> {
             .emit(&svc.metrics);
         }
         run.reconcile_mirror(&view).await;
+        run.pin_view(&view.table, view.snapshot_id(), view.watermark.as_ref(), events::ViewCause::Stale).await;
         run.check_source().await;
         outcome.watermark = view.watermark.as_ref().map(|w| w.display());
         outcome.snapshot_id = view.snapshot_id();
@@ -336,7 +338,15 @@ impl<'a> TableRun<'a> {
         }
         fault::hit("after_commit")?;
         self.mirror_window(&window, rows, started, &committed.table, committed.snapshot_id).await;
+        self.pin_view(&committed.table, Some(committed.snapshot_id), Some(&window.hi), events::ViewCause::Commit).await;
         Ok(window.bounded)
+    }
+
+    /// I13: the table's hot+cold view pinned on `snapshot_id` and the `w` it carries.
+    async fn pin_view(&self, table: &Table, snapshot_id: Option<i64>, w: Option<&Position>, cause: events::ViewCause) {
+        let Some(view) = HybridView::of(self.cfg, &self.source) else { return };
+        let _ =
+            until_cancelled(self.cancel, async { Ok(view.pin(self.svc, table, snapshot_id, w, cause).await) }).await;
     }
 
     /// Describes the source again; when its columns changed, takes the new projection and adds

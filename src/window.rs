@@ -212,28 +212,47 @@ impl Bounds {
     /// `lo < position <= hi` on (cursor, tiebreak), with its query parameters. Either bound
     /// may be open.
     pub fn predicate(&self, lo: Option<&Position>, hi: Option<&Position>) -> (String, Vec<(String, String)>) {
+        let mut params = vec![];
+        let sql = self.predicate_with(lo, hi, &mut |name, ty, value| {
+            params.push((name.to_string(), value));
+            format!("{{{name}:{ty}}}")
+        });
+        (sql, params)
+    }
+
+    /// The same predicate with its bounds written in (`CAST('…' AS T)`), for SQL that is kept
+    /// rather than run once: a view's text cannot carry query parameters. The value is the
+    /// one a parameter would carry, so both forms select the same rows.
+    pub fn literal_predicate(&self, lo: Option<&Position>, hi: Option<&Position>) -> String {
+        self.predicate_with(lo, hi, &mut |_, ty, value| format!("CAST('{}' AS {ty})", escaped_to_literal(&value)))
+    }
+
+    /// The predicate, each bound written by `bind(name, type, value)`.
+    fn predicate_with(
+        &self,
+        lo: Option<&Position>,
+        hi: Option<&Position>,
+        bind: &mut dyn FnMut(&str, &str, String) -> String,
+    ) -> String {
         let c = &self.cursor;
         let ty = self.unit.param_type();
-        let mut params = vec![];
         let mut terms = vec![];
         if let Some(lo) = lo {
-            params.push(("lo_c".into(), self.unit.param_value(lo.cursor_ns)));
-            let at = format!("{{lo_c:{ty}}}");
+            let at = bind("lo_c", &ty, self.unit.param_value(lo.cursor_ns));
             match (&self.tiebreak, &lo.tiebreak) {
                 (Some((tb, tb_type)), Some(t)) => {
-                    params.push(("lo_t".into(), t.clone()));
-                    terms.push(format!("({c} > {at} OR ({c} = {at} AND {tb} > {{lo_t:{tb_type}}}))"));
+                    let t = bind("lo_t", tb_type, t.clone());
+                    terms.push(format!("({c} > {at} OR ({c} = {at} AND {tb} > {t}))"));
                 }
                 _ => terms.push(format!("{c} > {at}")),
             }
         }
         if let Some(hi) = hi {
-            params.push(("hi_c".into(), self.unit.param_value(hi.cursor_ns)));
-            let at = format!("{{hi_c:{ty}}}");
+            let at = bind("hi_c", &ty, self.unit.param_value(hi.cursor_ns));
             match (&self.tiebreak, &hi.tiebreak) {
                 (Some((tb, tb_type)), Some(t)) => {
-                    params.push(("hi_t".into(), t.clone()));
-                    terms.push(format!("({c} < {at} OR ({c} = {at} AND {tb} <= {{hi_t:{tb_type}}}))"));
+                    let t = bind("hi_t", tb_type, t.clone());
+                    terms.push(format!("({c} < {at} OR ({c} = {at} AND {tb} <= {t}))"));
                 }
                 _ => terms.push(format!("{c} <= {at}")),
             }
@@ -242,8 +261,30 @@ impl Bounds {
             // Rows whose cursor is NULL are never in a window.
             terms.push(format!("{c} IS NOT NULL"));
         }
-        (terms.join(" AND "), params)
+        terms.join(" AND ")
     }
+}
+
+/// A value in ClickHouse's escaped text form (a query parameter's) as the body of a quoted SQL
+/// literal that means the same text: the escape sequences are the same in both, so only a bare
+/// quote needs one, and a lone trailing backslash becomes a backslash.
+pub fn escaped_to_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    let mut chars = value.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\\' => match chars.next() {
+                Some(next) => {
+                    out.push('\\');
+                    out.push(next);
+                }
+                None => out.push_str("\\\\"),
+            },
+            '\'' => out.push_str("\\'"),
+            _ => out.push(ch),
+        }
+    }
+    out
 }
 
 /// The escaped text of raw bytes (ClickHouse's `Escaped` format, in which query parameters are
@@ -326,6 +367,22 @@ mod tests {
         assert_eq!(sql, "`d` <= {hi_c:Date}");
         assert_eq!(params[0].1, "2025-12-01");
         assert_eq!(day.predicate(None, None).0, "`d` IS NOT NULL");
+    }
+
+    #[test]
+    fn literal_bounds_select_what_the_parameters_select() {
+        let b = Bounds {
+            cursor: "`ts`".into(),
+            unit: CursorUnit::Ticks(3),
+            tiebreak: Some(("`seq`".into(), "String".into())),
+        };
+        let w = Position { cursor_ns: 1_764_583_200_123_000_000, tiebreak: Some("it's\\x27\\".into()) };
+        assert_eq!(
+            b.literal_predicate(Some(&w), None),
+            "(`ts` > CAST('2025-12-01 10:00:00.123' AS DateTime64(3, 'UTC')) OR (`ts` = \
+             CAST('2025-12-01 10:00:00.123' AS DateTime64(3, 'UTC')) AND `seq` > CAST('it\\'s\\x27\\\\' AS String)))"
+        );
+        assert_eq!(escaped_to_literal("a\\tb"), "a\\tb", "escape sequences mean the same in both");
     }
 
     #[test]

@@ -49,6 +49,21 @@ pub fn needed_for_watermark(meta: &TableMetadata) -> usize {
     depth.max(1)
 }
 
+/// How deep `id` lies in the current snapshot's history (1: the current snapshot); `None`
+/// when it is not in it.
+fn depth_in_history(meta: &TableMetadata, id: i64) -> Option<usize> {
+    let mut next = meta.current_snapshot().map(|s| s.snapshot_id());
+    let mut depth = 0;
+    while let Some(snapshot) = next.and_then(|i| meta.snapshot_by_id(i)) {
+        depth += 1;
+        if snapshot.snapshot_id() == id {
+            return Some(depth);
+        }
+        next = snapshot.parent_snapshot_id();
+    }
+    None
+}
+
 /// The previous snapshot always stays: a reader that planned on it a moment ago, before the
 /// last commit, must still find its files.
 const ALWAYS_KEEP: usize = 2;
@@ -76,7 +91,8 @@ const PROP_MAINTENANCE_RUN: &str = "offload.maintenance-run";
 /// Expires what `retention` allows and deletes what only the expired snapshots referenced.
 /// `now_ms`: this host's clock (snapshot timestamps are the writers' clocks). The commit is
 /// fenced on the table as read here (the plan is made on it): a concurrent commit makes it
-/// lose, nothing changes, the next run retries.
+/// lose, nothing changes, the next run retries. `pinned`: a snapshot a hot+cold view reads
+/// (I13), kept with every newer one of the current history.
 pub async fn expire(
     catalog: &Arc<dyn Catalog>,
     ident: &TableIdent,
@@ -84,6 +100,7 @@ pub async fn expire(
     now_ms: i64,
     dry_run: bool,
     limits: crate::config::CatalogLimits,
+    pinned: Option<i64>,
 ) -> Result<ExpireReport> {
     let table = catalog.load_table(ident).await?;
     let mut report = ExpireReport { snapshots_before: table.metadata().snapshots().len(), ..Default::default() };
@@ -96,6 +113,18 @@ pub async fn expire(
         return Ok(report);
     }
     let keep = retention.min_keep.max(needed_for_watermark(meta)).max(ALWAYS_KEEP);
+    let keep = match pinned.map(|id| depth_in_history(meta, id)) {
+        None => keep,
+        Some(Some(depth)) => keep.max(depth),
+        Some(None) => {
+            report.skipped = Some(format!(
+                "the table's view reads snapshot {}, which is not in the current history (a rollback?); \
+                 expiry waits until the view moves to the current snapshot",
+                pinned.unwrap_or_default()
+            ));
+            return Ok(report);
+        }
+    };
     let cutoff = now_ms.saturating_sub(retention.max_age.as_millis() as i64);
     let doomed = plan(meta, keep, cutoff);
     report.snapshots_expired = doomed.len();

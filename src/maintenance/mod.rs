@@ -106,15 +106,46 @@ pub async fn maintain_table(
     }
     if steps.expire {
         let table = svc.catalog.load_table(&ident).await?;
-        let retention = expire::Retention::of(table.metadata(), mc.retention);
-        let now_ms = crate::util::now_epoch_ns() / 1_000_000;
-        report.expire = Some(expire::expire(&svc.catalog, &ident, retention, now_ms, dry_run, svc.limits).await?);
+        report.expire = Some(expire_keeping_the_view(svc, cfg, mc, &table, dry_run).await?);
     }
     if !dry_run {
         report.metadata_bytes =
             tokio::time::timeout(svc.limits.storage, metadata_bytes(svc, &ident)).await.ok().flatten();
     }
     Ok(report)
+}
+
+/// Expiry, after the table's view (I13) moved onto the current snapshot: the snapshot the view
+/// reads stays. When that snapshot cannot be known (ClickHouse unreachable), nothing expires.
+async fn expire_keeping_the_view(
+    svc: &Services,
+    cfg: &TableConfig,
+    mc: &MaintenanceConfig,
+    table: &iceberg::table::Table,
+    dry_run: bool,
+) -> Result<expire::ExpireReport> {
+    let pinned = match (&cfg.view, dry_run) {
+        (None, _) => Ok(None),
+        (Some(name), true) => crate::tiers::read_pinned(&svc.ch, name).await.map(|p| p.and_then(|p| p.snapshot_id)),
+        (Some(_), false) => crate::tiers::repin_after_maintenance(svc, cfg, table).await,
+    };
+    let pinned = match pinned {
+        Ok(p) => p,
+        Err(e) => {
+            let skipped = format!(
+                "the snapshot the view {} reads is unknown ({e}); expiry waits",
+                cfg.view.as_ref().map(|v| v.to_string()).unwrap_or_default()
+            );
+            return Ok(expire::ExpireReport {
+                snapshots_before: table.metadata().snapshots().len(),
+                skipped: Some(skipped),
+                ..Default::default()
+            });
+        }
+    };
+    let retention = expire::Retention::of(table.metadata(), mc.retention);
+    let now_ms = crate::util::now_epoch_ns() / 1_000_000;
+    expire::expire(&svc.catalog, &target::ident(cfg), retention, now_ms, dry_run, svc.limits, pinned).await
 }
 
 /// The size of the table's current metadata file; `None` when it cannot be read now (the

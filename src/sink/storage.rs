@@ -35,6 +35,30 @@ fn resolvable(path: &str) -> std::borrow::Cow<'_, str> {
     if path.starts_with('/') { format!("file:{path}").into() } else { path.into() }
 }
 
+/// The file a local path names (`/a`, `file:/a`, `file:///a`); `None` for other storage.
+fn local_file(path: &str) -> Option<&std::path::Path> {
+    let bare = path.strip_prefix("file://").or_else(|| path.strip_prefix("file:")).unwrap_or(path);
+    bare.starts_with('/').then(|| std::path::Path::new(bare))
+}
+
+/// A whole file written under a temporary name and renamed into place, so that a directory
+/// reader (ClickHouse's `icebergLocal`, DuckDB) that lists `metadata/` while a metadata file is
+/// being written never reads it half-written (I8). Object stores publish whole objects already.
+async fn write_whole(file: &std::path::Path, bs: Bytes) -> Result<()> {
+    let io_err = |e: std::io::Error, what: &str| {
+        iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("{what} {}", file.display())).with_source(e)
+    };
+    let dir = file.parent().ok_or_else(|| io_err(std::io::ErrorKind::InvalidInput.into(), "no directory for"))?;
+    tokio::fs::create_dir_all(dir).await.map_err(|e| io_err(e, "cannot create the directory of"))?;
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7()));
+    if let Err(e) = tokio::fs::write(&temp, &bs).await {
+        tokio::fs::remove_file(&temp).await.ok();
+        return Err(io_err(e, "cannot write"));
+    }
+    tokio::fs::rename(&temp, file).await.map_err(|e| io_err(e, "cannot rename into place"))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct LocalPathsFactory {
     inner: OpenDalResolvingStorageFactory,
@@ -70,7 +94,10 @@ impl Storage for LocalPaths {
         self.inner.reader(&resolvable(path)).await
     }
     async fn write(&self, path: &str, bs: Bytes) -> Result<()> {
-        self.inner.write(&resolvable(path), bs).await
+        match local_file(path) {
+            Some(file) => write_whole(file, bs).await,
+            None => self.inner.write(&resolvable(path), bs).await,
+        }
     }
     async fn writer(&self, path: &str) -> Result<Box<dyn FileWrite>> {
         self.inner.writer(&resolvable(path)).await
@@ -108,6 +135,10 @@ mod tests {
         assert_eq!(input.location(), bare, "the path handed out is the one asked for");
         assert_eq!(&input.read().await.unwrap()[..], b"x");
         assert!(io.exists(format!("file://{bare}")).await.unwrap());
+        io.new_output(format!("file://{bare}")).unwrap().write(Bytes::from_static(b"yz")).await.unwrap();
+        assert_eq!(std::fs::read(&bare).unwrap(), b"yz", "replaced whole");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.txt")], "no temporary file left");
         io.delete(&bare).await.unwrap();
         assert!(!std::path::Path::new(&bare).exists());
         std::fs::remove_dir_all(&dir).ok();

@@ -191,7 +191,7 @@ impl SourceTable {
 
     /// The table as every query reads it: after merging (`FINAL`) for the merging engines, so
     /// rows of one key still spread over unmerged parts count once (I12).
-    fn from(&self) -> String {
+    pub fn from(&self) -> String {
         let name = format!("{}.{}", quote_ident(&self.table.source_db), quote_ident(&self.table.source_table));
         if self.read_final { format!("{name} FINAL") } else { name }
     }

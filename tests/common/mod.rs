@@ -33,6 +33,7 @@ pub fn table_config(name: &str) -> TableConfig {
         columns: None,
         read_final: Default::default(),
         closed_after: Duration::ZERO,
+        view: None,
     }
 }
 
