@@ -16,11 +16,15 @@ fn unix_now() -> f64 {
 pub struct CycleStarted<'a> {
     pub cycle_id: &'a str,
     pub tables: usize,
+    /// Over tables this replica gained between boundaries: not one of the guide's cycles.
+    pub off_schedule: bool,
 }
 
 impl CycleStarted<'_> {
     pub fn emit(&self, m: &Metrics) {
-        m.cycle_started(unix_now());
+        if !self.off_schedule {
+            m.cycle_started(unix_now());
+        }
         tracing::info!(
             cycle_id = self.cycle_id,
             tables = self.tables,
@@ -38,11 +42,39 @@ pub struct CycleCompleted<'a> {
     pub failed: usize,
     pub skipped: usize,
     pub rows: u64,
+    /// Over tables this replica gained between boundaries: logged, and counted only in
+    /// `offload_offschedule_cycles_total`, so that a short one neither resolves
+    /// `IcebergOffloadCycleTooSlow` nor stands for a whole cycle's success or failure.
+    pub off_schedule: bool,
 }
 
 impl CycleCompleted<'_> {
     pub fn emit(&self, m: &Metrics) {
         let secs = self.duration.as_secs_f64();
+        if !self.off_schedule {
+            self.count(m, secs);
+        }
+        tracing::info!(
+            cycle_id = self.cycle_id,
+            status = self.status.as_str(),
+            duration_seconds = secs,
+            succeeded = self.succeeded,
+            failed = self.failed,
+            skipped = self.skipped,
+            rows = self.rows,
+            off_schedule = self.off_schedule,
+            "CYCLE COMPLETED: status={} tables ok={} failed={} skipped={} rows={} duration={:.2}s",
+            self.status.as_str(),
+            self.succeeded,
+            self.failed,
+            self.skipped,
+            self.rows,
+            secs
+        );
+    }
+
+    /// The guide's cycle metrics.
+    fn count(&self, m: &Metrics, secs: f64) {
         m.cycle_duration_seconds.observe(secs);
         m.cycle_finished(secs);
         match self.status {
@@ -58,22 +90,6 @@ impl CycleCompleted<'_> {
                 m.last_failure_timestamp.set(unix_now());
             }
         }
-        tracing::info!(
-            cycle_id = self.cycle_id,
-            status = self.status.as_str(),
-            duration_seconds = secs,
-            succeeded = self.succeeded,
-            failed = self.failed,
-            skipped = self.skipped,
-            rows = self.rows,
-            "CYCLE COMPLETED: status={} tables ok={} failed={} skipped={} rows={} duration={:.2}s",
-            self.status.as_str(),
-            self.succeeded,
-            self.failed,
-            self.skipped,
-            self.rows,
-            secs
-        );
     }
 }
 
@@ -781,6 +797,7 @@ mod tests {
             failed: 0,
             skipped: 1,
             rows: 0,
+            off_schedule: false,
         }
     }
 
@@ -794,6 +811,9 @@ mod tests {
         for s in crate::metrics::CYCLE_STATUSES {
             assert_eq!(m.cycles_total.with_label_values(&[s]).get(), 0, "{s}");
         }
+        CycleCompleted { off_schedule: true, ..completed(CycleStatus::Success) }.emit(&m);
+        assert_eq!(m.last_success_timestamp.get(), 0.0, "an off-schedule cycle is not one of the guide's cycles");
+        assert_eq!(m.cycle_duration_seconds.get_sample_count(), 1, "only the interrupted cycle observed");
         completed(CycleStatus::Success).emit(&m);
         assert!(m.last_success_timestamp.get() > 0.0);
         assert_eq!(m.cycles_total.with_label_values(&["success"]).get(), 1);

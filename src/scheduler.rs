@@ -152,7 +152,8 @@ impl Scheduler {
         let cycle_id = uuid::Uuid::now_v7().to_string();
         let started = Instant::now();
         let tables = only.as_ref().map_or(self.config.tables.len(), HashSet::len);
-        events::CycleStarted { cycle_id: &cycle_id, tables }.emit(&self.services.metrics);
+        let off_schedule = only.is_some();
+        events::CycleStarted { cycle_id: &cycle_id, tables, off_schedule }.emit(&self.services.metrics);
         // Keep ticking while the cycle runs, but only within its budget: a cycle stuck past it
         // stops the heartbeat, so /healthz and systemd's watchdog see it.
         let ticker = {
@@ -201,6 +202,7 @@ impl Scheduler {
             failed,
             skipped,
             rows: report.rows(),
+            off_schedule,
         }
         .emit(&self.services.metrics);
         self.beat();
