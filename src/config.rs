@@ -217,6 +217,7 @@ struct RawClickHouse {
     query_timeout: Option<String>,
     #[serde(default)]
     max_clock_skew: Option<String>,
+    iceberg_s3_collection: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +286,7 @@ struct RawTable {
     read_final: ReadFinal,
     closed_after: Option<String>,
     view: Option<String>,
+    evict_after: Option<String>,
 }
 
 /// Whether a table is read as ClickHouse answers it after merging (`SELECT … FINAL`, I12).
@@ -452,6 +454,9 @@ pub struct ClickHouseConfig {
     /// How far this host's clock may be from ClickHouse's before a table fails (I1: windows
     /// are cut on ClickHouse's clock; a larger skew means a broken time service somewhere).
     pub max_clock_skew: Duration,
+    /// I13: the ClickHouse named collection with which views read a warehouse on S3 (its
+    /// credentials stay in ClickHouse, never in a view's text).
+    pub iceberg_s3_collection: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -539,6 +544,9 @@ pub struct TableConfig {
     pub closed_after: Duration,
     /// I13: the ClickHouse view that serves both tiers as one table (`database.view`).
     pub view: Option<ViewName>,
+    /// Hot partitions whose newest row is older than this are dropped once Iceberg provably
+    /// holds them (`evict`).
+    pub evict_after: Option<Duration>,
 }
 
 /// A ClickHouse view's database and name.
@@ -769,6 +777,13 @@ impl Config {
             compression,
             query_timeout: dur("clickhouse.query_timeout", ch.query_timeout.as_deref().unwrap_or("10m"))?,
             max_clock_skew: dur("clickhouse.max_clock_skew", ch.max_clock_skew.as_deref().unwrap_or("15m"))?,
+            iceberg_s3_collection: match ch.iceberg_s3_collection {
+                Some(c) => {
+                    validate_identifier("clickhouse.iceberg_s3_collection", &c).map_err(inv)?;
+                    Some(c)
+                }
+                None => None,
+            },
         })
     }
 
@@ -949,8 +964,21 @@ impl Config {
                 Some(d) => parse_duration(d).map_err(|e| inv(format!("closed_after: {e}")))?,
             },
             view: t.view.as_deref().map(|v| view_name(v, db, table)).transpose().map_err(inv)?,
+            evict_after: t.evict_after.as_deref().map(evict_after).transpose().map_err(inv)?,
         })
     }
+}
+
+/// `evict_after`: an hour at least (partitions are days or more, and proved offloaded first).
+fn evict_after(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text).map_err(|e| format!("evict_after: {e}"))?;
+    if d < Duration::from_secs(3600) {
+        return Err(format!(
+            "evict_after {text:?} is under an hour; eviction drops whole partitions of a day or more, after their rows \
+             are offloaded and audited: use a margin such as \"2d\""
+        ));
+    }
+    Ok(d)
 }
 
 /// `view = "database.view"`: a name of its own (the source's name would replace the table).

@@ -854,6 +854,7 @@ pub struct ViewRewritten<'a> {
 impl ViewRewritten<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.views.rewrites_total.with_label_values(&[self.table]).inc();
+        m.views.rewrite_failures_total.with_label_values(&[self.table]);
         if let Some(w) = self.watermark {
             m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
         }
@@ -878,6 +879,9 @@ pub struct ViewCurrent<'a> {
 
 impl ViewCurrent<'_> {
     pub fn emit(&self, m: &Metrics) {
+        // Exported at 0 from the first look, so that a rate over them has data.
+        m.views.rewrites_total.with_label_values(&[self.table]);
+        m.views.rewrite_failures_total.with_label_values(&[self.table]);
         if let Some(w) = self.watermark {
             m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
         }
@@ -894,11 +898,87 @@ pub struct ViewRewriteFailed<'a> {
 impl ViewRewriteFailed<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.views.rewrite_failures_total.with_label_values(&[self.table]).inc();
+        m.views.rewrites_total.with_label_values(&[self.table]);
         tracing::warn!(
             table = self.table,
             view = self.view,
             "view {} not rewritten; it keeps serving its older snapshot and watermark (exact, but less fresh): {}",
             self.view,
+            self.error
+        );
+    }
+}
+
+/// A hot-tier partition dropped: Iceberg was proved to hold every row of it.
+pub struct PartitionEvicted<'a> {
+    pub table: &'a str,
+    pub partition_id: &'a str,
+    pub hot_rows: u64,
+    pub iceberg_rows: u64,
+    pub days: &'a [chrono::NaiveDate],
+}
+
+impl PartitionEvicted<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        m.eviction.partitions_total.with_label_values(&[self.table]).inc();
+        m.eviction.rows_total.with_label_values(&[self.table]).inc_by(self.hot_rows);
+        let days: Vec<String> = self.days.iter().map(|d| d.to_string()).collect();
+        tracing::info!(
+            table = self.table,
+            partition = self.partition_id,
+            hot_rows = self.hot_rows,
+            iceberg_rows = self.iceberg_rows,
+            "evicted partition {} of {}: {} rows dropped from ClickHouse; Iceberg holds {} rows of {}",
+            self.partition_id,
+            self.table,
+            self.hot_rows,
+            self.iceberg_rows,
+            days.join(", ")
+        );
+    }
+}
+
+/// A table's eviction run: the partitions due that stay, and for how long the oldest of them
+/// has been due.
+pub struct EvictionChecked<'a> {
+    pub table: &'a str,
+    /// (partition, why it stays, seconds it has been due)
+    pub blocked: &'a [(&'a str, &'a str, f64)],
+}
+
+impl EvictionChecked<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let longest = self.blocked.iter().map(|b| b.2).fold(0.0, f64::max);
+        // Exported at 0 from the first look, so that an increase over them has data.
+        m.eviction.partitions_total.with_label_values(&[self.table]);
+        m.eviction.rows_total.with_label_values(&[self.table]);
+        m.eviction.blocked_partitions.with_label_values(&[self.table]).set(self.blocked.len() as f64);
+        m.eviction.blocked_seconds.with_label_values(&[self.table]).set(longest);
+        for (partition, why, due) in self.blocked {
+            tracing::warn!(
+                table = self.table,
+                partition = partition,
+                due_seconds = due,
+                "partition {partition} of {} is due for eviction but stays: {why}",
+                self.table
+            );
+        }
+    }
+}
+
+/// A table's eviction could not run (the partition key refused, ClickHouse or the catalog
+/// unreachable): nothing was dropped.
+pub struct EvictionFailed<'a> {
+    pub table: &'a str,
+    pub error: &'a OffloadError,
+}
+
+impl EvictionFailed<'_> {
+    pub fn emit(&self, _m: &Metrics) {
+        tracing::error!(
+            table = self.table,
+            "eviction of {} did not run; nothing was dropped: {}",
+            self.table,
             self.error
         );
     }

@@ -8,7 +8,7 @@
 //! - the port every layer emits into: [`events`] and [`metrics`];
 //! - I/O: [`source`] (ClickHouse), [`sink`] (Iceberg), [`state`] (the state store);
 //! - the exactly-once commit protocol: [`commit`] (`docs/exactly-once.md`);
-//! - table operations: [`offload`], [`audit`], [`maintenance`], [`adopt`], [`tiers`], given [`services`];
+//! - table operations: [`offload`], [`audit`], [`maintenance`], [`adopt`], [`tiers`], [`evict`], given [`services`];
 //! - the service: [`scheduler`], [`replicas`], [`server`], [`status`], [`systemd`].
 
 pub mod adopt;
@@ -19,6 +19,7 @@ pub mod database;
 pub mod decorate;
 pub mod error;
 pub mod events;
+pub mod evict;
 pub mod fault;
 pub mod maintenance;
 pub mod metrics;

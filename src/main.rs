@@ -115,6 +115,18 @@ enum Command {
         #[arg(long, value_parser = iceberg_offload::maintenance::Steps::parse)]
         only: Option<iceberg_offload::maintenance::Steps>,
     },
+    /// Drops the hot-tier partitions of tables with `evict_after` whose newest row is older
+    /// than that, once Iceberg provably holds every row of them (what `run` does hourly): the
+    /// partition key a day of the cursor, every row at or below W and the view's W, nothing
+    /// pending, a fresh audit of their days ok. Lists each partition, whether it goes or stays
+    /// and why. Takes each table's lease. `--dry-run` drops nothing.
+    Evict {
+        /// One table (its `name`); all tables with `evict_after` when left out.
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Takes over a table the original pipeline wrote (Spark, Hadoop catalog): checks it
     /// against the source, registers its current metadata in the configured catalog and
     /// starts from the original's watermark (`offload_watermarks` in its PostgreSQL; rows
@@ -229,6 +241,15 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     })
 }
 
+/// How ClickHouse reaches the warehouse for the views: the configured named collection, and
+/// the endpoint the catalog writes to.
+fn view_storage(cfg: &Config) -> iceberg_offload::services::ViewStorage {
+    iceberg_offload::services::ViewStorage {
+        s3_collection: cfg.clickhouse.iceberg_s3_collection.clone(),
+        s3_endpoint: cfg.catalog.properties.get("s3.endpoint").cloned(),
+    }
+}
+
 async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Services> {
     let ch = ClickHouse::new(&cfg.clickhouse)?;
     let catalog = catalog::build(&cfg.catalog).await?;
@@ -250,6 +271,8 @@ async fn services(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Service
         audit: AuditSettings { recent_days: cfg.service.audit_recent_days, full_every: cfg.service.audit_full_every },
         audits: Default::default(),
         maintenance: Default::default(),
+        evictions: Default::default(),
+        views: view_storage(cfg),
         replacer: Arc::new(iceberg_offload::commit::replace::Replacer::new(cfg.catalog.clone())),
     })
 }
@@ -265,6 +288,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status { url, prometheus, json } => status(&cfg, url, prometheus, json).await,
         Command::Audit { table, json } => audit(&cfg, table.as_deref(), json).await,
+        Command::Evict { table, dry_run } => evict(&cfg, table.as_deref(), dry_run).await,
         Command::Maintain { table, dry_run, only } => {
             maintain(&cfg, table.as_deref(), only.unwrap_or_default(), dry_run).await
         }
@@ -459,8 +483,85 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
             }
         };
         println!("table {}: {line}", t.source());
+        if let Ok(source) = SourceTable::describe(&ch, t).await {
+            let table = match &catalog {
+                Some(c) => c.load_table(&target::ident(t)).await.ok(),
+                None => None,
+            };
+            ok &= validate_tiers(cfg, &ch, t, &source, table.as_ref()).await;
+        }
     }
     Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+/// `validate` for a table's view, eviction and TTL (I13): one line per check; `false` when
+/// one fails (a warning does not fail).
+async fn validate_tiers(
+    cfg: &Config,
+    ch: &ClickHouse,
+    t: &iceberg_offload::config::TableConfig,
+    source: &SourceTable,
+    table: Option<&iceberg::table::Table>,
+) -> bool {
+    let mut ok = true;
+    if let Some(name) = &t.view {
+        let warehouse = table.is_none().then_some(cfg.catalog.warehouse.as_deref()).flatten();
+        let warehouse =
+            warehouse.map(|w| format!("{}/{}/{}", w.trim_end_matches('/'), t.target_namespace, t.target_table));
+        for line in
+            iceberg_offload::tiers::check(ch, source, name, table, warehouse.as_deref(), &view_storage(cfg)).await
+        {
+            match line {
+                Ok(l) => println!("  view {name}: ok: {l}"),
+                Err(e) => {
+                    ok = false;
+                    println!("  view {name}: FAILED: {e}");
+                }
+            }
+        }
+    }
+    if let Some(after) = t.evict_after {
+        let key = iceberg_offload::evict::partition_key(ch, t).await.unwrap_or_default();
+        let unit_is_day = source.unit().nanos() >= 86_400_000_000_000;
+        match iceberg_offload::evict::check_partition_key(&key, &t.cursor, unit_is_day) {
+            Ok(()) => println!("  evict_after {}: ok: partitions by {key}", humantime(after)),
+            Err(e) => {
+                ok = false;
+                println!("  evict_after {}: FAILED: {e}", humantime(after));
+            }
+        }
+        if let Some(ttl) = source.retention()
+            && ttl < after + std::time::Duration::from_secs(86_400)
+        {
+            println!(
+                "  evict_after {}: WARNING: the source's TTL ({}) deletes rows before eviction would, with less than a day \
+                 to spare; set the TTL to evict_after plus a margin (e.g. {} + 2 days) so that it stays a safety net",
+                humantime(after),
+                humantime(ttl),
+                humantime(after)
+            );
+        }
+    }
+    let w = table.and_then(|t| iceberg_offload::commit::TableView::of(t.clone()).ok()).and_then(|v| v.watermark);
+    if let Ok(Some(headroom)) = source.ttl_headroom_seconds(ch, w.as_ref()).await
+        && headroom < 24.0 * 3600.0
+    {
+        println!(
+            "  ttl: WARNING: at the current lag the source's TTL deletes the oldest row not yet offloaded in {:.1} h \
+             (IcebergOffloadTTLHeadroomLow fires under 4 h): offload faster or lengthen the TTL",
+            headroom / 3600.0
+        );
+    }
+    ok
+}
+
+fn humantime(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
 }
 
 /// `watermark set`: I11's way out, on purpose and logged. The move is one commit through the
@@ -718,6 +819,92 @@ async fn maintain(
         }
     }
     Ok(code)
+}
+
+/// `evict`: each table's eviction now, under its lease.
+async fn evict(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Result<u8> {
+    let tables: Vec<_> =
+        tables_named(cfg, only)?.into_iter().filter(|t| only.is_some() || t.evict_after.is_some()).collect();
+    if tables.is_empty() {
+        println!("no table has evict_after set; nothing to evict");
+        return Ok(exit::OK);
+    }
+    let svc = services(cfg, Arc::new(Metrics::new())).await?;
+    svc.ch.check_version().await?;
+    let state = StateStore::open(&cfg.state).await?;
+    let holder = iceberg_offload::state::process_holder("evict");
+    let mut code = exit::OK;
+    for t in tables {
+        let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                println!("{}: skipped: {e}", t.name());
+                code = exit::LEASE_HELD;
+                continue;
+            }
+        };
+        let now_ns = iceberg_offload::util::now_epoch_ns();
+        let result = iceberg_offload::evict::evict(&svc, t, now_ns, dry_run).await;
+        state.release_lease(&lease).await.ok();
+        match result {
+            Ok(r) => {
+                for line in eviction_lines(&r, dry_run) {
+                    println!("{}: {line}", t.name());
+                }
+            }
+            Err(e) => {
+                println!("{}: failed: {e}", t.name());
+                code = exit::ERROR;
+            }
+        }
+    }
+    if dry_run {
+        println!("dry run: nothing dropped");
+    }
+    Ok(code)
+}
+
+/// What `evict` prints of a table's run, a line per partition.
+fn eviction_lines(r: &iceberg_offload::evict::EvictReport, dry_run: bool) -> Vec<String> {
+    use iceberg_offload::evict::Verdict;
+    if r.partitions.is_empty() {
+        return vec!["no partition in ClickHouse".into()];
+    }
+    r.partitions
+        .iter()
+        .map(|p| {
+            let newest = iceberg_offload::util::format_epoch_ns(p.newest_ns);
+            let what = match (&p.verdict, p.dropped, dry_run) {
+                (Verdict::NotDue, ..) => "stays: not due (its newest row is younger than evict_after)".to_string(),
+                (Verdict::Blocked(why), ..) => format!("stays: {why}"),
+                (Verdict::Evict, true, _) => format!(
+                    "evicted: {} dropped; Iceberg holds {} rows of {}",
+                    parts(p.parts.len()),
+                    p.iceberg_rows.unwrap_or(0),
+                    days(&p.days)
+                ),
+                (Verdict::Evict, false, _) => format!(
+                    "would go: Iceberg holds {} rows of {} ({})",
+                    p.iceberg_rows.unwrap_or(0),
+                    days(&p.days),
+                    parts(p.parts.len())
+                ),
+            };
+            format!("partition {} ({} rows, newest {newest}): {what}", p.partition_id, p.rows)
+        })
+        .collect()
+}
+
+fn parts(n: usize) -> String {
+    if n == 1 { "1 part".into() } else { format!("{n} parts") }
+}
+
+fn days(days: &[chrono::NaiveDate]) -> String {
+    match days {
+        [one] => one.to_string(),
+        [first, .., last] => format!("{first} to {last}"),
+        [] => "no day".into(),
+    }
 }
 
 async fn repair(cfg: &Config, name: &str, dry_run: bool) -> anyhow::Result<u8> {

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub replica_tables_mismatch: Gauge,
     /// I13: the hot+cold views.
     pub views: ViewMetrics,
+    /// Eviction of hot partitions.
+    pub eviction: EvictionMetrics,
     /// Unix time of this replica's last heartbeat written to the state store.
     last_member_heartbeat: Mutex<Option<f64>>,
     /// Unix time of each table's last successful offload, for the lag computed at scrape.
@@ -121,6 +123,45 @@ impl ViewMetrics {
                 "Failed rewrites of the table's hot+cold view (it stays on its older snapshot and watermark: still exact, less fresh)",
             ),
             watermark_data_timestamp_seconds,
+        }
+    }
+}
+
+/// The metrics of the eviction of hot partitions (`tables[].evict_after`), per table.
+#[derive(Clone)]
+pub struct EvictionMetrics {
+    pub partitions_total: IntCounterVec,
+    pub rows_total: IntCounterVec,
+    pub blocked_partitions: GaugeVec,
+    pub blocked_seconds: GaugeVec,
+}
+
+impl EvictionMetrics {
+    fn register(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        Self {
+            partitions_total: counter(
+                "offload_evicted_partitions_total",
+                "Hot-tier partitions dropped from ClickHouse after Iceberg was proved to hold every row of them",
+            ),
+            rows_total: counter("offload_evicted_rows_total", "Rows of the hot-tier partitions dropped"),
+            blocked_partitions: gauge(
+                "offload_eviction_blocked_partitions",
+                "Hot-tier partitions due for eviction (newest row older than evict_after) that cannot be dropped yet",
+            ),
+            blocked_seconds: gauge(
+                "offload_eviction_blocked_seconds",
+                "How long the longest-blocked due partition has been due (0 when none is blocked)",
+            ),
         }
     }
 }
@@ -403,6 +444,7 @@ impl Metrics {
             cycle_clock: Mutex::new((None, 0.0)),
             heartbeat: Mutex::new(None),
             views: ViewMetrics::register(&registry),
+            eviction: EvictionMetrics::register(&registry),
             registry,
         }
     }

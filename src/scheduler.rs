@@ -308,6 +308,13 @@ impl Scheduler {
                 _ = self.shutdown.cancelled() => {}
             }
         }
+        if matches!(result, TableResult::Done(_)) && self.maintain && lease.held_or_unneeded(&self.services) {
+            // Under the same lease; a shutdown abandons it between two parts (each was proved).
+            tokio::select! {
+                _ = crate::evict::run_if_due(&self.services, t) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+        }
         lease.release().await;
         result
     }

@@ -31,6 +31,40 @@ pub struct Services {
     pub maintenance: Arc<MaintenanceSchedule>,
     /// The catalog's compare-and-swap for `replace` commits (compaction).
     pub replacer: Arc<crate::commit::replace::Replacer>,
+    /// When each table's hot partitions were last looked at for eviction by this process.
+    pub evictions: Arc<EvictionSchedule>,
+    /// How ClickHouse reaches the warehouse for the views (I13).
+    pub views: ViewStorage,
+}
+
+/// How ClickHouse reads a warehouse on S3 for the views: the named collection that holds the
+/// credentials (`clickhouse.iceberg_s3_collection`) and the endpoint the catalog writes to
+/// (`s3.endpoint`, path-style), `None` for AWS's own.
+#[derive(Debug, Clone, Default)]
+pub struct ViewStorage {
+    pub s3_collection: Option<String>,
+    pub s3_endpoint: Option<String>,
+}
+
+/// Eviction runs at most once per [`EvictionSchedule::EVERY`] per table in a process: its
+/// proof reads the partitions and audits their days, and partitions are due by the day.
+#[derive(Debug, Default)]
+pub struct EvictionSchedule {
+    last: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl EvictionSchedule {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    /// Whether `table`'s eviction is due now; if so, it counts as begun.
+    pub fn due(&self, table: &str) -> bool {
+        let mut last = self.last.lock().expect("not poisoned");
+        let due = last.get(table).is_none_or(|at| at.elapsed() >= Self::EVERY);
+        if due {
+            last.insert(table.to_string(), std::time::Instant::now());
+        }
+        due
+    }
 }
 
 /// `service.audit_recent_days`, `service.audit_full_every`.

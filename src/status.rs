@@ -33,6 +33,17 @@ pub struct TableHealth {
     pub last_error: Option<String>,
     /// The live replica that owns the table (`None`: no `run` process is live).
     pub owner: Option<String>,
+    /// The hot tier as ClickHouse holds it: its TTL, its oldest row; and the watermark the
+    /// table's view splits at (I13). `None` where it cannot be read.
+    pub hot: Option<HotTier>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HotTier {
+    /// The TTL's interval (`7d`), or its expression when not a constant; `None`: no TTL.
+    pub ttl: Option<String>,
+    pub oldest_row: Option<String>,
+    pub view_watermark: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +145,7 @@ async fn table_checks(cfg: &Config, checks: &mut Vec<Check>) -> Vec<TableHealth>
         checks.push(Check { name: "catalog".into(), ok: false, detail: format!("{e:#}") });
     }
     let now = chrono::Utc::now();
+    let ch = crate::source::ClickHouse::new(&cfg.clickhouse).ok();
     for t in &cfg.tables {
         let wm = iceberg_watermark(&cat, t).await;
         let m = mirror.iter().find(|r| r.table_name == t.name());
@@ -148,6 +160,10 @@ async fn table_checks(cfg: &Config, checks: &mut Vec<Check>) -> Vec<TableHealth>
             failure_count: m.map(|r| r.failure_count).unwrap_or(0),
             last_error: m.and_then(|r| r.last_error_message.clone()),
             owner: owners.get(t.name()).cloned(),
+            hot: match &ch {
+                Some(ch) => hot_tier(ch, t).await,
+                None => None,
+            },
         });
     }
     tables
@@ -178,6 +194,27 @@ async fn replica_owners(
             Default::default()
         }
     }
+}
+
+/// The hot tier's TTL and oldest row, and the view's watermark: what stands between a stalled
+/// offload and a loss (the TTL deletes whether or not Iceberg holds the rows).
+async fn hot_tier(ch: &crate::source::ClickHouse, t: &TableConfig) -> Option<HotTier> {
+    let source = crate::source::query::SourceTable::describe(ch, t).await.ok()?;
+    let ttl = source.ttl.as_ref().map(|expr| match source.retention() {
+        Some(d) if d.as_secs() % 86_400 == 0 => format!("{}d", d.as_secs() / 86_400),
+        Some(d) => format!("{}s", d.as_secs()),
+        None => expr.clone(),
+    });
+    let oldest_row = source.oldest_ns(ch).await.ok().flatten().map(crate::util::format_epoch_ns);
+    let view_watermark = match &t.view {
+        Some(name) => crate::tiers::read_pinned(ch, name)
+            .await
+            .ok()
+            .flatten()
+            .map(|p| p.watermark.map(|w| w.display()).unwrap_or_else(|| "none (hot tier only)".into())),
+        None => None,
+    };
+    Some(HotTier { ttl, oldest_row, view_watermark })
 }
 
 /// The table's watermark as Iceberg holds it (`None` if the catalog or the table cannot be read).
@@ -270,6 +307,14 @@ pub fn print(report: &Report) {
             t.owner.as_deref().unwrap_or("-"),
             t.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
         );
+        if let Some(h) = &t.hot {
+            println!(
+                "       hot tier: TTL {}  oldest row {}{}",
+                h.ttl.as_deref().unwrap_or("none"),
+                h.oldest_row.as_deref().unwrap_or("-"),
+                h.view_watermark.as_deref().map(|w| format!("  view splits at {w}")).unwrap_or_default()
+            );
+        }
     }
 }
 

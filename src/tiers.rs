@@ -15,7 +15,7 @@ use crate::commit::TableView;
 use crate::config::{TableConfig, ViewName};
 use crate::error::{OffloadError, Result};
 use crate::events::{self, ViewCause};
-use crate::services::Services;
+use crate::services::{Services, ViewStorage};
 use crate::source::ClickHouse;
 use crate::source::query::SourceTable;
 use crate::util::quote_ident;
@@ -28,6 +28,32 @@ use crate::window::{Position, escaped_to_literal};
 pub struct Pinned {
     pub snapshot_id: Option<i64>,
     pub watermark: Option<Position>,
+    /// The snapshot's sequence number: a view never moves to an older snapshot (a process
+    /// that lost its lease and wakes up late must not undo a newer pair).
+    #[serde(default)]
+    pub sequence_number: Option<i64>,
+}
+
+impl Pinned {
+    const NOTHING: Pinned = Pinned { snapshot_id: None, watermark: None, sequence_number: None };
+
+    /// Whether this pair reads a later snapshot than `other` (format 1 tables have no
+    /// sequence numbers: never).
+    fn later_than(&self, other: &Pinned) -> bool {
+        matches!((self.sequence_number, other.sequence_number), (Some(a), Some(b)) if a > b)
+    }
+}
+
+/// What ClickHouse has under a view's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Existing {
+    Absent,
+    /// A view this service wrote, and the pair it pins.
+    Ours(Pinned),
+    /// Anything else: a table, a view of someone else's. Never replaced.
+    Other {
+        engine: String,
+    },
 }
 
 /// Where ClickHouse reads the Iceberg table from.
@@ -35,23 +61,46 @@ pub struct Pinned {
 pub enum ColdStorage {
     /// A directory the ClickHouse server can read (`icebergLocal`).
     Local(String),
+    /// An S3 prefix (`icebergS3`), with the credentials of a named collection.
+    S3 { collection: String, url: String },
 }
 
 impl ColdStorage {
     /// Where a table at `location` (its metadata's `location`) is read from.
-    pub fn of(location: &str) -> std::result::Result<Self, String> {
-        let path = location.strip_prefix("file://").unwrap_or(location);
-        if path.starts_with('/') {
-            return Ok(Self::Local(path.trim_end_matches('/').to_string()));
+    pub fn of(location: &str, access: &ViewStorage) -> std::result::Result<Self, String> {
+        let bare = location.strip_prefix("file://").or_else(|| location.strip_prefix("file:")).unwrap_or(location);
+        if bare.starts_with('/') {
+            return Ok(Self::Local(bare.trim_end_matches('/').to_string()));
         }
-        Err(format!(
-            "the Iceberg table is at {location}; the view reads a local warehouse (icebergLocal), and this location is not one"
-        ))
+        let Some(key) = location.strip_prefix("s3://").or_else(|| location.strip_prefix("s3a://")) else {
+            return Err(format!(
+                "the Iceberg table is at {location}; a view reads a local warehouse (icebergLocal) or S3 (icebergS3), not this"
+            ));
+        };
+        let Some(collection) = access.s3_collection.clone() else {
+            return Err(format!(
+                "the Iceberg table is on S3 ({location}): set clickhouse.iceberg_s3_collection to a ClickHouse named \
+                 collection that holds the credentials (CREATE NAMED COLLECTION … AS access_key_id = …, \
+                 secret_access_key = …); the view's text never holds them"
+            ));
+        };
+        let key = key.trim_end_matches('/');
+        let url = match &access.s3_endpoint {
+            Some(endpoint) => format!("{}/{key}/", endpoint.trim_end_matches('/')),
+            None => match key.split_once('/') {
+                Some((bucket, path)) => format!("https://{bucket}.s3.amazonaws.com/{path}/"),
+                None => format!("https://{key}.s3.amazonaws.com/"),
+            },
+        };
+        Ok(Self::S3 { collection, url })
     }
 
     fn table_function(&self) -> String {
         match self {
             Self::Local(path) => format!("icebergLocal('{}')", escape_literal(path)),
+            Self::S3 { collection, url } => {
+                format!("icebergS3({}, url = '{}')", quote_ident(collection), escape_literal(url))
+            }
         }
     }
 }
@@ -62,11 +111,16 @@ pub struct ColdSide {
     pub storage: ColdStorage,
     pub snapshot_id: i64,
     pub watermark: Position,
+    pub sequence_number: Option<i64>,
 }
 
 impl ColdSide {
     fn pinned(&self) -> Pinned {
-        Pinned { snapshot_id: Some(self.snapshot_id), watermark: Some(self.watermark.clone()) }
+        Pinned {
+            snapshot_id: Some(self.snapshot_id),
+            watermark: Some(self.watermark.clone()),
+            sequence_number: self.sequence_number,
+        }
     }
 }
 
@@ -96,7 +150,7 @@ impl<'a> HybridView<'a> {
         let mut sql =
             format!("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {hot_from}", self.quoted_name(), columns.join(", "));
         let pinned = match cold {
-            None => Pinned { snapshot_id: None, watermark: None },
+            None => Pinned::NOTHING,
             Some(cold) => {
                 let above = bounds.literal_predicate(Some(&cold.watermark), None);
                 let above = if self.source.cursor_is_nullable() {
@@ -134,22 +188,29 @@ impl<'a> HybridView<'a> {
     }
 
     /// Writes the view pinned on `cold` (the hot tier alone when `None`), unless ClickHouse
-    /// already has that pair. Returns whether it was written.
+    /// already has that pair or a later one. Refuses to replace anything but a view this
+    /// service wrote. Returns whether it was written.
     pub async fn refresh(&self, ch: &ClickHouse, cold: Option<&ColdSide>) -> Result<bool> {
-        let want = cold.map(ColdSide::pinned).unwrap_or(Pinned { snapshot_id: None, watermark: None });
-        if self.pinned(ch).await?.as_ref() == Some(&want) {
-            return Ok(false);
+        let want = cold.map(ColdSide::pinned).unwrap_or(Pinned::NOTHING);
+        match existing(ch, self.name).await? {
+            Existing::Other { engine } => Err(OffloadError::Schema {
+                table: self.source.table.source(),
+                message: format!(
+                    "{} exists and is not a view this service wrote (engine {engine}); it is never replaced: \
+                     name another view in tables[].view, or drop it yourself",
+                    self.name
+                ),
+            }),
+            Existing::Ours(now) if now == want || now.later_than(&want) => Ok(false),
+            _ => {
+                let sql = self.create_sql(cold);
+                ch.query_text(&sql, &[]).await.map_err(|e| self.explain(e))?;
+                Ok(true)
+            }
         }
-        self.write(ch, cold).await?;
-        Ok(true)
     }
 
-    /// Writes the view pinned on `cold`.
-    pub async fn write(&self, ch: &ClickHouse, cold: Option<&ColdSide>) -> Result<()> {
-        ch.query_text(&self.create_sql(cold), &[]).await.map(drop).map_err(|e| self.explain(e))
-    }
-
-    fn explain(&self, e: OffloadError) -> OffloadError {
+    pub fn explain(&self, e: OffloadError) -> OffloadError {
         let OffloadError::ClickHouse { code, message } = &e else { return e };
         let hint = match code {
             81 => format!("create the database {} first", quote_ident(&self.name.db)),
@@ -185,17 +246,15 @@ impl HybridView<'_> {
         let written = async {
             let cold = match (snapshot_id, w) {
                 (Some(snapshot_id), Some(w)) => Some(ColdSide {
-                    storage: ColdStorage::of(table.metadata().location())
+                    storage: ColdStorage::of(table.metadata().location(), &svc.views)
                         .map_err(|message| OffloadError::Schema { table: self.source.table.source(), message })?,
                     snapshot_id,
                     watermark: w.clone(),
+                    sequence_number: table.metadata().snapshot_by_id(snapshot_id).map(|s| s.sequence_number()),
                 }),
                 _ => None,
             };
-            match cause {
-                ViewCause::Commit => self.write(&svc.ch, cold.as_ref()).await.map(|()| true),
-                ViewCause::Stale | ViewCause::Maintenance => self.refresh(&svc.ch, cold.as_ref()).await,
-            }
+            self.refresh(&svc.ch, cold.as_ref()).await
         };
         match written.await {
             Ok(true) => {
@@ -214,13 +273,27 @@ impl HybridView<'_> {
 /// What the view `name` pins now, as ClickHouse has it; `None` when there is no such view or
 /// it was not written by this service.
 pub async fn read_pinned(ch: &ClickHouse, name: &ViewName) -> Result<Option<Pinned>> {
+    Ok(match existing(ch, name).await? {
+        Existing::Ours(p) => Some(p),
+        _ => None,
+    })
+}
+
+/// What ClickHouse has under `name`.
+pub async fn existing(ch: &ClickHouse, name: &ViewName) -> Result<Existing> {
     let rows = ch
         .query_rows(
-            "SELECT comment FROM system.tables WHERE database = {db:String} AND name = {name:String}",
+            "SELECT engine, comment FROM system.tables WHERE database = {db:String} AND name = {name:String}",
             &[("db".into(), name.db.clone()), ("name".into(), name.name.clone())],
         )
         .await?;
-    Ok(rows.first().and_then(|r| r.first()).and_then(|c| serde_json::from_str(c).ok()))
+    let Some(row) = rows.first() else { return Ok(Existing::Absent) };
+    let engine = row.first().cloned().unwrap_or_default();
+    let ours = row.get(1).and_then(|c| serde_json::from_str::<Pinned>(c).ok());
+    Ok(match ours {
+        Some(p) if engine == "View" => Existing::Ours(p),
+        _ => Existing::Other { engine },
+    })
 }
 
 /// After maintenance (I13): the view of `cfg`'s table moved onto `table`'s current snapshot,
@@ -231,8 +304,133 @@ pub async fn repin_after_maintenance(svc: &Services, cfg: &TableConfig, table: &
     let source = SourceTable::describe(&svc.ch, cfg).await?;
     let view = HybridView { name, source: &source };
     let read = TableView::of(table.clone())?;
-    view.pin(svc, table, read.snapshot_id(), read.watermark.as_ref(), ViewCause::Maintenance).await;
+    // I11: a W measured on another source, cursor or tiebreak than the configuration's would
+    // split the view on the wrong columns; the offload refuses such a table, and so does this.
+    if read.measured_on.difference(&source.measure()).is_none() {
+        view.pin(svc, table, read.snapshot_id(), read.watermark.as_ref(), ViewCause::Maintenance).await;
+    }
     Ok(view.pinned(&svc.ch).await?.and_then(|p| p.snapshot_id))
+}
+
+/// What `validate` checks for a table's view, each a line: `Ok` or the missing piece.
+/// `table`: the Iceberg table when it exists.
+pub async fn check(
+    ch: &ClickHouse,
+    source: &SourceTable,
+    name: &ViewName,
+    table: Option<&Table>,
+    warehouse: Option<&str>,
+    access: &ViewStorage,
+) -> Vec<std::result::Result<String, String>> {
+    let mut lines = vec![];
+    let scalar = |sql: String, params: Vec<(String, String)>| async move {
+        ch.query_text(&sql, &params).await.map(|t| t.trim().to_string()).map_err(|e| e.to_string())
+    };
+    let has_setting =
+        scalar("SELECT count() FROM system.settings WHERE name = 'iceberg_snapshot_id'".into(), vec![]).await;
+    lines.push(match has_setting.as_deref() {
+        Ok("1") => Ok("ClickHouse reads an Iceberg snapshot by id (iceberg_snapshot_id)".into()),
+        Ok(_) => Err("this ClickHouse has no setting iceberg_snapshot_id: the view cannot pin a snapshot (ClickHouse 25.x or later has it)".into()),
+        Err(e) => Err(format!("cannot read system.settings: {e}")),
+    });
+    let db = vec![("db".into(), name.db.clone())];
+    lines.push(
+        match scalar("SELECT count() FROM system.databases WHERE name = {db:String}".into(), db).await.as_deref() {
+            Ok("1") => Ok(format!("database {} exists", name.db)),
+            Ok(_) => {
+                Err(format!("database {} does not exist: create it (the service does not create databases)", name.db))
+            }
+            Err(e) => Err(format!("cannot read system.databases: {e}")),
+        },
+    );
+    lines.push(match existing(ch, name).await {
+        Ok(Existing::Other { engine }) => Err(format!(
+            "{name} exists and is not a view this service wrote (engine {engine}); it is never replaced: name another view"
+        )),
+        Ok(Existing::Ours(_)) => Ok(format!("{name} is this service's view")),
+        Ok(Existing::Absent) => Ok(format!("{name} will be created")),
+        Err(e) => Err(format!("cannot read system.tables: {e}")),
+    });
+    lines.push(grants(ch, name).await);
+    let storage = match table {
+        Some(t) => ColdStorage::of(t.metadata().location(), access),
+        None => {
+            warehouse.map(|w| ColdStorage::of(w, access)).unwrap_or_else(|| Err("the table does not exist yet".into()))
+        }
+    };
+    lines.push(match storage {
+        Ok(ColdStorage::Local(path)) => reachable(ch, &path).await,
+        Ok(ColdStorage::S3 { collection, url }) => collection_exists(ch, &collection, &url).await,
+        Err(e) => Err(e),
+    });
+    if let Some(t) = table.filter(|t| t.metadata().current_snapshot_id().is_some()) {
+        let view = HybridView { name, source };
+        let read = TableView::of(t.clone()).ok();
+        let cold = read.and_then(|r| {
+            let snapshot_id = r.snapshot_id();
+            r.watermark.map(|w| (snapshot_id, w))
+        });
+        if let Some((Some(snapshot_id), watermark)) = cold
+            && let Ok(storage) = ColdStorage::of(t.metadata().location(), access)
+        {
+            let side = ColdSide { storage, snapshot_id, watermark, sequence_number: None };
+            let sql = view.create_sql(Some(&side));
+            let select = sql.split_once(" AS SELECT ").map(|(_, rest)| format!("SELECT count() FROM (SELECT {rest}"));
+            let select = select.map(|s| s.rsplit_once(" COMMENT '").map(|(q, _)| format!("{q})")).unwrap_or(s));
+            if let Some(select) = select {
+                lines.push(match ch.query_text(&select, &[]).await {
+                    Ok(n) => Ok(format!("the view's query runs ({} rows now)", n.trim())),
+                    Err(e) => Err(format!("the view's query fails: {}", view.explain(e))),
+                });
+            }
+        }
+    }
+    lines
+}
+
+/// Whether the service's user may create and replace the view: a probe view next to it,
+/// created and dropped.
+async fn grants(ch: &ClickHouse, name: &ViewName) -> std::result::Result<String, String> {
+    let probe = format!("{}.{}", quote_ident(&name.db), quote_ident(&format!("{}_offload_probe", name.name)));
+    let created = ch.query_text(&format!("CREATE OR REPLACE VIEW {probe} AS SELECT 1"), &[]).await;
+    let dropped = ch.query_text(&format!("DROP VIEW IF EXISTS {probe}"), &[]).await;
+    match (created, dropped) {
+        (Ok(_), Ok(_)) => Ok(format!("this user may create, replace and drop views in {}", name.db)),
+        (Err(e), _) | (_, Err(e)) => Err(format!(
+            "this user may not create and drop views in {} (grant CREATE VIEW and DROP VIEW on {}.*): {e}",
+            name.db, name.db
+        )),
+    }
+}
+
+/// Whether ClickHouse may read files under `path` (its `user_files_path`): reading a file that
+/// does not exist there fails with "does not exist", elsewhere with "access denied".
+async fn reachable(ch: &ClickHouse, path: &str) -> std::result::Result<String, String> {
+    let probe = format!("{}/.offload-probe-that-does-not-exist", path.trim_end_matches('/'));
+    let sql = format!("SELECT count() FROM file('{}', 'RawBLOB')", escape_literal(&probe));
+    match ch.query_text(&sql, &[]).await {
+        Ok(_) => Ok(format!("ClickHouse reads files under {path}")),
+        Err(OffloadError::ClickHouse { code: 481, .. }) => Err(format!(
+            "ClickHouse may not read {path} (PATH_ACCESS_DENIED): icebergLocal reads only under the server's \
+             user_files_path; put the warehouse there, or link it there and set the catalog's warehouse to that path"
+        )),
+        Err(OffloadError::ClickHouse { code: 107 | 636, .. }) => Ok(format!("ClickHouse reads files under {path}")),
+        Err(e) => Err(format!("cannot tell whether ClickHouse reads {path}: {e}")),
+    }
+}
+
+/// Whether the named collection the views read S3 with exists (its credentials are checked by
+/// the view's query, once the table exists).
+async fn collection_exists(ch: &ClickHouse, collection: &str, url: &str) -> std::result::Result<String, String> {
+    let sql = "SELECT count() FROM system.named_collections WHERE name = {c:String}";
+    match ch.query_text(sql, &[("c".into(), collection.to_string())]).await.map(|t| t.trim().to_string()) {
+        Ok(n) if n == "1" => Ok(format!("ClickHouse reads {url} with the named collection {collection}")),
+        Ok(_) => Err(format!(
+            "ClickHouse has no named collection {collection} (clickhouse.iceberg_s3_collection): create it with the \
+             warehouse's credentials"
+        )),
+        Err(e) => Err(format!("cannot read system.named_collections (grant SHOW NAMED COLLECTIONS): {e}")),
+    }
 }
 
 /// Text inside a single-quoted SQL literal.
@@ -245,10 +443,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_locations_are_read_with_iceberg_local() {
-        assert_eq!(ColdStorage::of("file:///wh/cold/t/").unwrap(), ColdStorage::Local("/wh/cold/t".into()));
-        assert_eq!(ColdStorage::of("/wh/cold/t").unwrap(), ColdStorage::Local("/wh/cold/t".into()));
-        assert!(ColdStorage::of("s3://bucket/wh/t").unwrap_err().contains("s3://bucket/wh/t"));
+    fn locations_are_read_with_iceberg_local_or_iceberg_s3() {
+        let none = ViewStorage::default();
+        assert_eq!(ColdStorage::of("file:///wh/cold/t/", &none).unwrap(), ColdStorage::Local("/wh/cold/t".into()));
+        assert_eq!(ColdStorage::of("file:/wh/cold/t", &none).unwrap(), ColdStorage::Local("/wh/cold/t".into()));
+        assert_eq!(ColdStorage::of("/wh/cold/t", &none).unwrap(), ColdStorage::Local("/wh/cold/t".into()));
+        let err = ColdStorage::of("s3://bucket/wh/t", &none).unwrap_err();
+        assert!(err.contains("s3://bucket/wh/t") && err.contains("iceberg_s3_collection"), "{err}");
+        let aws = ViewStorage { s3_collection: Some("lake".into()), s3_endpoint: None };
+        let s3 = ColdStorage::of("s3://bucket/wh/t/", &aws).unwrap();
+        assert_eq!(s3.table_function(), "icebergS3(`lake`, url = 'https://bucket.s3.amazonaws.com/wh/t/')");
+        let minio = ViewStorage { s3_endpoint: Some("http://127.0.0.1:9000/".into()), ..aws };
+        assert_eq!(
+            ColdStorage::of("s3a://bucket/wh/t", &minio).unwrap().table_function(),
+            "icebergS3(`lake`, url = 'http://127.0.0.1:9000/bucket/wh/t/')"
+        );
+        assert!(ColdStorage::of("gs://bucket/t", &minio).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ ALERTMANAGER = "localhost:9093"
 
 # Commands a test can run against a live service, by what they may change: nothing.
 READ_ONLY = {("status",), ("validate",), ("audit",), ("watermark", "show")}
-DRY_RUN = {"maintain", "cleanup", "repair"}
+DRY_RUN = {"maintain", "cleanup", "repair", "evict"}
 # Host commands (systemd, ClickHouse's or PostgreSQL's own clients, sudo): not run here;
 # what they grep for is checked against the code instead.
 HOST_COMMANDS = {"systemctl", "journalctl", "sudo", "timedatectl", "date", "printf", "clickhouse-client", "psql"}

@@ -113,10 +113,14 @@ def stack(gateway, db, tmp_path):
         threading.Thread(target=trades_keep_coming, daemon=True).start()
 
         svc_port, am_port, prom_port = free_port(), free_port(), free_port()
+        # The first table has a view and eviction (their metrics are the guide's too); ClickHouse
+        # reads the warehouse under its user_files_path.
+        home = gateway.user_files / tmp_path.name
+        home.mkdir(exist_ok=True)
         cfg = write_config(tmp_path / "c.toml", proxy, [
-            bronze_table(db, "bronze_trades_binance", settle_delay="1s"),
+            bronze_table(db, "bronze_trades_binance", settle_delay="1s", view=f"{db}.trades_binance_all", evict_after="2d"),
             bronze_table(db, "bronze_trades_kraken", settle_delay="1s"),
-        ], tmp_path)
+        ], home, state_url=f"sqlite:{tmp_path / 'state.db'}")
         cfg.write_text(cfg.read_text().replace('interval = "15m"', 'interval = "2s"')
                        .replace('metrics_listen = "127.0.0.1:0"', f'metrics_listen = "127.0.0.1:{svc_port}"')
                        .replace("retries = 1", "retries = 2"))

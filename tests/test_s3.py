@@ -67,8 +67,12 @@ def objects(s3, bucket, suffix):
 def test_s3_warehouse_cycles_land_every_row_once_for_independent_readers(gateway, db, tmp_path, s3):
     create_bronze(gateway, db, "trades")
     insert_bronze(gateway, db, "trades", 30_000, now_ms() - 7_200_000, step_ms=100)
-    table = bronze_table(db, "trades", max_rows_per_commit=20_000, settle_delay="1s")
+    table = bronze_table(db, "trades", max_rows_per_commit=20_000, settle_delay="1s", view=f"{db}.trades_all")
     cfg, s3v = s3_config(tmp_path, gateway, [table], s3, "lake-cycles")
+    # The view (I13) reads the bucket with icebergS3 and the credentials of a named collection.
+    gateway.sql(f"CREATE NAMED COLLECTION IF NOT EXISTS lake_{db} AS access_key_id = '{KEY}', "
+                f"secret_access_key = '{SECRET}'")
+    cfg.write_text(cfg.read_text().replace('compression = "lz4"', f'compression = "lz4"\niceberg_s3_collection = "lake_{db}"'))
     env = {"TEST_S3_SECRET": SECRET}
     first = run(cfg, "once", env=env, check=True)
     # New rows after W, settled by the time the next cycle runs.
@@ -82,6 +86,17 @@ def test_s3_warehouse_cycles_land_every_row_once_for_independent_readers(gateway
     assert objects(s3, "lake-cycles", ".parquet"), "data files are in the bucket"
     for out in (first, second):
         assert SECRET not in out.stdout + out.stderr, "the S3 secret must never be printed"
+    # The view, read by ClickHouse: the source's rows, its types; no secret in its text.
+    views = [line for line in second.stderr.splitlines() if "view" in line]
+    assert '"snapshot_id":null' not in gateway.sql(f"SELECT comment FROM system.tables WHERE name = 'trades_all' "
+                                                 f"AND database = '{db}'"), views
+    stats = "SELECT count(), toString(sum(price)), uniqExact((symbol, sequence_number)) FROM {t}"
+    assert gateway.sql(stats.format(t=f"{db}.trades_all")) == gateway.sql(stats.format(t=f"{db}.trades"))
+    text = gateway.sql(f"SHOW CREATE TABLE {db}.trades_all")
+    assert "icebergS3(lake_" in text and SECRET not in text and KEY not in text, text
+    v = run(cfg, "validate", env=env)
+    assert f"view {db}.trades_all: ok: ClickHouse reads {s3['endpoint']}/lake-cycles/lake/" in v.stdout, v.stdout
+    assert "the view's query runs (35000 rows now)" in v.stdout, v.stdout
 
 
 def test_s3_lost_commit_leaves_no_object_behind(gateway, db, tmp_path, s3):

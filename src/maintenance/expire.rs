@@ -49,6 +49,25 @@ pub fn needed_for_watermark(meta: &TableMetadata) -> usize {
     depth.max(1)
 }
 
+/// How many snapshots of the current history stay: the retention's, those the watermark's walk
+/// needs (I3), the previous one, and down to the one a view reads (I13). `Err` when the view
+/// reads a snapshot off the current history: nothing may expire until it moves.
+fn snapshots_to_keep(
+    meta: &TableMetadata,
+    retention: Retention,
+    pinned: Option<i64>,
+) -> std::result::Result<usize, String> {
+    let keep = retention.min_keep.max(needed_for_watermark(meta)).max(ALWAYS_KEEP);
+    match pinned.map(|id| (id, depth_in_history(meta, id))) {
+        None => Ok(keep),
+        Some((_, Some(depth))) => Ok(keep.max(depth)),
+        Some((id, None)) => Err(format!(
+            "the table's view reads snapshot {id}, which is not in the current history (a rollback?); \
+             expiry waits until the view moves to the current snapshot"
+        )),
+    }
+}
+
 /// How deep `id` lies in the current snapshot's history (1: the current snapshot); `None`
 /// when it is not in it.
 fn depth_in_history(meta: &TableMetadata, id: i64) -> Option<usize> {
@@ -108,20 +127,11 @@ pub async fn expire(
         report.files_deleted += settle_record(&table, limits.storage).await;
     }
     let meta = table.metadata();
-    if let Some(why) = own_retention(meta) {
-        report.skipped = Some(why);
-        return Ok(report);
-    }
-    let keep = retention.min_keep.max(needed_for_watermark(meta)).max(ALWAYS_KEEP);
-    let keep = match pinned.map(|id| depth_in_history(meta, id)) {
-        None => keep,
-        Some(Some(depth)) => keep.max(depth),
-        Some(None) => {
-            report.skipped = Some(format!(
-                "the table's view reads snapshot {}, which is not in the current history (a rollback?); \
-                 expiry waits until the view moves to the current snapshot",
-                pinned.unwrap_or_default()
-            ));
+    // Another engine's retention, or a view's snapshot off the history: nothing expires.
+    let keep = match own_retention(meta).map_or_else(|| snapshots_to_keep(meta, retention, pinned), Err) {
+        Ok(keep) => keep,
+        Err(why) => {
+            report.skipped = Some(why);
             return Ok(report);
         }
     };
@@ -166,16 +176,21 @@ pub async fn expire(
             )),
         };
     }
-    let w_before = TableView::of(table.clone()).ok().and_then(|v| v.watermark);
-    let w_after = TableView::of(now.clone()).ok().and_then(|v| v.watermark);
-    if w_before != w_after {
-        tracing::error!(table = %ident, before = ?w_before, after = ?w_after, "the watermark changed across an expiry (I3): report this");
-    }
+    check_watermark_kept(ident, &table, &now);
     crate::fault::hit("expire_after_commit")?;
     report.files_deleted += delete_files(&now, &record.files, limits.storage).await;
     remove_record(&table, limits.storage).await;
     report.metadata_files_deleted = commit::delete_dropped_metadata(&table, &now, limits.storage).await;
     Ok(report)
+}
+
+/// I3: an expiry never moves `W`; if it did, say so loudly.
+fn check_watermark_kept(ident: &TableIdent, before: &Table, after: &Table) {
+    let w_before = TableView::of(before.clone()).ok().and_then(|v| v.watermark);
+    let w_after = TableView::of(after.clone()).ok().and_then(|v| v.watermark);
+    if w_before != w_after {
+        tracing::error!(table = %ident, before = ?w_before, after = ?w_after, "the watermark changed across an expiry (I3): report this");
+    }
 }
 
 /// Branches and tags, or a `main` with its own retention, are another engine's policy:

@@ -56,7 +56,11 @@ async fn write_whole(file: &std::path::Path, bs: Bytes) -> Result<()> {
         tokio::fs::remove_file(&temp).await.ok();
         return Err(io_err(e, "cannot write"));
     }
-    tokio::fs::rename(&temp, file).await.map_err(|e| io_err(e, "cannot rename into place"))
+    if let Err(e) = tokio::fs::rename(&temp, file).await {
+        tokio::fs::remove_file(&temp).await.ok();
+        return Err(io_err(e, "cannot rename into place"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -416,6 +416,23 @@ impl SourceTable {
             .collect()
     }
 
+    /// The cursor of the source's oldest row, ns (`None` when the table has no row with one).
+    pub async fn oldest_ns(&self, ch: &ClickHouse) -> Result<Option<i64>> {
+        let cursor = quote_ident(&self.table.cursor);
+        let sql = format!(
+            "SELECT count(), toUnixTimestamp64Nano(toDateTime64(min({cursor}), 9, 'UTC')) FROM {} WHERE {cursor} IS NOT NULL",
+            self.from()
+        );
+        let rows = ch.query_rows(&sql, &[]).await?;
+        match rows.first().map(|r| (r.first().map(String::as_str), r.get(1))) {
+            Some((Some("0"), _)) => Ok(None),
+            Some((_, Some(ns))) => {
+                ns.parse().map(Some).map_err(|_| OffloadError::ClickHouseStream(format!("unexpected {ns:?}")))
+            }
+            _ => Err(OffloadError::ClickHouseStream(format!("unexpected answer {rows:?}"))),
+        }
+    }
+
     /// The UTC day of the source's oldest row (`None` when the table is empty).
     pub async fn first_day(&self, ch: &ClickHouse) -> Result<Option<chrono::NaiveDate>> {
         let cursor = quote_ident(&self.table.cursor);

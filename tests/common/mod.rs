@@ -34,6 +34,7 @@ pub fn table_config(name: &str) -> TableConfig {
         read_final: Default::default(),
         closed_after: Duration::ZERO,
         view: None,
+        evict_after: None,
     }
 }
 
