@@ -966,6 +966,20 @@ impl Config {
             view: t.view.as_deref().map(|v| view_name(v, db, table)).transpose().map_err(inv)?,
             evict_after: t.evict_after.as_deref().map(evict_after).transpose().map_err(inv)?,
         })
+        .and_then(|table| eviction_fits(table).map_err(inv))
+    }
+}
+
+/// `evict_after` needs the view and every column.
+fn eviction_fits(table: TableConfig) -> Result<TableConfig, String> {
+    match (table.evict_after, &table.view, &table.columns) {
+        (Some(_), None, _) => Err("evict_after needs a view (tables[].view): eviction proves a partition held by \
+             reading Iceberg through it, and readers find the evicted rows there"
+            .into()),
+        (Some(_), _, Some(_)) => Err("evict_after needs every column offloaded (columns = [\"*\"]): dropping a \
+             partition would lose the columns left out"
+            .into()),
+        _ => Ok(table),
     }
 }
 

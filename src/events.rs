@@ -842,12 +842,12 @@ impl ViewCause {
     }
 }
 
-/// A table's hot+cold view now splits at a new snapshot and watermark (I13).
+/// A table's hot+cold view now reads a new snapshot and splits at a new position (I13).
 pub struct ViewRewritten<'a> {
     pub table: &'a str,
     pub view: &'a str,
     pub snapshot_id: Option<i64>,
-    pub watermark: Option<&'a Position>,
+    pub split: Option<&'a Position>,
     pub cause: ViewCause,
 }
 
@@ -855,10 +855,10 @@ impl ViewRewritten<'_> {
     pub fn emit(&self, m: &Metrics) {
         m.views.rewrites_total.with_label_values(&[self.table]).inc();
         m.views.rewrite_failures_total.with_label_values(&[self.table]);
-        if let Some(w) = self.watermark {
+        if let Some(w) = self.split {
             m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
         }
-        let w = self.watermark.map(Position::display).unwrap_or_else(|| "none (hot tier only)".into());
+        let w = self.split.map(Position::display).unwrap_or_else(|| "none (hot tier only)".into());
         tracing::info!(
             table = self.table,
             view = self.view,
@@ -874,7 +874,7 @@ impl ViewRewritten<'_> {
 /// A table's hot+cold view was found already pinned on the table's current snapshot.
 pub struct ViewCurrent<'a> {
     pub table: &'a str,
-    pub watermark: Option<&'a Position>,
+    pub split: Option<&'a Position>,
 }
 
 impl ViewCurrent<'_> {
@@ -882,7 +882,7 @@ impl ViewCurrent<'_> {
         // Exported at 0 from the first look, so that a rate over them has data.
         m.views.rewrites_total.with_label_values(&[self.table]);
         m.views.rewrite_failures_total.with_label_values(&[self.table]);
-        if let Some(w) = self.watermark {
+        if let Some(w) = self.split {
             m.views.watermark_data_timestamp_seconds.with_label_values(&[self.table]).set(w.cursor_ns as f64 / 1e9);
         }
     }
@@ -952,6 +952,7 @@ impl EvictionChecked<'_> {
         // Exported at 0 from the first look, so that an increase over them has data.
         m.eviction.partitions_total.with_label_values(&[self.table]);
         m.eviction.rows_total.with_label_values(&[self.table]);
+        m.eviction.failures_total.with_label_values(&[self.table]);
         m.eviction.blocked_partitions.with_label_values(&[self.table]).set(self.blocked.len() as f64);
         m.eviction.blocked_seconds.with_label_values(&[self.table]).set(longest);
         for (partition, why, due) in self.blocked {
@@ -974,7 +975,8 @@ pub struct EvictionFailed<'a> {
 }
 
 impl EvictionFailed<'_> {
-    pub fn emit(&self, _m: &Metrics) {
+    pub fn emit(&self, m: &Metrics) {
+        m.eviction.failures_total.with_label_values(&[self.table]).inc();
         tracing::error!(
             table = self.table,
             "eviction of {} did not run; nothing was dropped: {}",

@@ -7,12 +7,17 @@
 //!   closed range of cursor values (checked before anything else; refused with the reason);
 //! - no commit attempt is pending (I5);
 //! - its newest cursor value is older than `evict_after`;
-//! - every row of it is at or below `W` and, when the table has a view, at or below the `W` the
-//!   view pins as ClickHouse has it now (a NULL cursor is never below);
-//! - `W` is past the end of each UTC day its rows fall in, and a fresh audit of those days
-//!   finds the source's count equal to Iceberg's (all of the day's rows, ranges an operator
-//!   skipped with `watermark set` included: skipped rows are not held elsewhere);
+//! - every row of it is at or below `W` and at or below where the view splits, as ClickHouse has
+//!   the view now (a NULL cursor is never below);
+//! - ClickHouse counts as many rows in it as its parts hold (no row policy hides any);
+//! - over the partition's cursor range, the source (as the offload reads it) and the snapshot
+//!   the view reads (cast back as the view casts it) hold the same rows: the same count and the
+//!   same sum of row hashes over every offloaded column, both computed by ClickHouse. A late row,
+//!   a late correction or a row skipped with `watermark set` makes them differ;
 //! - the caller holds the table's lease.
+//!
+//! Eviction needs the view (its snapshot is where the proof reads Iceberg, and where readers
+//! find the evicted rows) and every column offloaded (a drop would lose the others).
 //!
 //! What is dropped is exactly what was proved: the partition's active parts are listed before
 //! the proof and dropped by name (`DROP PART`), so a part that arrives meanwhile (a late row)
@@ -27,6 +32,7 @@ use crate::events;
 use crate::services::Services;
 use crate::sink::table as target;
 use crate::source::query::SourceTable;
+use crate::tiers::{ColdSide, ColdStorage, HybridView};
 use crate::util::quote_ident;
 
 const NS_PER_DAY: i64 = 86_400_000_000_000;
@@ -118,7 +124,7 @@ pub async fn evict(svc: &Services, cfg: &TableConfig, now_ns: i64, dry_run: bool
     let due_before = now_ns - after.as_nanos() as i64;
     let partitions = partitions(svc, &source).await?;
     let table = TableView::load(&svc.catalog, &target::ident(cfg)).await?;
-    let blocked_all = Guards::read(svc, cfg, &table).await?;
+    let blocked_all = Guards::read(svc, &source, &table).await?;
     for (partition_id, rows, newest_ns) in partitions {
         let mut plan = PartitionPlan {
             partition_id,
@@ -133,7 +139,7 @@ pub async fn evict(svc: &Services, cfg: &TableConfig, now_ns: i64, dry_run: bool
         if newest_ns < due_before {
             plan.verdict = match &blocked_all {
                 Err(why) => Verdict::Blocked(why.clone()),
-                Ok(guards) => guards.prove(svc, &source, &table, &mut plan).await?,
+                Ok(guards) => guards.prove(svc, &source, &mut plan).await?,
             };
             if plan.verdict == Verdict::Evict && !dry_run {
                 drop_parts(svc, &source, &mut plan).await?;
@@ -212,77 +218,83 @@ async fn partitions(svc: &Services, source: &SourceTable) -> Result<Vec<(String,
         .collect()
 }
 
-/// What every partition's proof is measured against: `W` and the view's pinned `W`.
-struct Guards {
+/// What every partition's proof is measured against: `W`, the view's split `S` and the
+/// snapshot the view reads (where the proof reads Iceberg).
+struct Guards<'a> {
     w: Position,
-    view_w: Option<Position>,
+    split: Position,
+    view: HybridView<'a>,
+    cold: ColdSide,
 }
 
-impl Guards {
-    /// The table-wide conditions: something offloaded, nothing pending, the view (if any)
-    /// serving Iceberg rows. `Err` holds why no partition can go now.
-    async fn read(svc: &Services, cfg: &TableConfig, table: &TableView) -> Result<std::result::Result<Self, String>> {
+impl<'a> Guards<'a> {
+    /// The table-wide conditions: something offloaded, nothing pending, the view serving
+    /// Iceberg rows. `Err` holds why no partition can go now.
+    async fn read(
+        svc: &Services,
+        source: &'a SourceTable,
+        table: &TableView,
+    ) -> Result<std::result::Result<Guards<'a>, String>> {
         let Some(w) = table.watermark.clone() else { return Ok(Err("nothing is offloaded yet".into())) };
         let journal = Journal::load(&table.table, svc.limits.storage).await?;
         if !journal.entries().is_empty() {
             return Ok(Err(format!("{} commit attempts are pending (I5)", journal.entries().len())));
         }
-        let view_w = match &cfg.view {
-            None => None,
-            Some(name) => match crate::tiers::read_pinned(&svc.ch, name).await?.and_then(|p| p.watermark) {
-                Some(w) => Some(w),
-                None => return Ok(Err(format!("the view {name} serves no Iceberg rows yet"))),
-            },
+        let Some(view) = HybridView::of(&source.table, source) else {
+            return Ok(Err("the table has no view (evict_after needs one)".into()));
         };
-        Ok(Ok(Self { w, view_w }))
+        let pinned = crate::tiers::read_pinned(&svc.ch, view.name).await?;
+        let Some((snapshot_id, split)) = pinned.as_ref().and_then(|p| Some((p.snapshot_id?, p.split()?.clone())))
+        else {
+            return Ok(Err(format!("the view {} serves no Iceberg rows yet", view.name)));
+        };
+        let storage =
+            ColdStorage::of(table.table.metadata().location(), &svc.views).map_err(|m| refused(&source.table, m))?;
+        let cold =
+            ColdSide { storage, snapshot_id, watermark: split.clone(), sequence_number: None, split: split.clone() };
+        Ok(Ok(Guards { w, split, view, cold }))
     }
 
-    /// The proof for one due partition.
-    async fn prove(
-        &self,
-        svc: &Services,
-        source: &SourceTable,
-        table: &TableView,
-        plan: &mut PartitionPlan,
-    ) -> Result<Verdict> {
+    /// The proof for one due partition: every row of it at or below `W` and `S`, ClickHouse's
+    /// count of it equal to its parts' (no row hidden from this user), and the same rows in
+    /// Iceberg over its cursor range: the same count and the same sum of row hashes, computed
+    /// by ClickHouse over the source (as the offload reads it) and over the snapshot the view
+    /// reads (cast back as the view casts it).
+    async fn prove(&self, svc: &Services, source: &SourceTable, plan: &mut PartitionPlan) -> Result<Verdict> {
         let parts = active_parts(svc, source, &plan.partition_id).await?;
+        let in_parts: u64 = parts.iter().map(|(_, rows)| rows).sum();
         let (rows, oldest_ns, above) = self.partition_rows(svc, source, &plan.partition_id).await?;
         if above > 0 {
             return Ok(Verdict::Blocked(format!(
-                "{above} of its {rows} rows are above W or the view's W (not offloaded yet)"
+                "{above} of its {rows} rows are above W or above where the view splits (not offloaded yet, or served hot)"
+            )));
+        }
+        if rows != in_parts {
+            return Ok(Verdict::Blocked(format!(
+                "ClickHouse shows {rows} of the {in_parts} rows its parts hold (a row policy, deleted rows?): \
+                 a drop would remove rows no proof has seen"
             )));
         }
         plan.days = days_between(oldest_ns, plan.newest_ns);
-        let last = *plan.days.last().expect("at least one day");
-        let end_of_last = (day_number(last) as i64 + 1) * NS_PER_DAY;
-        for w in std::iter::once(&self.w).chain(self.view_w.as_ref()) {
-            if w.cursor_ns < end_of_last {
-                return Ok(Verdict::Blocked(format!("W ({}) is not past the end of {last}", w.display())));
-            }
-        }
-        let first = *plan.days.first().expect("at least one day");
-        let in_source = source.rows_per_day(&svc.ch, &self.w, Some(first), last, &[]).await?;
-        let counter = svc.audits.counters.of(source.table.name());
-        let in_iceberg =
-            counter.count(&table.table, &source.table.cursor, Some(day_number(first)), day_number(last)).await?;
-        plan.iceberg_rows = Some(in_iceberg.values().sum());
-        for day in &plan.days {
-            let s = in_source.get(day).copied().unwrap_or(0);
-            let i = in_iceberg.get(&day_number(*day)).copied().unwrap_or(0);
-            if s != i {
-                let what = if s > i { "missing" } else { "extra" };
-                return Ok(Verdict::Blocked(format!(
-                    "the audit of {day} is not ok: {s} rows in ClickHouse, {i} in Iceberg ({what})"
-                )));
-            }
+        let range = (oldest_ns, plan.newest_ns);
+        let hot = content(svc, &source.from(), source, range).await?;
+        let cold = content(svc, &self.view.cold_select(&self.cold), source, range).await?;
+        plan.iceberg_rows = Some(cold.0);
+        if hot != cold {
+            return Ok(Verdict::Blocked(format!(
+                "Iceberg does not hold the same rows over its cursor range: {} rows in ClickHouse, {} in Iceberg{}",
+                hot.0,
+                cold.0,
+                if hot.0 == cold.0 { " (same count, different content: a late correction?)" } else { "" }
+            )));
         }
         plan.rows = rows;
-        plan.parts = parts;
+        plan.parts = parts.into_iter().map(|(name, _)| name).collect();
         Ok(Verdict::Evict)
     }
 
-    /// The partition's rows, its oldest cursor value, and its rows not provably at or below
-    /// both watermarks (a NULL cursor counts there).
+    /// The partition's rows (as stored), its oldest cursor value, and its rows not provably
+    /// at or below both `W` and `S` (a NULL cursor counts there).
     async fn partition_rows(
         &self,
         svc: &Services,
@@ -291,13 +303,13 @@ impl Guards {
     ) -> Result<(u64, i64, u64)> {
         let bounds = source.bounds();
         let c = &bounds.cursor;
-        let below = std::iter::once(&self.w)
-            .chain(self.view_w.as_ref())
+        let below = [&self.w, &self.split]
+            .iter()
             .map(|w| format!("ifNull({}, 0)", bounds.literal_predicate(None, Some(w))))
             .collect::<Vec<_>>()
             .join(" AND ");
         let sql = format!(
-            "SELECT count(), toUnixTimestamp64Nano(toDateTime64(min({c}), 9, 'UTC')), countIf(NOT ({below})) \
+            "SELECT count(), ifNull(toUnixTimestamp64Nano(toDateTime64(min({c}), 9, 'UTC')), 0), countIf(NOT ({below})) \
              FROM {}.{} WHERE _partition_id = {{p:String}}",
             quote_ident(&source.table.source_db),
             quote_ident(&source.table.source_table)
@@ -312,11 +324,30 @@ impl Guards {
     }
 }
 
-async fn active_parts(svc: &Services, source: &SourceTable, partition_id: &str) -> Result<Vec<String>> {
+/// The rows of `from` whose cursor lies in `range` (ns, inclusive): their count and the sum of
+/// their hashes over every offloaded column.
+async fn content(svc: &Services, from: &str, source: &SourceTable, range: (i64, i64)) -> Result<(u64, String)> {
+    let c = quote_ident(&source.table.cursor);
+    let columns: Vec<String> = source.columns.iter().map(|col| quote_ident(&col.name)).collect();
+    let sql = format!(
+        "SELECT count(), toString(sum(cityHash64({}))) FROM {from} WHERE {c} >= fromUnixTimestamp64Nano({{lo:Int64}}, 'UTC') \
+         AND {c} <= fromUnixTimestamp64Nano({{hi:Int64}}, 'UTC')",
+        columns.join(", ")
+    );
+    let params = [("lo".to_string(), range.0.to_string()), ("hi".to_string(), range.1.to_string())];
+    let rows = svc.ch.query_rows(&sql, &params).await?;
+    match rows.first().map(|r| (r.first().and_then(|n| n.parse().ok()), r.get(1).cloned())) {
+        Some((Some(n), Some(sum))) => Ok((n, sum)),
+        _ => Err(OffloadError::ClickHouseStream(format!("unexpected content answer {rows:?}"))),
+    }
+}
+
+/// The partition's active parts and their rows.
+async fn active_parts(svc: &Services, source: &SourceTable, partition_id: &str) -> Result<Vec<(String, u64)>> {
     let rows = svc
         .ch
         .query_rows(
-            "SELECT name FROM system.parts WHERE database = {db:String} AND table = {tbl:String} \
+            "SELECT name, rows FROM system.parts WHERE database = {db:String} AND table = {tbl:String} \
              AND partition_id = {p:String} AND active ORDER BY name",
             &[
                 ("db".into(), source.table.source_db.clone()),
@@ -325,20 +356,21 @@ async fn active_parts(svc: &Services, source: &SourceTable, partition_id: &str) 
             ],
         )
         .await?;
-    Ok(rows.into_iter().filter_map(|r| r.into_iter().next()).collect())
+    Ok(rows.into_iter().filter_map(|r| Some((r.first()?.clone(), r.get(1)?.parse().ok()?))).collect())
 }
 
-/// Drops the parts listed before the proof, by name.
+/// Drops the parts listed before the proof, by name, in one statement.
 async fn drop_parts(svc: &Services, source: &SourceTable, plan: &mut PartitionPlan) -> Result<()> {
     let table = format!("{}.{}", quote_ident(&source.table.source_db), quote_ident(&source.table.source_table));
-    for part in &plan.parts {
-        let sql = format!("ALTER TABLE {table} DROP PART '{}'", part.replace('\\', "\\\\").replace('\'', "\\'"));
-        if let Err(e) = svc.ch.query_text(&sql, &[]).await {
-            plan.verdict = Verdict::Blocked(format!(
-                "part {part} changed since the proof (a merge?); the next run decides again: {e}"
-            ));
-            return Ok(());
-        }
+    let drops: Vec<String> = plan
+        .parts
+        .iter()
+        .map(|part| format!("DROP PART '{}'", part.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    if let Err(e) = svc.ch.query_text(&format!("ALTER TABLE {table} {}", drops.join(", ")), &[]).await {
+        plan.verdict =
+            Verdict::Blocked(format!("its parts changed since the proof (a merge?); the next look decides again: {e}"));
+        return Ok(());
     }
     plan.dropped = true;
     events::PartitionEvicted {
@@ -355,10 +387,6 @@ async fn drop_parts(svc: &Services, source: &SourceTable, plan: &mut PartitionPl
 fn days_between(first_ns: i64, last_ns: i64) -> Vec<NaiveDate> {
     let (first, last) = (first_ns.div_euclid(NS_PER_DAY), last_ns.div_euclid(NS_PER_DAY));
     (first..=last).map(|d| date_of_day(d as i32)).collect()
-}
-
-fn day_number(d: NaiveDate) -> i32 {
-    (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() as i32
 }
 
 fn date_of_day(d: i32) -> NaiveDate {

@@ -117,8 +117,8 @@ enum Command {
     },
     /// Drops the hot-tier partitions of tables with `evict_after` whose newest row is older
     /// than that, once Iceberg provably holds every row of them (what `run` does hourly): the
-    /// partition key a day of the cursor, every row at or below W and the view's W, nothing
-    /// pending, a fresh audit of their days ok. Lists each partition, whether it goes or stays
+    /// partition key a day of the cursor, every row at or below W and the view's split, nothing
+    /// pending, the same rows in both tiers over its cursor range (count and row hashes). Lists each partition, whether it goes or stays
     /// and why. Takes each table's lease. `--dry-run` drops nothing.
     Evict {
         /// One table (its `name`); all tables with `evict_after` when left out.

@@ -130,6 +130,7 @@ impl ViewMetrics {
 /// The metrics of the eviction of hot partitions (`tables[].evict_after`), per table.
 #[derive(Clone)]
 pub struct EvictionMetrics {
+    pub failures_total: IntCounterVec,
     pub partitions_total: IntCounterVec,
     pub rows_total: IntCounterVec,
     pub blocked_partitions: GaugeVec,
@@ -154,6 +155,10 @@ impl EvictionMetrics {
                 "Hot-tier partitions dropped from ClickHouse after Iceberg was proved to hold every row of them",
             ),
             rows_total: counter("offload_evicted_rows_total", "Rows of the hot-tier partitions dropped"),
+            failures_total: counter(
+                "offload_eviction_failures_total",
+                "Eviction runs that could not run at all (partition key refused, ClickHouse or the catalog unreachable); nothing dropped",
+            ),
             blocked_partitions: gauge(
                 "offload_eviction_blocked_partitions",
                 "Hot-tier partitions due for eviction (newest row older than evict_after) that cannot be dropped yet",

@@ -211,7 +211,7 @@ async fn hot_tier(ch: &crate::source::ClickHouse, t: &TableConfig) -> Option<Hot
             .await
             .ok()
             .flatten()
-            .map(|p| p.watermark.map(|w| w.display()).unwrap_or_else(|| "none (hot tier only)".into())),
+            .map(|p| p.split().map(|w| w.display()).unwrap_or_else(|| "none (hot tier only)".into())),
         None => None,
     };
     Some(HotTier { ttl, oldest_row, view_watermark })

@@ -1,12 +1,15 @@
 //! Both tiers as one table (I13): a ClickHouse view per table (`tables[].view`), the union of
-//! the hot rows above `W` (the source, as the offload reads it) and the Iceberg table read at
-//! one snapshot, at or below the `W` that snapshot carries.
+//! the hot rows above a split `S` (the source, as the offload reads it) and the Iceberg table
+//! read at one snapshot `N`, at or below `S`.
 //!
-//! The view pins a pair, snapshot `N` and `W(N)`, in one statement. `N` holds exactly the rows
-//! at or below `W(N)` (I2, I3), so any such pair, old or new, serves every settled row once
-//! as long as the hot tier still holds the rows above its `W`: rewriting the view only makes
-//! it fresher, and a stale rewrite (a slow process, a lost race) is never wrong. Eviction of
-//! hot partitions reads the pair back from ClickHouse before it drops anything.
+//! The view pins `N` and `S` in one statement, with `S` at or below `W(N)`. `N` holds every
+//! row at or below `W(N)` (I2, I3), so any such pair, old or new, serves every settled row once
+//! as long as the hot tier still holds the rows above its `S`: rewriting the view only makes
+//! it fresher, and a stale rewrite (a slow process, a lost race) is never wrong. `S` is `W(N)`;
+//! with eviction on, it is the start of the UTC day `evict_after` ago when that is earlier, so
+//! that the days the hot tier keeps are read from it alone (recent queries never open Iceberg)
+//! and what eviction may drop lies at or below `S`. Eviction reads the pair back from
+//! ClickHouse before it drops anything.
 
 use iceberg::table::Table;
 use serde::{Deserialize, Serialize};
@@ -32,16 +35,44 @@ pub struct Pinned {
     /// that lost its lease and wakes up late must not undo a newer pair).
     #[serde(default)]
     pub sequence_number: Option<i64>,
+    /// Where the view splits: hot rows above, Iceberg's at or below (`watermark` when absent).
+    #[serde(default)]
+    pub split: Option<Position>,
 }
 
 impl Pinned {
-    const NOTHING: Pinned = Pinned { snapshot_id: None, watermark: None, sequence_number: None };
+    const NOTHING: Pinned = Pinned { snapshot_id: None, watermark: None, sequence_number: None, split: None };
+
+    /// Where the view splits the tiers.
+    pub fn split(&self) -> Option<&Position> {
+        self.split.as_ref().or(self.watermark.as_ref())
+    }
 
     /// Whether this pair reads a later snapshot than `other` (format 1 tables have no
     /// sequence numbers: never).
     fn later_than(&self, other: &Pinned) -> bool {
         matches!((self.sequence_number, other.sequence_number), (Some(a), Some(b)) if a > b)
     }
+}
+
+/// Who writes a view's comment: a view whose comment does not say so is not this service's.
+const WRITER: &str = "iceberg-offload";
+
+/// A view's comment: who wrote it, and the pair it pins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Comment {
+    by: String,
+    #[serde(flatten)]
+    pinned: Pinned,
+}
+
+/// What a refresh did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refreshed {
+    /// The view now pins this.
+    Written(Pinned),
+    /// The view already pinned this (the same pair, or a later one).
+    Kept(Pinned),
 }
 
 /// What ClickHouse has under a view's name.
@@ -112,6 +143,8 @@ pub struct ColdSide {
     pub snapshot_id: i64,
     pub watermark: Position,
     pub sequence_number: Option<i64>,
+    /// At or below `watermark`.
+    pub split: Position,
 }
 
 impl ColdSide {
@@ -120,8 +153,20 @@ impl ColdSide {
             snapshot_id: Some(self.snapshot_id),
             watermark: Some(self.watermark.clone()),
             sequence_number: self.sequence_number,
+            split: Some(self.split.clone()),
         }
     }
+}
+
+/// Where a view of a table whose watermark is `w` splits at `now_ns`: `w`, or with
+/// `evict_after` the last instant before the UTC day that began `evict_after` ago, when that
+/// is earlier. Rows above it stay in the hot tier (eviction drops only what lies at or below
+/// the split the view pins).
+pub fn split_at(w: &Position, evict_after: Option<std::time::Duration>, now_ns: i64) -> Position {
+    const NS_PER_DAY: i64 = 86_400_000_000_000;
+    let Some(after) = evict_after else { return w.clone() };
+    let day_start = (now_ns - after.as_nanos() as i64).div_euclid(NS_PER_DAY) * NS_PER_DAY;
+    if day_start - 1 < w.cursor_ns { Position::at(day_start - 1) } else { w.clone() }
 }
 
 /// The view of one table, built from the source as the offload reads it.
@@ -152,33 +197,42 @@ impl<'a> HybridView<'a> {
         let pinned = match cold {
             None => Pinned::NOTHING,
             Some(cold) => {
-                let above = bounds.literal_predicate(Some(&cold.watermark), None);
+                let above = bounds.literal_predicate(Some(&cold.split), None);
                 let above = if self.source.cursor_is_nullable() {
                     // Never offloaded, so always hot.
                     format!("({above}) OR {} IS NULL", bounds.cursor)
                 } else {
                     above
                 };
-                let casts: Vec<String> = self
-                    .source
-                    .columns
-                    .iter()
-                    .map(|c| format!("CAST({q} AS {t}) AS {q}", q = quote_ident(&c.name), t = c.ch_type))
-                    .collect();
-                let at_or_below = bounds.literal_predicate(None, Some(&cold.watermark));
+                let at_or_below = bounds.literal_predicate(None, Some(&cold.split));
                 sql.push_str(&format!(
-                    " WHERE {above} UNION ALL SELECT {} FROM (SELECT {} FROM {} SETTINGS iceberg_snapshot_id = {}) WHERE {at_or_below}",
+                    " WHERE {above} UNION ALL SELECT {} FROM {} WHERE {at_or_below}",
                     columns.join(", "),
-                    casts.join(", "),
-                    cold.storage.table_function(),
-                    cold.snapshot_id,
+                    self.cold_select(cold),
                 ));
                 cold.pinned()
             }
         };
-        let comment = serde_json::to_string(&pinned).expect("pinned serialises");
+        let comment = serde_json::to_string(&Comment { by: WRITER.into(), pinned }).expect("pinned serialises");
         sql.push_str(&format!(" COMMENT '{}'", escape_literal(&comment)));
         sql
+    }
+
+    /// The Iceberg side as the view reads it, a subquery: the snapshot, cast back to the
+    /// source's types (eviction's proof reads the same rows the view serves).
+    pub fn cold_select(&self, cold: &ColdSide) -> String {
+        let casts: Vec<String> = self
+            .source
+            .columns
+            .iter()
+            .map(|c| format!("CAST({q} AS {t}) AS {q}", q = quote_ident(&c.name), t = c.ch_type))
+            .collect();
+        format!(
+            "(SELECT {} FROM {} SETTINGS iceberg_snapshot_id = {})",
+            casts.join(", "),
+            cold.storage.table_function(),
+            cold.snapshot_id
+        )
     }
 
     /// What the view pins now, as ClickHouse has it; `None` when there is no such view or it
@@ -190,7 +244,7 @@ impl<'a> HybridView<'a> {
     /// Writes the view pinned on `cold` (the hot tier alone when `None`), unless ClickHouse
     /// already has that pair or a later one. Refuses to replace anything but a view this
     /// service wrote. Returns whether it was written.
-    pub async fn refresh(&self, ch: &ClickHouse, cold: Option<&ColdSide>) -> Result<bool> {
+    pub async fn refresh(&self, ch: &ClickHouse, cold: Option<&ColdSide>) -> Result<Refreshed> {
         let want = cold.map(ColdSide::pinned).unwrap_or(Pinned::NOTHING);
         match existing(ch, self.name).await? {
             Existing::Other { engine } => Err(OffloadError::Schema {
@@ -201,11 +255,11 @@ impl<'a> HybridView<'a> {
                     self.name
                 ),
             }),
-            Existing::Ours(now) if now == want || now.later_than(&want) => Ok(false),
+            Existing::Ours(now) if now == want || now.later_than(&want) => Ok(Refreshed::Kept(now)),
             _ => {
                 let sql = self.create_sql(cold);
                 ch.query_text(&sql, &[]).await.map_err(|e| self.explain(e))?;
-                Ok(true)
+                Ok(Refreshed::Written(want))
             }
         }
     }
@@ -251,16 +305,17 @@ impl HybridView<'_> {
                     snapshot_id,
                     watermark: w.clone(),
                     sequence_number: table.metadata().snapshot_by_id(snapshot_id).map(|s| s.sequence_number()),
+                    split: split_at(w, self.source.table.evict_after, crate::util::now_epoch_ns()),
                 }),
                 _ => None,
             };
             self.refresh(&svc.ch, cold.as_ref()).await
         };
         match written.await {
-            Ok(true) => {
-                events::ViewRewritten { table: t, view: &name, snapshot_id, watermark: w, cause }.emit(&svc.metrics)
+            Ok(Refreshed::Written(p)) => {
+                events::ViewRewritten { table: t, view: &name, snapshot_id, split: p.split(), cause }.emit(&svc.metrics)
             }
-            Ok(false) => events::ViewCurrent { table: t, watermark: w }.emit(&svc.metrics),
+            Ok(Refreshed::Kept(p)) => events::ViewCurrent { table: t, split: p.split() }.emit(&svc.metrics),
             Err(error) => {
                 events::ViewRewriteFailed { table: t, view: &name, error: &error }.emit(&svc.metrics);
                 return false;
@@ -289,9 +344,9 @@ pub async fn existing(ch: &ClickHouse, name: &ViewName) -> Result<Existing> {
         .await?;
     let Some(row) = rows.first() else { return Ok(Existing::Absent) };
     let engine = row.first().cloned().unwrap_or_default();
-    let ours = row.get(1).and_then(|c| serde_json::from_str::<Pinned>(c).ok());
+    let ours = row.get(1).and_then(|c| serde_json::from_str::<Comment>(c).ok()).filter(|c| c.by == WRITER);
     Ok(match ours {
-        Some(p) if engine == "View" => Existing::Ours(p),
+        Some(c) if engine == "View" => Existing::Ours(c.pinned),
         _ => Existing::Other { engine },
     })
 }
@@ -373,7 +428,8 @@ pub async fn check(
         if let Some((Some(snapshot_id), watermark)) = cold
             && let Ok(storage) = ColdStorage::of(t.metadata().location(), access)
         {
-            let side = ColdSide { storage, snapshot_id, watermark, sequence_number: None };
+            let split = split_at(&watermark, source.table.evict_after, crate::util::now_epoch_ns());
+            let side = ColdSide { storage, snapshot_id, watermark, sequence_number: None, split };
             let sql = view.create_sql(Some(&side));
             let select = sql.split_once(" AS SELECT ").map(|(_, rest)| format!("SELECT count() FROM (SELECT {rest}"));
             let select = select.map(|s| s.rsplit_once(" COMMENT '").map(|(q, _)| format!("{q})")).unwrap_or(s));
@@ -391,8 +447,10 @@ pub async fn check(
 /// Whether the service's user may create and replace the view: a probe view next to it,
 /// created and dropped.
 async fn grants(ch: &ClickHouse, name: &ViewName) -> std::result::Result<String, String> {
-    let probe = format!("{}.{}", quote_ident(&name.db), quote_ident(&format!("{}_offload_probe", name.name)));
-    let created = ch.query_text(&format!("CREATE OR REPLACE VIEW {probe} AS SELECT 1"), &[]).await;
+    // A name nothing else has: the probe must never replace anything.
+    let probe_name = format!("{}_offload_probe_{}", name.name, uuid::Uuid::now_v7().simple());
+    let probe = format!("{}.{}", quote_ident(&name.db), quote_ident(&probe_name));
+    let created = ch.query_text(&format!("CREATE VIEW {probe} AS SELECT 1"), &[]).await;
     let dropped = ch.query_text(&format!("DROP VIEW IF EXISTS {probe}"), &[]).await;
     match (created, dropped) {
         (Ok(_), Ok(_)) => Ok(format!("this user may create, replace and drop views in {}", name.db)),
@@ -459,6 +517,20 @@ mod tests {
             "icebergS3(`lake`, url = 'http://127.0.0.1:9000/bucket/wh/t/')"
         );
         assert!(ColdStorage::of("gs://bucket/t", &minio).is_err());
+    }
+
+    #[test]
+    fn the_split_is_w_or_the_start_of_the_day_evict_after_ago() {
+        let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp_nanos_opt().unwrap();
+        let w = Position { cursor_ns: at("2026-12-06T04:35:00Z"), tiebreak: Some("42".into()) };
+        let now = at("2026-12-06T04:40:00Z");
+        assert_eq!(split_at(&w, None, now), w);
+        let two_days = Some(std::time::Duration::from_secs(2 * 86_400));
+        // 2 days before 04:40 on the 6th is the 4th: rows before the 4th may go, the rest stay hot.
+        assert_eq!(split_at(&w, two_days, now), Position::at(at("2026-12-04T00:00:00Z") - 1));
+        // A W further back than that: the split is W (the hot tier holds everything above it).
+        let behind = Position { cursor_ns: at("2026-12-02T10:00:00Z"), tiebreak: Some("7".into()) };
+        assert_eq!(split_at(&behind, two_days, now), behind);
     }
 
     #[test]
