@@ -777,6 +777,22 @@ async fn cleanup(cfg: &Config, older_than: &str, dry_run: bool, allow_below_floo
     Ok(code)
 }
 
+/// A command's lease on a table, or `None` when another writer holds it (said on stdout).
+async fn command_lease(
+    state: &StateStore,
+    t: &TableConfig,
+    holder: &str,
+    ttl: std::time::Duration,
+) -> Option<iceberg_offload::state::Lease> {
+    match iceberg_offload::state::acquire(state, t.name(), holder, ttl).await {
+        Ok(lease) => Some(lease),
+        Err(e) => {
+            println!("{}: skipped: {e}", t.name());
+            None
+        }
+    }
+}
+
 /// `maintain`: each table's maintenance now, under its lease.
 async fn maintain(
     cfg: &Config,
@@ -790,13 +806,9 @@ async fn maintain(
     let holder = iceberg_offload::state::process_holder("maintain");
     let mut code = exit::OK;
     for t in tables {
-        let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                println!("{}: skipped: {e}", t.name());
-                code = exit::LEASE_HELD;
-                continue;
-            }
+        let Some(lease) = command_lease(&state, t, &holder, cfg.service.lease_ttl).await else {
+            code = exit::LEASE_HELD;
+            continue;
         };
         let run = iceberg_offload::maintenance::maintain_table(&svc, t, &cfg.maintenance, steps, dry_run);
         let result = tokio::time::timeout(cfg.maintenance.timeout, run)
@@ -835,13 +847,9 @@ async fn evict(cfg: &Config, only: Option<&str>, dry_run: bool) -> anyhow::Resul
     let holder = iceberg_offload::state::process_holder("evict");
     let mut code = exit::OK;
     for t in tables {
-        let lease = match iceberg_offload::state::acquire(&state, t.name(), &holder, cfg.service.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                println!("{}: skipped: {e}", t.name());
-                code = exit::LEASE_HELD;
-                continue;
-            }
+        let Some(lease) = command_lease(&state, t, &holder, cfg.service.lease_ttl).await else {
+            code = exit::LEASE_HELD;
+            continue;
         };
         let now_ns = iceberg_offload::util::now_epoch_ns();
         let result = iceberg_offload::evict::evict(&svc, t, now_ns, dry_run).await;

@@ -97,32 +97,38 @@ pub struct ViewMetrics {
     pub watermark_data_timestamp_seconds: GaugeVec,
 }
 
+/// A counter per table, registered.
+fn table_counter(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+/// A gauge per table, registered.
+fn table_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 impl ViewMetrics {
     fn register(registry: &Registry) -> Self {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let watermark_data_timestamp_seconds = GaugeVec::new(
-            Opts::new(
-                "offload_view_watermark_data_timestamp_seconds",
-                "The watermark the table's hot+cold view splits at (data time): behind offload_watermark_data_timestamp_seconds while the view is stale",
-            ),
-            &["table"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(watermark_data_timestamp_seconds.clone())).expect("unique metric");
         Self {
-            rewrites_total: counter(
+            rewrites_total: table_counter(
+                registry,
                 "offload_view_rewrites_total",
-                "Times the table's hot+cold view was rewritten onto a new Iceberg snapshot and watermark",
+                "Times the table's hot+cold view was rewritten onto a new Iceberg snapshot and split",
             ),
-            rewrite_failures_total: counter(
+            rewrite_failures_total: table_counter(
+                registry,
                 "offload_view_rewrite_failures_total",
-                "Failed rewrites of the table's hot+cold view (it stays on its older snapshot and watermark: still exact, less fresh)",
+                "Failed rewrites of the table's hot+cold view (it stays on its older snapshot and split: still exact, less fresh)",
             ),
-            watermark_data_timestamp_seconds,
+            watermark_data_timestamp_seconds: table_gauge(
+                registry,
+                "offload_view_watermark_data_timestamp_seconds",
+                "Where the table's hot+cold view splits (data time): W, or with eviction the start of the day evict_after ago",
+            ),
         }
     }
 }
@@ -139,31 +145,29 @@ pub struct EvictionMetrics {
 
 impl EvictionMetrics {
     fn register(registry: &Registry) -> Self {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = GaugeVec::new(Opts::new(name, help), &["table"]).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
         Self {
-            partitions_total: counter(
+            partitions_total: table_counter(
+                registry,
                 "offload_evicted_partitions_total",
                 "Hot-tier partitions dropped from ClickHouse after Iceberg was proved to hold every row of them",
             ),
-            rows_total: counter("offload_evicted_rows_total", "Rows of the hot-tier partitions dropped"),
-            failures_total: counter(
+            rows_total: table_counter(
+                registry,
+                "offload_evicted_rows_total",
+                "Rows of the hot-tier partitions dropped",
+            ),
+            failures_total: table_counter(
+                registry,
                 "offload_eviction_failures_total",
                 "Eviction runs that could not run at all (partition key refused, ClickHouse or the catalog unreachable); nothing dropped",
             ),
-            blocked_partitions: gauge(
+            blocked_partitions: table_gauge(
+                registry,
                 "offload_eviction_blocked_partitions",
                 "Hot-tier partitions due for eviction (newest row older than evict_after) that cannot be dropped yet",
             ),
-            blocked_seconds: gauge(
+            blocked_seconds: table_gauge(
+                registry,
                 "offload_eviction_blocked_seconds",
                 "How long the longest-blocked due partition has been due (0 when none is blocked)",
             ),

@@ -435,19 +435,7 @@ impl SourceTable {
 
     /// The UTC day of the source's oldest row (`None` when the table is empty).
     pub async fn first_day(&self, ch: &ClickHouse) -> Result<Option<chrono::NaiveDate>> {
-        let cursor = quote_ident(&self.table.cursor);
-        let sql = format!(
-            "SELECT count(), toString(toDate32(toDateTime64(min({cursor}), 9, 'UTC'))) FROM {} WHERE {cursor} IS NOT NULL",
-            self.from()
-        );
-        let rows = ch.query_rows(&sql, &[]).await?;
-        match rows.first().map(|r| (r.first().map(String::as_str), r.get(1))) {
-            Some((Some("0"), _)) => Ok(None),
-            Some((_, Some(d))) => {
-                d.parse().map(Some).map_err(|_| OffloadError::ClickHouseStream(format!("unexpected day {d:?}")))
-            }
-            _ => Err(OffloadError::ClickHouseStream(format!("unexpected answer {rows:?}"))),
-        }
+        Ok(self.oldest_ns(ch).await?.map(|ns| chrono::DateTime::from_timestamp_nanos(ns).date_naive()))
     }
 
     /// Whether the source may delete rows in a way the audit cannot see coming: a TTL whose
