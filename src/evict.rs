@@ -325,12 +325,13 @@ impl<'a> Guards<'a> {
 }
 
 /// The rows of `from` whose cursor lies in `range` (ns, inclusive): their count and the sum of
-/// their hashes over every offloaded column.
+/// their hashes over every offloaded column (of a tuple: `cityHash64` of a NULL argument is
+/// NULL, and `sum` would skip the row).
 async fn content(svc: &Services, from: &str, source: &SourceTable, range: (i64, i64)) -> Result<(u64, String)> {
     let c = quote_ident(&source.table.cursor);
     let columns: Vec<String> = source.columns.iter().map(|col| quote_ident(&col.name)).collect();
     let sql = format!(
-        "SELECT count(), toString(sum(cityHash64({}))) FROM {from} WHERE {c} >= fromUnixTimestamp64Nano({{lo:Int64}}, 'UTC') \
+        "SELECT count(), toString(sum(cityHash64(tuple({})))) FROM {from} WHERE {c} >= fromUnixTimestamp64Nano({{lo:Int64}}, 'UTC') \
          AND {c} <= fromUnixTimestamp64Nano({{hi:Int64}}, 'UTC')",
         columns.join(", ")
     );
@@ -368,8 +369,15 @@ async fn drop_parts(svc: &Services, source: &SourceTable, plan: &mut PartitionPl
         .map(|part| format!("DROP PART '{}'", part.replace('\\', "\\\\").replace('\'', "\\'")))
         .collect();
     if let Err(e) = svc.ch.query_text(&format!("ALTER TABLE {table} {}", drops.join(", ")), &[]).await {
-        plan.verdict =
-            Verdict::Blocked(format!("its parts changed since the proof (a merge?); the next look decides again: {e}"));
+        // ClickHouse runs the commands one after the other: say which parts went (each was proved).
+        let left: Vec<String> =
+            active_parts(svc, source, &plan.partition_id).await?.into_iter().map(|(name, _)| name).collect();
+        let gone = plan.parts.iter().filter(|p| !left.contains(p)).count();
+        plan.verdict = Verdict::Blocked(format!(
+            "its parts changed since the proof (a merge?): {gone} of its {} proved parts dropped, the others \
+             kept; the next look decides again: {e}",
+            plan.parts.len()
+        ));
         return Ok(());
     }
     plan.dropped = true;

@@ -162,11 +162,21 @@ impl ColdSide {
 /// `evict_after` the last instant before the UTC day that began `evict_after` ago, when that
 /// is earlier. Rows above it stay in the hot tier (eviction drops only what lies at or below
 /// the split the view pins).
-pub fn split_at(w: &Position, evict_after: Option<std::time::Duration>, now_ns: i64) -> Position {
+pub fn split_at(
+    w: &Position,
+    evict_after: Option<std::time::Duration>,
+    ttl: Option<std::time::Duration>,
+    now_ns: i64,
+) -> Position {
     const NS_PER_DAY: i64 = 86_400_000_000_000;
     let Some(after) = evict_after else { return w.clone() };
-    let day_start = (now_ns - after.as_nanos() as i64).div_euclid(NS_PER_DAY) * NS_PER_DAY;
-    if day_start - 1 < w.cursor_ns { Position::at(day_start - 1) } else { w.clone() }
+    let mut split = (now_ns - after.as_nanos() as i64).div_euclid(NS_PER_DAY) * NS_PER_DAY - 1;
+    // Never below what the source's TTL may already have deleted (an hour's margin): the view
+    // reads everything above the split from the hot tier.
+    if let Some(ttl) = ttl {
+        split = split.max(now_ns - ttl.as_nanos() as i64 + 3_600_000_000_000);
+    }
+    if split < w.cursor_ns { Position::at(split) } else { w.clone() }
 }
 
 /// The view of one table, built from the source as the offload reads it.
@@ -256,14 +266,40 @@ impl<'a> HybridView<'a> {
                 ),
             }),
             Existing::Ours(now) if now == want || now.later_than(&want) => Ok(Refreshed::Kept(now)),
-            _ => {
-                let sql = self.create_sql(cold);
-                ch.query_text(&sql, &[]).await.map_err(|e| self.explain(e))?;
-                Ok(Refreshed::Written(want))
-            }
+            Existing::Ours(now) => match never_lower(&now, cold) {
+                // Rows below the split it pins may be evicted: a lower split would lose them.
+                None => Ok(Refreshed::Kept(now)),
+                Some(cold) => self.write(ch, cold.as_ref()).await,
+            },
+            Existing::Absent => self.write(ch, cold).await,
         }
     }
 
+    async fn write(&self, ch: &ClickHouse, cold: Option<&ColdSide>) -> Result<Refreshed> {
+        let want = cold.map(ColdSide::pinned).unwrap_or(Pinned::NOTHING);
+        let sql = self.create_sql(cold);
+        ch.query_text(&sql, &[]).await.map_err(|e| self.explain(e))?;
+        Ok(Refreshed::Written(want))
+    }
+}
+
+/// The pair to write over `now` so that the split never goes down (eviction dropped what lies
+/// below the split a view pinned): `cold` with its split raised to `now`'s when that is still
+/// at or below `cold`'s `W`; `None` (keep `now`) when it is not (a rollback, a `W` moved back)
+/// or when `cold` is nothing.
+fn never_lower(now: &Pinned, cold: Option<&ColdSide>) -> Option<Option<ColdSide>> {
+    let Some(old) = now.split() else { return Some(cold.cloned()) };
+    let cold = cold?;
+    if old.cursor_ns <= cold.split.cursor_ns {
+        return Some(Some(cold.clone()));
+    }
+    if old.cursor_ns < cold.watermark.cursor_ns || *old == cold.watermark {
+        return Some(Some(ColdSide { split: old.clone(), ..cold.clone() }));
+    }
+    None
+}
+
+impl HybridView<'_> {
     pub fn explain(&self, e: OffloadError) -> OffloadError {
         let OffloadError::ClickHouse { code, message } = &e else { return e };
         let hint = match code {
@@ -305,7 +341,12 @@ impl HybridView<'_> {
                     snapshot_id,
                     watermark: w.clone(),
                     sequence_number: table.metadata().snapshot_by_id(snapshot_id).map(|s| s.sequence_number()),
-                    split: split_at(w, self.source.table.evict_after, crate::util::now_epoch_ns()),
+                    split: split_at(
+                        w,
+                        self.source.table.evict_after,
+                        self.source.retention(),
+                        crate::util::now_epoch_ns(),
+                    ),
                 }),
                 _ => None,
             };
@@ -428,7 +469,7 @@ pub async fn check(
         if let Some((Some(snapshot_id), watermark)) = cold
             && let Ok(storage) = ColdStorage::of(t.metadata().location(), access)
         {
-            let split = split_at(&watermark, source.table.evict_after, crate::util::now_epoch_ns());
+            let split = split_at(&watermark, source.table.evict_after, source.retention(), crate::util::now_epoch_ns());
             let side = ColdSide { storage, snapshot_id, watermark, sequence_number: None, split };
             let sql = view.create_sql(Some(&side));
             let select = sql.split_once(" AS SELECT ").map(|(_, rest)| format!("SELECT count() FROM (SELECT {rest}"));
@@ -524,13 +565,42 @@ mod tests {
         let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp_nanos_opt().unwrap();
         let w = Position { cursor_ns: at("2026-12-06T04:35:00Z"), tiebreak: Some("42".into()) };
         let now = at("2026-12-06T04:40:00Z");
-        assert_eq!(split_at(&w, None, now), w);
-        let two_days = Some(std::time::Duration::from_secs(2 * 86_400));
+        let days = |n: u64| Some(std::time::Duration::from_secs(n * 86_400));
+        assert_eq!(split_at(&w, None, days(7), now), w);
         // 2 days before 04:40 on the 6th is the 4th: rows before the 4th may go, the rest stay hot.
-        assert_eq!(split_at(&w, two_days, now), Position::at(at("2026-12-04T00:00:00Z") - 1));
+        assert_eq!(split_at(&w, days(2), days(7), now), Position::at(at("2026-12-04T00:00:00Z") - 1));
         // A W further back than that: the split is W (the hot tier holds everything above it).
         let behind = Position { cursor_ns: at("2026-12-02T10:00:00Z"), tiebreak: Some("7".into()) };
-        assert_eq!(split_at(&behind, two_days, now), behind);
+        assert_eq!(split_at(&behind, days(2), days(7), now), behind);
+        // A TTL of 2 days may already have deleted rows of the 4th before 04:40: the split stays
+        // an hour above what it may have deleted.
+        assert_eq!(split_at(&w, days(2), days(2), now), Position::at(at("2026-12-04T05:40:00Z")));
+    }
+
+    #[test]
+    fn the_split_a_view_pins_never_goes_down() {
+        let at = |ns: i64| Position::at(ns);
+        let side = |w: i64, split: i64| ColdSide {
+            storage: ColdStorage::Local("/wh/t".into()),
+            snapshot_id: 2,
+            watermark: Position { cursor_ns: w, tiebreak: Some("9".into()) },
+            sequence_number: Some(2),
+            split: at(split),
+        };
+        let pinned = |split: i64| Pinned {
+            snapshot_id: Some(1),
+            watermark: Some(at(500)),
+            sequence_number: Some(1),
+            split: Some(at(split)),
+        };
+        // Forward: as asked.
+        assert_eq!(never_lower(&pinned(100), Some(&side(600, 200))).unwrap().unwrap().split, at(200));
+        // A lower split asked (evict_after raised, a clock behind): raised to the pinned one.
+        assert_eq!(never_lower(&pinned(300), Some(&side(600, 200))).unwrap().unwrap().split, at(300));
+        // W below the pinned split (a rollback): the view stays where it is.
+        assert!(never_lower(&pinned(300), Some(&side(250, 250))).is_none());
+        // Nothing offloaded any more: the view stays too.
+        assert!(never_lower(&pinned(300), None).is_none());
     }
 
     #[test]
