@@ -137,3 +137,16 @@ def test_a_late_correction_that_keeps_the_count_blocks_the_eviction(gateway, db,
     assert re.search(rf"partition {day_id(midnight - 5 * DAY_MS)} \(1440 rows.*stays: Iceberg does not hold the same rows "
                      r"over its cursor range: 1440 rows in ClickHouse, 1440 in Iceberg \(same count, different content", out), out
     assert re.search(rf"partition {day_id(day)} \(1440 rows.*would go", out), out
+
+
+def test_rows_above_w_keep_their_partition(gateway, db, tmp_path):
+    """An operator moves W back into day -4 (`watermark set --apply`): the rows of days -4 and -3
+    are above W again, so their partitions stay, whatever the view pins; day -5 still goes."""
+    cfg, home, midnight = setup(gateway, db, tmp_path, ["trades"])
+    run(cfg, "once", check=True)
+    noon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((midnight - 4 * DAY_MS + DAY_MS // 2) / 1000))
+    run(cfg, "watermark", "set", "trades", "--to", noon, "--apply", check=True)
+    out = run(cfg, "evict", "--dry-run", check=True).stdout
+    assert re.search(rf"partition {day_id(midnight - 5 * DAY_MS)} \(1440 rows.*would go", out), out
+    assert re.search(rf"partition {day_id(midnight - 4 * DAY_MS)} \(1440 rows.*stays: 719 of its 1440 rows are above W", out), out
+    assert re.search(rf"partition {day_id(midnight - 3 * DAY_MS)} \(1440 rows.*stays: 1440 of its 1440 rows are above W", out), out
