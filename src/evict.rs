@@ -32,7 +32,7 @@ use crate::events;
 use crate::services::Services;
 use crate::sink::table as target;
 use crate::source::query::SourceTable;
-use crate::tiers::{ColdSide, ColdStorage, HybridView};
+use crate::tiers::{ColdSide, HybridView};
 use crate::util::quote_ident;
 
 const NS_PER_DAY: i64 = 86_400_000_000_000;
@@ -248,10 +248,10 @@ impl<'a> Guards<'a> {
         else {
             return Ok(Err(format!("the view {} serves no Iceberg rows yet", view.name)));
         };
-        let storage =
-            ColdStorage::of(table.table.metadata().location(), &svc.views).map_err(|m| refused(&source.table, m))?;
-        let cold =
-            ColdSide { storage, snapshot_id, watermark: split.clone(), sequence_number: None, split: split.clone() };
+        // The pinned snapshot, read where the view splits: what the view serves below the split.
+        let mut cold = ColdSide::at(&table.table, snapshot_id, &split, source, &svc.views)
+            .map_err(|m| refused(&source.table, m))?;
+        cold.split = split.clone();
         Ok(Ok(Guards { w, split, view, cold }))
     }
 

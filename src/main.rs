@@ -462,20 +462,26 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
         }
     }
     for t in &cfg.tables {
+        let table = match &catalog {
+            Some(c) => c.load_table(&target::ident(t)).await.ok(),
+            None => None,
+        };
         let described = SourceTable::describe(&ch, t).await;
-        let line = match described.and_then(|s| s.projection().map(|p| (s, p))) {
-            Ok((_, projection)) => match &catalog {
-                Some(c) => match c.load_table(&target::ident(t)).await {
-                    Ok(table) => match target::check_compatible(&table, t, &projection) {
-                        Ok(()) => format!("ok, {} columns, target {} exists and fits", projection.len(), t.target()),
-                        Err(e) => {
-                            ok = false;
-                            format!("FAILED: {e}")
-                        }
-                    },
-                    Err(_) => format!("ok, {} columns, target {} will be created", projection.len(), t.target()),
+        let line = match described
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.projection().map_err(|e| e.to_string()))
+        {
+            Ok(projection) => match (&catalog, &table) {
+                (Some(_), Some(table)) => match target::check_compatible(table, t, &projection) {
+                    Ok(()) => format!("ok, {} columns, target {} exists and fits", projection.len(), t.target()),
+                    Err(e) => {
+                        ok = false;
+                        format!("FAILED: {e}")
+                    }
                 },
-                None => format!("ok, {} columns", projection.len()),
+                (Some(_), None) => format!("ok, {} columns, target {} will be created", projection.len(), t.target()),
+                (None, _) => format!("ok, {} columns", projection.len()),
             },
             Err(e) => {
                 ok = false;
@@ -483,12 +489,8 @@ async fn validate(cfg: &Config) -> anyhow::Result<u8> {
             }
         };
         println!("table {}: {line}", t.source());
-        if let Ok(source) = SourceTable::describe(&ch, t).await {
-            let table = match &catalog {
-                Some(c) => c.load_table(&target::ident(t)).await.ok(),
-                None => None,
-            };
-            ok &= validate_tiers(cfg, &ch, t, &source, table.as_ref()).await;
+        if let Ok(source) = &described {
+            ok &= validate_tiers(cfg, &ch, t, source, table.as_ref()).await;
         }
     }
     Ok(if ok { exit::OK } else { exit::ERROR })

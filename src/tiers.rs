@@ -148,6 +148,24 @@ pub struct ColdSide {
 }
 
 impl ColdSide {
+    /// The view's Iceberg side for `table` at `snapshot_id`, whose watermark is `w`, split where
+    /// the view of `source` splits now.
+    pub fn at(
+        table: &Table,
+        snapshot_id: i64,
+        w: &Position,
+        source: &SourceTable,
+        access: &ViewStorage,
+    ) -> std::result::Result<Self, String> {
+        Ok(ColdSide {
+            storage: ColdStorage::of(table.metadata().location(), access)?,
+            snapshot_id,
+            watermark: w.clone(),
+            sequence_number: table.metadata().snapshot_by_id(snapshot_id).map(|s| s.sequence_number()),
+            split: split_at(w, source.table.evict_after, source.retention(), crate::util::now_epoch_ns()),
+        })
+    }
+
     fn pinned(&self) -> Pinned {
         Pinned {
             snapshot_id: Some(self.snapshot_id),
@@ -199,33 +217,29 @@ impl<'a> HybridView<'a> {
     /// the Iceberg table at the pinned snapshot, at or below `W`. Both sides carry the
     /// source's columns with the source's types, in the offloaded order.
     pub fn create_sql(&self, cold: Option<&ColdSide>) -> String {
-        let columns: Vec<String> = self.source.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let bounds = self.source.bounds();
-        let hot_from = self.source.from();
-        let mut sql =
-            format!("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {hot_from}", self.quoted_name(), columns.join(", "));
-        let pinned = match cold {
-            None => Pinned::NOTHING,
-            Some(cold) => {
-                let above = bounds.literal_predicate(Some(&cold.split), None);
-                let above = if self.source.cursor_is_nullable() {
-                    // Never offloaded, so always hot.
-                    format!("({above}) OR {} IS NULL", bounds.cursor)
-                } else {
-                    above
-                };
-                let at_or_below = bounds.literal_predicate(None, Some(&cold.split));
-                sql.push_str(&format!(
-                    " WHERE {above} UNION ALL SELECT {} FROM {} WHERE {at_or_below}",
-                    columns.join(", "),
-                    self.cold_select(cold),
-                ));
-                cold.pinned()
-            }
-        };
+        let pinned = cold.map(ColdSide::pinned).unwrap_or(Pinned::NOTHING);
         let comment = serde_json::to_string(&Comment { by: WRITER.into(), pinned }).expect("pinned serialises");
-        sql.push_str(&format!(" COMMENT '{}'", escape_literal(&comment)));
-        sql
+        format!(
+            "CREATE OR REPLACE VIEW {} AS {} COMMENT '{}'",
+            self.quoted_name(),
+            self.select_sql(cold),
+            escape_literal(&comment)
+        )
+    }
+
+    /// The view's query: the hot side alone, or the hot rows above the split `UNION ALL` the
+    /// Iceberg rows at or below it.
+    pub fn select_sql(&self, cold: Option<&ColdSide>) -> String {
+        let columns = self.source.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let hot = format!("SELECT {columns} FROM {}", self.source.from());
+        let Some(cold) = cold else { return hot };
+        let bounds = self.source.bounds();
+        let above = bounds.literal_predicate(Some(&cold.split), None);
+        // A NULL cursor is never offloaded, so always hot.
+        let above =
+            if self.source.cursor_is_nullable() { format!("({above}) OR {} IS NULL", bounds.cursor) } else { above };
+        let at_or_below = bounds.literal_predicate(None, Some(&cold.split));
+        format!("{hot} WHERE {above} UNION ALL SELECT {columns} FROM {} WHERE {at_or_below}", self.cold_select(cold))
     }
 
     /// The Iceberg side as the view reads it, a subquery: the snapshot, cast back to the
@@ -335,19 +349,10 @@ impl HybridView<'_> {
         let (t, name) = (self.source.table.name(), self.name.to_string());
         let written = async {
             let cold = match (snapshot_id, w) {
-                (Some(snapshot_id), Some(w)) => Some(ColdSide {
-                    storage: ColdStorage::of(table.metadata().location(), &svc.views)
+                (Some(snapshot_id), Some(w)) => Some(
+                    ColdSide::at(table, snapshot_id, w, self.source, &svc.views)
                         .map_err(|message| OffloadError::Schema { table: self.source.table.source(), message })?,
-                    snapshot_id,
-                    watermark: w.clone(),
-                    sequence_number: table.metadata().snapshot_by_id(snapshot_id).map(|s| s.sequence_number()),
-                    split: split_at(
-                        w,
-                        self.source.table.evict_after,
-                        self.source.retention(),
-                        crate::util::now_epoch_ns(),
-                    ),
-                }),
+                ),
                 _ => None,
             };
             self.refresh(&svc.ch, cold.as_ref()).await
@@ -459,28 +464,17 @@ pub async fn check(
         Ok(ColdStorage::S3 { collection, url }) => collection_exists(ch, &collection, &url).await,
         Err(e) => Err(e),
     });
-    if let Some(t) = table.filter(|t| t.metadata().current_snapshot_id().is_some()) {
+    let read = table.and_then(|t| TableView::of(t.clone()).ok());
+    if let Some(read) = read
+        && let (Some(snapshot_id), Some(w)) = (read.snapshot_id(), &read.watermark)
+        && let Ok(side) = ColdSide::at(&read.table, snapshot_id, w, source, access)
+    {
         let view = HybridView { name, source };
-        let read = TableView::of(t.clone()).ok();
-        let cold = read.and_then(|r| {
-            let snapshot_id = r.snapshot_id();
-            r.watermark.map(|w| (snapshot_id, w))
+        let count = format!("SELECT count() FROM ({})", view.select_sql(Some(&side)));
+        lines.push(match ch.query_text(&count, &[]).await {
+            Ok(n) => Ok(format!("the view's query runs ({} rows now)", n.trim())),
+            Err(e) => Err(format!("the view's query fails: {}", view.explain(e))),
         });
-        if let Some((Some(snapshot_id), watermark)) = cold
-            && let Ok(storage) = ColdStorage::of(t.metadata().location(), access)
-        {
-            let split = split_at(&watermark, source.table.evict_after, source.retention(), crate::util::now_epoch_ns());
-            let side = ColdSide { storage, snapshot_id, watermark, sequence_number: None, split };
-            let sql = view.create_sql(Some(&side));
-            let select = sql.split_once(" AS SELECT ").map(|(_, rest)| format!("SELECT count() FROM (SELECT {rest}"));
-            let select = select.map(|s| s.rsplit_once(" COMMENT '").map(|(q, _)| format!("{q})")).unwrap_or(s));
-            if let Some(select) = select {
-                lines.push(match ch.query_text(&select, &[]).await {
-                    Ok(n) => Ok(format!("the view's query runs ({} rows now)", n.trim())),
-                    Err(e) => Err(format!("the view's query fails: {}", view.explain(e))),
-                });
-            }
-        }
     }
     lines
 }

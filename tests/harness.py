@@ -80,6 +80,14 @@ url = "{state_url}"
     return Path(path)
 
 
+def view_home(gateway, tmp_path):
+    """A folder for a test's catalog and warehouse under ClickHouse's user_files_path, where a
+    view's icebergLocal may read it."""
+    home = gateway.user_files / tmp_path.name
+    home.mkdir(exist_ok=True)
+    return home
+
+
 def bronze_table(db, table, **over):
     t = {
         "source": f"{db}.{table}",

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 import guide_doc as g  # noqa: E402
-from harness import PASSWORD, ROOT, binary, bronze_table, create_bronze, free_port, insert_bronze, now_ms, run, write_config
+from harness import PASSWORD, ROOT, binary, bronze_table, create_bronze, free_port, insert_bronze, now_ms, run, view_home, \
+    write_config
 
 sys.path.insert(0, str(ROOT / "dev"))
 from tcp_proxy import FaultProxy  # noqa: E402
@@ -115,8 +116,7 @@ def stack(gateway, db, tmp_path):
         svc_port, am_port, prom_port = free_port(), free_port(), free_port()
         # The first table has a view and eviction (their metrics are the guide's too); ClickHouse
         # reads the warehouse under its user_files_path.
-        home = gateway.user_files / tmp_path.name
-        home.mkdir(exist_ok=True)
+        home = view_home(gateway, tmp_path)
         cfg = write_config(tmp_path / "c.toml", proxy, [
             bronze_table(db, "bronze_trades_binance", settle_delay="1s", view=f"{db}.trades_binance_all", evict_after="2d"),
             bronze_table(db, "bronze_trades_kraken", settle_delay="1s"),

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from harness import PASSWORD, binary, bronze_table, create_bronze, insert_bronze, now_ms, run, verify, write_config
+from harness import PASSWORD, binary, bronze_table, create_bronze, insert_bronze, now_ms, run, verify, view_home, write_config
 
 DAY_MS = 86_400_000
 
@@ -27,8 +27,7 @@ def setup(gateway, db, tmp_path, tables, **over):
         create_bronze(gateway, db, t)
         # One trade a minute over the five whole days before today, and some of today.
         insert_bronze(gateway, db, t, 5 * 1440 + 60, midnight - 5 * DAY_MS, step_ms=60_000)
-    home = gateway.user_files / tmp_path.name
-    home.mkdir(exist_ok=True)
+    home = view_home(gateway, tmp_path)
     cfg = write_config(tmp_path / "c.toml", gateway,
                        [bronze_table(db, t, view=f"{db}.{t}_all", evict_after="2d", **over) for t in tables], home)
     return cfg, home, midnight
@@ -89,8 +88,7 @@ def test_eviction_refuses_a_partition_key_that_is_not_a_day_of_the_cursor(gatewa
                 "kafka_offset UInt64, kafka_partition UInt16, ingestion_timestamp DateTime DEFAULT now()) "
                 "ENGINE = MergeTree PARTITION BY symbol ORDER BY (symbol, exchange_timestamp, sequence_number)")
     insert_bronze(gateway, db, "by_symbol", 1000, now_ms() - 5 * DAY_MS, step_ms=60_000)
-    home = gateway.user_files / tmp_path.name
-    home.mkdir(exist_ok=True)
+    home = view_home(gateway, tmp_path)
     cfg = write_config(tmp_path / "c.toml", gateway,
                        [bronze_table(db, "by_symbol", evict_after="2d", view=f"{db}.by_symbol_all")], home)
     run(cfg, "once", check=True)

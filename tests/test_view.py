@@ -16,7 +16,7 @@ import threading
 import time
 
 import k2data
-from harness import PASSWORD, binary, bronze_table, create_bronze, insert_bronze, now_ms, run, verify, write_config
+from harness import PASSWORD, binary, bronze_table, create_bronze, insert_bronze, now_ms, run, verify, view_home, write_config
 
 TABLES = ["trades_a", "trades_b"]
 COUNT = "SELECT count(), toString(sum(price)), uniqExact((symbol, sequence_number)) FROM {t} WHERE exchange_timestamp <= fromUnixTimestamp64Milli({bound})"
@@ -86,8 +86,7 @@ class ViewProbe:
 def config(tmp_path, gateway, db, maintenance):
     tables = [bronze_table(db, t, view=f"{db}.{t}_all", settle_delay="1s", max_rows_per_commit=3000,
                            partition=["hour(exchange_timestamp)"]) for t in TABLES]
-    warehouse_home = gateway.user_files / tmp_path.name
-    warehouse_home.mkdir(exist_ok=True)
+    warehouse_home = view_home(gateway, tmp_path)
     cfg = write_config(tmp_path / "c.toml", gateway, tables, warehouse_home,
                        extra_service='lease_ttl = "30s"\nmember_timeout = "3s"')
     text = cfg.read_text().replace('interval = "15m"', 'interval = "1s"')
@@ -186,8 +185,7 @@ def test_the_view_returns_every_settled_row_once_under_commits_kills_maintenance
 
 
 def small_config(tmp_path, gateway, db, view, **extra):
-    home = gateway.user_files / tmp_path.name
-    home.mkdir(exist_ok=True)
+    home = view_home(gateway, tmp_path)
     cfg = write_config(tmp_path / "c.toml", gateway, [bronze_table(db, "trades", view=view, **extra)], home)
     return cfg, home
 
